@@ -1,0 +1,344 @@
+//! etcd's request semantics over the MVCC store: Range (filters, sort, limit), Put, DeleteRange,
+//! Txn (compares, branches, nested txns) and Compaction, producing etcd's protobuf responses.
+//! Headers carry only the revision here; the server fills in cluster, member and term.
+
+use std::cmp::Ordering;
+
+use crate::error::{Error as Failure, KvError};
+use crate::key_index::KeyRange;
+use crate::mvcc::{Mvcc, RangeOptions, RangeResult, Source, WriteTxn};
+use crate::proto::etcdserverpb::{
+    Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
+    RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+    compare::{CompareResult, CompareTarget, TargetUnion},
+    range_request::{SortOrder, SortTarget},
+    request_op::Request,
+    response_op::Response,
+};
+use crate::proto::mvccpb::KeyValue;
+
+fn header(revision: i64) -> Option<ResponseHeader> {
+    Some(ResponseHeader {
+        revision,
+        ..Default::default()
+    })
+}
+
+/// Sorting, filtering and limiting of a range result, as etcd's `applierV3backend.Range`.
+fn finish_range(req: &RangeRequest, rr: RangeResult) -> Result<RangeResponse, KvError> {
+    let mut kvs = rr.kvs;
+    let keep = |kv: &KeyValue| {
+        (req.max_mod_revision == 0 || kv.mod_revision <= req.max_mod_revision)
+            && (req.min_mod_revision == 0 || kv.mod_revision >= req.min_mod_revision)
+            && (req.max_create_revision == 0 || kv.create_revision <= req.max_create_revision)
+            && (req.min_create_revision == 0 || kv.create_revision >= req.min_create_revision)
+    };
+    kvs.retain(keep);
+    let target = SortTarget::try_from(req.sort_target).map_err(|_| KvError::InvalidSortOption)?;
+    let mut order = SortOrder::try_from(req.sort_order).map_err(|_| KvError::InvalidSortOption)?;
+    if target != SortTarget::Key && order == SortOrder::None {
+        // The index yields key order; any other target defaults to ascending.
+        order = SortOrder::Ascend;
+    }
+    if order != SortOrder::None {
+        let by = |a: &KeyValue, b: &KeyValue| -> Ordering {
+            match target {
+                SortTarget::Key => a.key.cmp(&b.key),
+                SortTarget::Version => a.version.cmp(&b.version),
+                SortTarget::Create => a.create_revision.cmp(&b.create_revision),
+                SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
+                SortTarget::Value => a.value.cmp(&b.value),
+            }
+        };
+        // Stable, so ties keep key order (etcd's sort.Sort is not stable; key order is the
+        // natural tie-break a client can rely on).
+        match order {
+            SortOrder::Descend => kvs.sort_by(|a, b| by(b, a)),
+            _ => kvs.sort_by(by),
+        }
+    }
+    let mut more = false;
+    if req.limit > 0 && kvs.len() > req.limit as usize {
+        kvs.truncate(req.limit as usize);
+        more = true;
+    }
+    if req.keys_only {
+        for kv in &mut kvs {
+            kv.value.clear();
+        }
+    }
+    Ok(RangeResponse {
+        header: header(rr.rev),
+        kvs,
+        more,
+        count: rr.count,
+    })
+}
+
+/// The engine-level options a `RangeRequest` needs: with sorting or filters every key is
+/// loaded, otherwise one more than the limit (to learn `more`).
+fn range_options(req: &RangeRequest) -> RangeOptions {
+    let whole = req.sort_order != SortOrder::None as i32
+        || req.min_mod_revision != 0
+        || req.max_mod_revision != 0
+        || req.min_create_revision != 0
+        || req.max_create_revision != 0;
+    let limit = if whole || req.limit <= 0 {
+        0
+    } else {
+        req.limit.saturating_add(1)
+    };
+    RangeOptions {
+        rev: req.revision,
+        limit,
+        count_only: req.count_only,
+    }
+}
+
+/// Serves a Range outside any transaction, at revision `cur`.
+pub(crate) fn range(
+    mvcc: &Mvcc,
+    src: &Source<'_>,
+    req: &RangeRequest,
+) -> Result<RangeResponse, Failure> {
+    let rr = mvcc.range(
+        src,
+        KeyRange::new(&req.key, &req.range_end),
+        range_options(req),
+        mvcc.current,
+    )?;
+    Ok(finish_range(req, rr)?)
+}
+
+fn txn_range(txn: &WriteTxn<'_>, req: &RangeRequest) -> Result<RangeResponse, Failure> {
+    let rr = txn.range(KeyRange::new(&req.key, &req.range_end), range_options(req))?;
+    Ok(finish_range(req, rr)?)
+}
+
+/// Whether `lease` names a live lease. Leases arrive with the lease issue; until then the
+/// only valid value is 0 (no lease), and any other id is unknown, as etcd would answer.
+fn lease_exists(lease: i64) -> bool {
+    lease == 0
+}
+
+fn put(txn: &mut WriteTxn<'_>, req: &PutRequest) -> Result<PutResponse, Failure> {
+    let mut prev = None;
+    if req.ignore_value || req.ignore_lease || req.prev_kv {
+        let rr = txn.range(KeyRange::Single(&req.key), RangeOptions::default())?;
+        prev = rr.kvs.into_iter().next();
+    }
+    if (req.ignore_value || req.ignore_lease) && prev.is_none() {
+        return Err(KvError::KeyNotFound.into());
+    }
+    let value = match (&prev, req.ignore_value) {
+        (Some(p), true) => p.value.clone(),
+        _ => req.value.clone(),
+    };
+    let lease = match (&prev, req.ignore_lease) {
+        (Some(p), true) => p.lease,
+        _ => req.lease,
+    };
+    let rev = txn.put(&req.key, value, lease);
+    Ok(PutResponse {
+        header: header(rev),
+        prev_kv: if req.prev_kv { prev } else { None },
+    })
+}
+
+fn delete_range(
+    txn: &mut WriteTxn<'_>,
+    req: &DeleteRangeRequest,
+) -> Result<DeleteRangeResponse, Failure> {
+    let range = KeyRange::new(&req.key, &req.range_end);
+    let prev_kvs = if req.prev_kv {
+        txn.range(range, RangeOptions::default())?.kvs
+    } else {
+        Vec::new()
+    };
+    let (deleted, rev) = txn.delete_range(range);
+    Ok(DeleteRangeResponse {
+        header: header(rev),
+        deleted,
+        prev_kvs,
+    })
+}
+
+/// Applies a standalone Put.
+pub(crate) fn apply_put(txn: &mut WriteTxn<'_>, req: &PutRequest) -> Result<PutResponse, Failure> {
+    if !lease_exists(req.lease) {
+        return Err(KvError::LeaseNotFound.into());
+    }
+    put(txn, req)
+}
+
+/// Applies a standalone DeleteRange.
+pub(crate) fn apply_delete(
+    txn: &mut WriteTxn<'_>,
+    req: &DeleteRangeRequest,
+) -> Result<DeleteRangeResponse, Failure> {
+    delete_range(txn, req)
+}
+
+fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
+    let target = CompareTarget::try_from(c.target).unwrap_or(CompareTarget::Version);
+    let ord = match target {
+        CompareTarget::Value => {
+            let v: &[u8] = match &c.target_union {
+                Some(TargetUnion::Value(v)) => v,
+                _ => &[],
+            };
+            kv.value.as_slice().cmp(v)
+        }
+        _ => {
+            let want = match (&c.target_union, target) {
+                (Some(TargetUnion::CreateRevision(v)), CompareTarget::Create)
+                | (Some(TargetUnion::ModRevision(v)), CompareTarget::Mod)
+                | (Some(TargetUnion::Version(v)), CompareTarget::Version)
+                | (Some(TargetUnion::Lease(v)), CompareTarget::Lease) => *v,
+                _ => 0,
+            };
+            let have = match target {
+                CompareTarget::Create => kv.create_revision,
+                CompareTarget::Mod => kv.mod_revision,
+                CompareTarget::Version => kv.version,
+                CompareTarget::Lease => kv.lease,
+                CompareTarget::Value => unreachable!("handled above"),
+            };
+            have.cmp(&want)
+        }
+    };
+    match CompareResult::try_from(c.result) {
+        Ok(CompareResult::Equal) => ord == Ordering::Equal,
+        Ok(CompareResult::NotEqual) => ord != Ordering::Equal,
+        Ok(CompareResult::Greater) => ord == Ordering::Greater,
+        Ok(CompareResult::Less) => ord == Ordering::Less,
+        Err(_) => true,
+    }
+}
+
+/// One compare against the txn's starting state. A compare over a missing key uses a zero
+/// key-value, except that a value compare on a missing key always fails (as etcd).
+fn compare(txn: &WriteTxn<'_>, c: &Compare) -> Result<bool, Failure> {
+    let rr = match txn.range(KeyRange::new(&c.key, &c.range_end), RangeOptions::default()) {
+        Ok(rr) => rr,
+        Err(Failure::Request(_)) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if rr.kvs.is_empty() {
+        return Ok(c.target != CompareTarget::Value as i32 && compare_kv(c, &KeyValue::default()));
+    }
+    Ok(rr.kvs.iter().all(|kv| compare_kv(c, kv)))
+}
+
+/// Evaluates every compare of the txn tree before anything is written: the branch taken by
+/// each txn, in depth-first order (etcd's `compareToPath`).
+fn txn_path(txn: &WriteTxn<'_>, req: &TxnRequest, path: &mut Vec<bool>) -> Result<(), Failure> {
+    let mut ok = true;
+    for c in &req.compare {
+        if !compare(txn, c)? {
+            ok = false;
+            break;
+        }
+    }
+    path.push(ok);
+    let ops = if ok { &req.success } else { &req.failure };
+    for op in ops {
+        if let Some(Request::RequestTxn(inner)) = &op.request {
+            txn_path(txn, inner, path)?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks the chosen branches against the starting state so a txn fails whole, before any
+/// write: unknown leases, `ignore_*` on missing keys, reads of compacted/future revisions.
+fn check_branches(
+    txn: &WriteTxn<'_>,
+    req: &TxnRequest,
+    path: &[bool],
+    pos: &mut usize,
+) -> Result<(), Failure> {
+    let ok = path[*pos];
+    *pos += 1;
+    for op in if ok { &req.success } else { &req.failure } {
+        match &op.request {
+            Some(Request::RequestTxn(inner)) => check_branches(txn, inner, path, pos)?,
+            Some(Request::RequestPut(p)) => {
+                if p.ignore_value || p.ignore_lease {
+                    let rr = txn.range(KeyRange::Single(&p.key), RangeOptions::default())?;
+                    if rr.kvs.is_empty() {
+                        return Err(KvError::KeyNotFound.into());
+                    }
+                }
+                if !lease_exists(p.lease) {
+                    return Err(KvError::LeaseNotFound.into());
+                }
+            }
+            Some(Request::RequestRange(r)) if r.revision != 0 => {
+                if r.revision > txn.begin_rev() {
+                    return Err(KvError::FutureRevision.into());
+                }
+                if r.revision < txn.compacted() {
+                    return Err(KvError::Compacted {
+                        compact_revision: txn.compacted(),
+                    }
+                    .into());
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn run_branch(
+    txn: &mut WriteTxn<'_>,
+    req: &TxnRequest,
+    path: &[bool],
+    pos: &mut usize,
+) -> Result<TxnResponse, Failure> {
+    let ok = path[*pos];
+    *pos += 1;
+    let ops: &[RequestOp] = if ok { &req.success } else { &req.failure };
+    let mut responses = Vec::with_capacity(ops.len());
+    for op in ops {
+        let response = match &op.request {
+            Some(Request::RequestRange(r)) => Some(Response::ResponseRange(txn_range(txn, r)?)),
+            Some(Request::RequestPut(p)) => Some(Response::ResponsePut(put(txn, p)?)),
+            Some(Request::RequestDeleteRange(d)) => {
+                Some(Response::ResponseDeleteRange(delete_range(txn, d)?))
+            }
+            Some(Request::RequestTxn(inner)) => {
+                Some(Response::ResponseTxn(run_branch(txn, inner, path, pos)?))
+            }
+            None => None,
+        };
+        responses.push(ResponseOp { response });
+    }
+    Ok(TxnResponse {
+        header: Some(ResponseHeader::default()),
+        succeeded: ok,
+        responses,
+    })
+}
+
+/// Applies a Txn: compares on the starting state, checks, then runs the chosen branches in one
+/// revision. Nested txn headers carry no revision, as in etcd.
+pub(crate) fn apply_txn(txn: &mut WriteTxn<'_>, req: &TxnRequest) -> Result<TxnResponse, Failure> {
+    let mut path = Vec::new();
+    txn_path(txn, req, &mut path)?;
+    check_branches(txn, req, &path, &mut 0)?;
+    run_branch(txn, req, &path, &mut 0)
+}
+
+/// True when no branch of the txn (at any depth) writes.
+pub fn txn_is_read_only(req: &TxnRequest) -> bool {
+    req.success
+        .iter()
+        .chain(&req.failure)
+        .all(|op| match &op.request {
+            Some(Request::RequestPut(_)) | Some(Request::RequestDeleteRange(_)) => false,
+            Some(Request::RequestTxn(inner)) => txn_is_read_only(inner),
+            _ => true,
+        })
+}

@@ -1,0 +1,610 @@
+//! The deterministic state machine: applies ordered commands to the MVCC store, answers reads,
+//! and produces and installs snapshots. Raft drives it through [`Store::apply_batch`]; the
+//! applied log index and Raft's opaque metadata are written in the same backend transaction as
+//! the data, so after a crash the store is exactly "everything up to index N".
+
+use std::collections::BTreeSet;
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use crate::apply;
+use crate::backend::{Backend, Durability, Table, WriteBatch, WriteOp};
+use crate::checksum::Crc32c;
+use crate::command::Outcome;
+use crate::error::{EngineError, Error, KvError};
+use crate::mvcc::{Mvcc, Overlay, Record, Source, WriteTxn};
+use crate::proto::etcdserverpb::{
+    AlarmMember, AlarmRequest, AlarmResponse, AlarmType, CompactionRequest, CompactionResponse,
+    RangeRequest, RangeResponse, ResponseHeader, TxnRequest, TxnResponse,
+    alarm_request::AlarmAction,
+};
+use crate::proto::kvserverpb::{
+    InternalRequest, InternalResponse, internal_request::Request, internal_response::Response,
+};
+use crate::revision::Revision;
+
+const META_APPLIED_INDEX: &[u8] = b"applied_index";
+const META_RAFT: &[u8] = b"raft_meta";
+const META_CURRENT_REV: &[u8] = b"current_revision";
+const META_COMPACT_REV: &[u8] = b"compact_revision";
+const META_ALARM_PREFIX: &[u8] = b"alarm/";
+/// Meta keys under this prefix belong to this member, not to the replicated state: they are
+/// left out of snapshots and kept across a snapshot install.
+pub const META_LOCAL_PREFIX: &[u8] = b"local/";
+
+/// How long relaxed commits may pile up before apply makes them durable. The Raft log is what
+/// makes a write durable; this only bounds replay after a crash and redb's file growth.
+const SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+const SNAPSHOT_MAGIC: &[u8; 8] = b"KVSNAP01";
+
+/// Settings of the state machine.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// This member's id, recorded in alarms it raises.
+    pub member_id: u64,
+    /// Backend size past which writes are refused and the NOSPACE alarm raised; 0 = no limit.
+    pub quota_bytes: u64,
+}
+
+/// Everything guarded by the state lock.
+#[derive(Debug, Default)]
+struct State {
+    mvcc: Mvcc,
+    applied_index: u64,
+    raft_meta: Option<Vec<u8>>,
+    /// Raised alarms: (member id, alarm type).
+    alarms: BTreeSet<(u64, i32)>,
+}
+
+/// Engine status for Maintenance.Status and headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreStatus {
+    /// The store revision.
+    pub revision: i64,
+    /// The compaction revision (-1 before any).
+    pub compact_revision: i64,
+    /// The last applied Raft log index.
+    pub applied_index: u64,
+    /// Backend size in bytes.
+    pub db_size: i64,
+    /// Backend bytes in use.
+    pub db_size_in_use: i64,
+}
+
+/// The MVCC state machine over a backend.
+///
+/// Locking: `state` is a std `RwLock` (never held across an await): reads take it shared for
+/// the duration of one request, apply takes it exclusively for one batch. `last_sync` is only
+/// touched under the state write lock.
+pub struct Store {
+    backend: Box<dyn Backend>,
+    state: RwLock<State>,
+    config: StoreConfig,
+    last_sync: Mutex<Instant>,
+}
+
+fn be_u64(bytes: &[u8]) -> Result<u64, EngineError> {
+    Ok(u64::from_be_bytes(bytes.try_into().map_err(|_| {
+        EngineError::Corrupt("bad integer in metadata".into())
+    })?))
+}
+
+fn be_i64(bytes: &[u8]) -> Result<i64, EngineError> {
+    Ok(i64::from_be_bytes(bytes.try_into().map_err(|_| {
+        EngineError::Corrupt("bad integer in metadata".into())
+    })?))
+}
+
+fn header(revision: i64) -> Option<ResponseHeader> {
+    Some(ResponseHeader {
+        revision,
+        ..Default::default()
+    })
+}
+
+impl Store {
+    /// Opens the store over `backend`, rebuilding the key index from the stored history.
+    pub fn open(backend: Box<dyn Backend>, config: StoreConfig) -> Result<Self, EngineError> {
+        let state = Self::load(backend.as_ref())?;
+        Ok(Self {
+            backend,
+            state: RwLock::new(state),
+            config,
+            last_sync: Mutex::new(Instant::now()),
+        })
+    }
+
+    fn load(backend: &dyn Backend) -> Result<State, EngineError> {
+        let read = backend.read()?;
+        let mut state = State::default();
+        let mut failure = None;
+        read.scan(Table::Kv, &[], None, &mut |k, v| {
+            let parsed = Revision::from_bytes(k)
+                .ok_or_else(|| EngineError::Corrupt("bad revision key in history".into()))
+                .and_then(|rev| Ok((rev, Record::decode(v)?)));
+            match parsed {
+                Ok((rev, rec)) => {
+                    if rec.tombstone {
+                        state.mvcc.index.tombstone(&rec.kv.key, rev);
+                    } else {
+                        state.mvcc.index.restore(
+                            &rec.kv.key,
+                            rec.kv.create_revision,
+                            rev,
+                            rec.kv.version,
+                        );
+                    }
+                    state.mvcc.current = state.mvcc.current.max(rev.main);
+                    true
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    false
+                }
+            }
+        })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if let Some(v) = read.get(Table::Meta, META_CURRENT_REV)? {
+            state.mvcc.current = state.mvcc.current.max(be_i64(&v)?);
+        }
+        if let Some(v) = read.get(Table::Meta, META_COMPACT_REV)? {
+            state.mvcc.compacted = be_i64(&v)?;
+        }
+        if let Some(v) = read.get(Table::Meta, META_APPLIED_INDEX)? {
+            state.applied_index = be_u64(&v)?;
+        }
+        state.raft_meta = read.get(Table::Meta, META_RAFT)?;
+        read.scan(Table::Meta, META_ALARM_PREFIX, None, &mut |k, _| {
+            let Some(rest) = k.strip_prefix(META_ALARM_PREFIX) else {
+                return false;
+            };
+            if rest.len() == 12 {
+                let member = u64::from_be_bytes(rest[..8].try_into().unwrap_or_default());
+                let alarm = i32::from_be_bytes(rest[8..].try_into().unwrap_or_default());
+                state.alarms.insert((member, alarm));
+            }
+            true
+        })?;
+        Ok(state)
+    }
+
+    fn read_state(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_state(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Closes the store and hands back its backend (tests reopen a store over it).
+    pub fn into_backend(self) -> Box<dyn Backend> {
+        self.backend
+    }
+
+    /// The config the store was opened with.
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    /// Revision, compaction, applied index and sizes.
+    pub fn status(&self) -> StoreStatus {
+        let s = self.read_state();
+        StoreStatus {
+            revision: s.mvcc.current,
+            compact_revision: s.mvcc.compacted,
+            applied_index: s.applied_index,
+            db_size: self.backend.size() as i64,
+            db_size_in_use: self.backend.size_in_use() as i64,
+        }
+    }
+
+    /// The current store revision.
+    pub fn revision(&self) -> i64 {
+        self.read_state().mvcc.current
+    }
+
+    /// The last applied log index.
+    pub fn applied_index(&self) -> u64 {
+        self.read_state().applied_index
+    }
+
+    /// Raft's opaque metadata stored with the last applied batch.
+    pub fn raft_meta(&self) -> Option<Vec<u8>> {
+        self.read_state().raft_meta.clone()
+    }
+
+    /// Raised alarms as (member id, alarm type).
+    pub fn alarms(&self) -> Vec<AlarmMember> {
+        self.read_state()
+            .alarms
+            .iter()
+            .map(|&(member_id, alarm)| AlarmMember { member_id, alarm })
+            .collect()
+    }
+
+    /// Serves a Range at the current state (serializable; the caller provides linearizability).
+    pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, Error> {
+        let state = self.read_state();
+        let read = self.backend.read()?;
+        let src = Source {
+            backend: read.as_ref(),
+            overlay: None,
+        };
+        apply::range(&state.mvcc, &src, req)
+    }
+
+    /// Serves a txn with no writes without going through the log.
+    pub fn read_txn(&self, req: &TxnRequest) -> Result<TxnResponse, Error> {
+        debug_assert!(apply::txn_is_read_only(req));
+        // The txn machinery wants the index mutably; a read-only txn never changes it, but the
+        // exclusive lock keeps that reasoning local instead of cloning the index.
+        let mut state = self.write_state();
+        let read = self.backend.read()?;
+        let mut overlay = Overlay::default();
+        let mut txn = WriteTxn::begin(&mut state.mvcc, &mut overlay, read.as_ref());
+        let mut resp = apply::apply_txn(&mut txn, req)?;
+        resp.header = header(txn.end());
+        Ok(resp)
+    }
+
+    /// Reads a member-local metadata value (see [`META_LOCAL_PREFIX`]).
+    pub fn local_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        let mut k = META_LOCAL_PREFIX.to_vec();
+        k.extend_from_slice(key);
+        Ok(self.backend.read()?.get(Table::Meta, &k)?)
+    }
+
+    /// Durably writes a member-local metadata value.
+    pub fn set_local_meta(&self, key: &[u8], value: &[u8]) -> Result<(), EngineError> {
+        let mut k = META_LOCAL_PREFIX.to_vec();
+        k.extend_from_slice(key);
+        let mut batch = WriteBatch::default();
+        batch.put(Table::Meta, k, value.to_vec());
+        let _guard = self.write_state();
+        Ok(self.backend.commit(batch, Durability::Immediate)?)
+    }
+
+    /// Applies committed log entries in order, in one backend transaction, and stores `meta`
+    /// with them. Entries at or below the applied index are skipped (already in the state).
+    /// A `None` command is a log entry with no data (Raft's blank or membership entries).
+    pub fn apply_batch(
+        &self,
+        entries: &[(u64, Option<InternalRequest>)],
+        meta: &[u8],
+    ) -> Result<Vec<Outcome>, EngineError> {
+        let mut state = self.write_state();
+        let read = self.backend.read()?;
+        let mut overlay = Overlay::default();
+        let size = self.backend.size();
+        let start_compacted = state.mvcc.compacted;
+        let start_alarms = state.alarms.clone();
+        let mut outcomes = Vec::with_capacity(entries.len());
+        let mut last = state.applied_index;
+        for (index, cmd) in entries {
+            if *index <= last {
+                outcomes.push(Ok(InternalResponse::default()));
+                continue;
+            }
+            last = *index;
+            let outcome = match cmd {
+                Some(cmd) => {
+                    match self.apply_one(&mut state, read.as_ref(), &mut overlay, cmd, size) {
+                        Ok(resp) => Ok(resp),
+                        Err(Error::Request(e)) => Err(e),
+                        Err(Error::Engine(e)) => return Err(e),
+                    }
+                }
+                None => Ok(InternalResponse::default()),
+            };
+            outcomes.push(outcome);
+        }
+        state.applied_index = last;
+        state.raft_meta = Some(meta.to_vec());
+        let mut batch = overlay.into_batch();
+        batch.put(Table::Meta, META_APPLIED_INDEX, last.to_be_bytes().to_vec());
+        batch.put(Table::Meta, META_RAFT, meta.to_vec());
+        batch.put(
+            Table::Meta,
+            META_CURRENT_REV,
+            state.mvcc.current.to_be_bytes().to_vec(),
+        );
+        if state.mvcc.compacted != start_compacted {
+            batch.put(
+                Table::Meta,
+                META_COMPACT_REV,
+                state.mvcc.compacted.to_be_bytes().to_vec(),
+            );
+        }
+        if state.alarms != start_alarms {
+            for (m, a) in start_alarms.difference(&state.alarms) {
+                batch.delete(Table::Meta, alarm_key(*m, *a));
+            }
+            for (m, a) in state.alarms.difference(&start_alarms) {
+                batch.put(Table::Meta, alarm_key(*m, *a), Vec::new());
+            }
+        }
+        drop(read);
+        let mut last_sync = self.last_sync.lock().unwrap_or_else(|e| e.into_inner());
+        let durability = if last_sync.elapsed() >= SYNC_INTERVAL {
+            *last_sync = Instant::now();
+            Durability::Immediate
+        } else {
+            Durability::Relaxed
+        };
+        if let Err(e) = self.backend.commit(batch, durability) {
+            // The in-memory state ran ahead of storage: rebuild it from what is stored so
+            // that the next attempt starts from the truth.
+            *state = Self::load(self.backend.as_ref())?;
+            return Err(e.into());
+        }
+        Ok(outcomes)
+    }
+
+    fn apply_one(
+        &self,
+        state: &mut State,
+        read: &dyn crate::backend::BackendRead,
+        overlay: &mut Overlay,
+        cmd: &InternalRequest,
+        size: u64,
+    ) -> Result<InternalResponse, Error> {
+        let Some(request) = &cmd.request else {
+            return Ok(InternalResponse::default());
+        };
+        let writes = match request {
+            Request::Put(_) | Request::LeaseGrant(_) => true,
+            Request::Txn(t) => !apply::txn_is_read_only(t),
+            _ => false,
+        };
+        if writes {
+            self.check_space(state, size)?;
+        }
+        let response = match request {
+            Request::Range(r) => {
+                let src = Source {
+                    backend: read,
+                    overlay: Some(overlay),
+                };
+                Response::Range(apply::range(&state.mvcc, &src, r)?)
+            }
+            Request::Put(p) => {
+                let mut txn = WriteTxn::begin(&mut state.mvcc, overlay, read);
+                let resp = apply::apply_put(&mut txn, p);
+                txn.end();
+                Response::Put(resp?)
+            }
+            Request::DeleteRange(d) => {
+                let mut txn = WriteTxn::begin(&mut state.mvcc, overlay, read);
+                let resp = apply::apply_delete(&mut txn, d);
+                txn.end();
+                Response::DeleteRange(resp?)
+            }
+            Request::Txn(t) => {
+                let mut txn = WriteTxn::begin(&mut state.mvcc, overlay, read);
+                let resp = apply::apply_txn(&mut txn, t);
+                let rev = txn.end();
+                let mut resp = resp?;
+                resp.header = header(rev);
+                Response::Txn(resp)
+            }
+            Request::Compaction(c) => Response::Compaction(self.compact(state, read, overlay, c)?),
+            Request::Alarm(a) => Response::Alarm(alarm(state, a)),
+            Request::LeaseGrant(_) | Request::LeaseRevoke(_) => {
+                // Leases arrive with the lease issue; the server does not propose these yet.
+                return Err(KvError::LeaseNotFound.into());
+            }
+        };
+        Ok(InternalResponse {
+            response: Some(response),
+        })
+    }
+
+    fn check_space(&self, state: &mut State, size: u64) -> Result<(), Error> {
+        let nospace = AlarmType::Nospace as i32;
+        if state.alarms.iter().any(|&(_, a)| a == nospace) {
+            return Err(KvError::NoSpace.into());
+        }
+        if self.config.quota_bytes > 0 && size > self.config.quota_bytes {
+            state.alarms.insert((self.config.member_id, nospace));
+            return Err(KvError::NoSpace.into());
+        }
+        Ok(())
+    }
+
+    fn compact(
+        &self,
+        state: &mut State,
+        read: &dyn crate::backend::BackendRead,
+        overlay: &mut Overlay,
+        req: &CompactionRequest,
+    ) -> Result<CompactionResponse, Error> {
+        let src = Source {
+            backend: read,
+            overlay: None,
+        };
+        // The overlay is read-through for records written earlier in this batch; compaction
+        // marks doomed revisions in it directly.
+        let mut scratch = std::mem::take(overlay);
+        let result = state.mvcc.compact(req.revision, &src, &mut scratch);
+        *overlay = scratch;
+        result?;
+        Ok(CompactionResponse {
+            header: header(state.mvcc.current),
+        })
+    }
+
+    /// Makes everything applied so far durable.
+    pub fn sync(&self) -> Result<(), EngineError> {
+        let _state = self.write_state();
+        *self.last_sync.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        Ok(self.backend.sync()?)
+    }
+
+    /// Gives back free backend space (Maintenance.Defragment).
+    pub fn defragment(&self) -> Result<(), EngineError> {
+        let _state = self.write_state();
+        Ok(self.backend.defragment()?)
+    }
+
+    /// CRC-32C over the whole replicated state (Maintenance.Hash).
+    pub fn hash(&self) -> Result<u32, EngineError> {
+        let _state = self.read_state();
+        let read = self.backend.read()?;
+        let mut crc = Crc32c::new();
+        for table in Table::ALL {
+            read.scan(table, &[], None, &mut |k, v| {
+                if !(table == Table::Meta && k.starts_with(META_LOCAL_PREFIX)) {
+                    crc.update(k);
+                    crc.update(v);
+                }
+                true
+            })?;
+        }
+        Ok(crc.finish())
+    }
+
+    /// CRC-32C over the history up to `revision` (0: current), with the compaction revision
+    /// and the revision hashed (Maintenance.HashKV).
+    pub fn hash_kv(&self, revision: i64) -> Result<(u32, i64, i64), Error> {
+        let state = self.read_state();
+        let rev = if revision <= 0 {
+            state.mvcc.current
+        } else {
+            revision
+        };
+        if rev > state.mvcc.current {
+            return Err(KvError::FutureRevision.into());
+        }
+        if rev < state.mvcc.compacted {
+            return Err(KvError::Compacted {
+                compact_revision: state.mvcc.compacted,
+            }
+            .into());
+        }
+        let read = self.backend.read()?;
+        let mut crc = Crc32c::new();
+        let end = Revision::new(rev + 1, 0).to_bytes();
+        read.scan(Table::Kv, &[], Some(&end), &mut |k, v| {
+            crc.update(k);
+            crc.update(v);
+            true
+        })?;
+        Ok((crc.finish(), state.mvcc.compacted, rev))
+    }
+
+    /// A consistent copy of the replicated state: both tables except member-local metadata,
+    /// framed and checksummed. Made durable first, so the log may be purged behind it.
+    pub fn snapshot(&self) -> Result<Vec<u8>, EngineError> {
+        let _state = self.write_state();
+        self.backend.sync()?;
+        let read = self.backend.read()?;
+        let mut out = SNAPSHOT_MAGIC.to_vec();
+        for (tag, table) in [(0u8, Table::Kv), (1u8, Table::Meta)] {
+            read.scan(table, &[], None, &mut |k, v| {
+                if table == Table::Meta && k.starts_with(META_LOCAL_PREFIX) {
+                    return true;
+                }
+                out.push(tag);
+                out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+                out.extend_from_slice(k);
+                out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                out.extend_from_slice(v);
+                true
+            })?;
+        }
+        let mut crc = Crc32c::new();
+        crc.update(&out);
+        out.extend_from_slice(&crc.finish().to_be_bytes());
+        Ok(out)
+    }
+
+    /// Replaces the replicated state with a snapshot from [`Store::snapshot`], durably.
+    /// Member-local metadata stays.
+    pub fn restore(&self, data: &[u8]) -> Result<(), EngineError> {
+        let bad = |what: &str| EngineError::Corrupt(format!("snapshot: {what}"));
+        if data.len() < SNAPSHOT_MAGIC.len() + 4 || &data[..8] != SNAPSHOT_MAGIC {
+            return Err(bad("not a snapshot of this store"));
+        }
+        let (body, trailer) = data.split_at(data.len() - 4);
+        let mut crc = Crc32c::new();
+        crc.update(body);
+        if crc.finish().to_be_bytes() != trailer {
+            return Err(bad("checksum mismatch"));
+        }
+        let mut batch = WriteBatch::default();
+        batch.ops.push(WriteOp::Clear(Table::Kv));
+        let mut state = self.write_state();
+        {
+            let read = self.backend.read()?;
+            read.scan(Table::Meta, &[], None, &mut |k, _| {
+                if !k.starts_with(META_LOCAL_PREFIX) {
+                    batch.delete(Table::Meta, k.to_vec());
+                }
+                true
+            })?;
+        }
+        let mut rest = &body[8..];
+        let take = |rest: &mut &[u8], n: usize| -> Result<Vec<u8>, EngineError> {
+            if rest.len() < n {
+                return Err(bad("truncated"));
+            }
+            let (head, tail) = rest.split_at(n);
+            *rest = tail;
+            Ok(head.to_vec())
+        };
+        while !rest.is_empty() {
+            let tag = take(&mut rest, 1)?[0];
+            let klen = u32::from_be_bytes(take(&mut rest, 4)?.try_into().map_err(|_| bad("len"))?);
+            let key = take(&mut rest, klen as usize)?;
+            let vlen = u32::from_be_bytes(take(&mut rest, 4)?.try_into().map_err(|_| bad("len"))?);
+            let value = take(&mut rest, vlen as usize)?;
+            let table = match tag {
+                0 => Table::Kv,
+                1 => Table::Meta,
+                _ => return Err(bad("unknown table")),
+            };
+            batch.put(table, key, value);
+        }
+        self.backend.commit(batch, Durability::Immediate)?;
+        *state = Self::load(self.backend.as_ref())?;
+        Ok(())
+    }
+}
+
+fn alarm_key(member: u64, alarm: i32) -> Vec<u8> {
+    let mut k = META_ALARM_PREFIX.to_vec();
+    k.extend_from_slice(&member.to_be_bytes());
+    k.extend_from_slice(&alarm.to_be_bytes());
+    k
+}
+
+fn alarm(state: &mut State, req: &AlarmRequest) -> AlarmResponse {
+    let member = |(m, a): &(u64, i32)| AlarmMember {
+        member_id: *m,
+        alarm: *a,
+    };
+    let alarms = match AlarmAction::try_from(req.action) {
+        Ok(AlarmAction::Activate) if req.alarm != AlarmType::None as i32 => {
+            let entry = (req.member_id, req.alarm);
+            state.alarms.insert(entry);
+            vec![member(&entry)]
+        }
+        Ok(AlarmAction::Deactivate) => {
+            let entry = (req.member_id, req.alarm);
+            if state.alarms.remove(&entry) {
+                vec![member(&entry)]
+            } else {
+                Vec::new()
+            }
+        }
+        Ok(AlarmAction::Get) => state.alarms.iter().map(member).collect(),
+        _ => Vec::new(),
+    };
+    AlarmResponse {
+        header: header(state.mvcc.current),
+        alarms,
+    }
+}

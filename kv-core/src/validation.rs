@@ -1,0 +1,233 @@
+//! Request checks done before a request is proposed, as etcd's `v3rpc/key.go`: cheap, and
+//! they keep malformed requests out of the log entirely.
+
+use std::collections::BTreeSet;
+
+use crate::error::KvError;
+use crate::proto::etcdserverpb::{
+    DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+    range_request::{SortOrder, SortTarget},
+    request_op::Request,
+};
+
+/// etcd's default `--max-txn-ops`.
+pub const DEFAULT_MAX_TXN_OPS: usize = 128;
+
+/// Checks a Range.
+pub fn check_range(r: &RangeRequest) -> Result<(), KvError> {
+    if r.key.is_empty() {
+        return Err(KvError::EmptyKey);
+    }
+    if SortOrder::try_from(r.sort_order).is_err() || SortTarget::try_from(r.sort_target).is_err() {
+        return Err(KvError::InvalidSortOption);
+    }
+    Ok(())
+}
+
+/// Checks a Put.
+pub fn check_put(r: &PutRequest) -> Result<(), KvError> {
+    if r.key.is_empty() {
+        return Err(KvError::EmptyKey);
+    }
+    if r.ignore_value && !r.value.is_empty() {
+        return Err(KvError::ValueProvided);
+    }
+    if r.ignore_lease && r.lease != 0 {
+        return Err(KvError::LeaseProvided);
+    }
+    Ok(())
+}
+
+/// Checks a DeleteRange.
+pub fn check_delete(r: &DeleteRangeRequest) -> Result<(), KvError> {
+    if r.key.is_empty() {
+        return Err(KvError::EmptyKey);
+    }
+    Ok(())
+}
+
+fn check_op(op: &RequestOp, max_ops: usize) -> Result<(), KvError> {
+    match &op.request {
+        Some(Request::RequestRange(r)) => check_range(r),
+        Some(Request::RequestPut(r)) => check_put(r),
+        Some(Request::RequestDeleteRange(r)) => check_delete(r),
+        Some(Request::RequestTxn(r)) => check_txn_ops(r, max_ops),
+        // An empty op is refused the way etcd refuses it.
+        None => Err(KvError::KeyNotFound),
+    }
+}
+
+fn check_txn_ops(r: &TxnRequest, max_ops: usize) -> Result<(), KvError> {
+    let ops = r.compare.len().max(r.success.len()).max(r.failure.len());
+    if ops > max_ops {
+        return Err(KvError::TooManyOps);
+    }
+    if r.compare.iter().any(|c| c.key.is_empty()) {
+        return Err(KvError::EmptyKey);
+    }
+    // Nested txns share the budget, as in etcd.
+    for op in r.success.iter().chain(&r.failure) {
+        check_op(op, max_ops - ops)?;
+    }
+    Ok(())
+}
+
+/// A deleted key or span, for the overlap check.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Deleted {
+    start: Vec<u8>,
+    /// `None`: a single key; `Some(empty)`: to the end of the keyspace.
+    end: Option<Vec<u8>>,
+}
+
+impl Deleted {
+    fn hits(&self, key: &[u8]) -> bool {
+        match &self.end {
+            None => key == self.start.as_slice(),
+            Some(end) if end.as_slice() == [0] || end.is_empty() => key >= self.start.as_slice(),
+            Some(end) => key >= self.start.as_slice() && key < end.as_slice(),
+        }
+    }
+}
+
+/// Puts and deletes of one branch list, for the overlap check.
+struct Writes {
+    puts: BTreeSet<Vec<u8>>,
+    dels: Vec<Deleted>,
+}
+
+/// etcd's `checkIntervals`: within one branch (nested txns included) a key may be put once,
+/// and not both put and deleted; the two branches of a nested txn may put the same key since
+/// only one of them runs.
+fn intervals(ops: &[RequestOp]) -> Result<Writes, KvError> {
+    let mut dels: Vec<Deleted> = ops
+        .iter()
+        .filter_map(|op| match &op.request {
+            Some(Request::RequestDeleteRange(d)) => Some(Deleted {
+                start: d.key.clone(),
+                end: (!d.range_end.is_empty()).then(|| d.range_end.clone()),
+            }),
+            _ => None,
+        })
+        .collect();
+    let mut puts = BTreeSet::new();
+    for op in ops {
+        let Some(Request::RequestTxn(t)) = &op.request else {
+            continue;
+        };
+        let then = intervals(&t.success)?;
+        let other = intervals(&t.failure)?;
+        for k in &then.puts {
+            if puts.contains(k) || dels.iter().any(|d| d.hits(k)) {
+                return Err(KvError::DuplicateKey);
+            }
+            puts.insert(k.clone());
+        }
+        for k in &other.puts {
+            if (puts.contains(k) && !then.puts.contains(k)) || dels.iter().any(|d| d.hits(k)) {
+                return Err(KvError::DuplicateKey);
+            }
+            puts.insert(k.clone());
+        }
+        dels.extend(then.dels);
+        dels.extend(other.dels);
+    }
+    for op in ops {
+        let Some(Request::RequestPut(p)) = &op.request else {
+            continue;
+        };
+        if puts.contains(&p.key) || dels.iter().any(|d| d.hits(&p.key)) {
+            return Err(KvError::DuplicateKey);
+        }
+        puts.insert(p.key.clone());
+    }
+    Ok(Writes { puts, dels })
+}
+
+/// Checks a Txn: op counts, empty keys, and overlapping writes in either branch.
+pub fn check_txn(r: &TxnRequest, max_ops: usize) -> Result<(), KvError> {
+    check_txn_ops(r, max_ops)?;
+    intervals(&r.success)?;
+    intervals(&r.failure)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(k: &str) -> RequestOp {
+        RequestOp {
+            request: Some(Request::RequestPut(PutRequest {
+                key: k.into(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn del(k: &str, end: &str) -> RequestOp {
+        RequestOp {
+            request: Some(Request::RequestDeleteRange(DeleteRangeRequest {
+                key: k.into(),
+                range_end: end.into(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn txn(success: Vec<RequestOp>, failure: Vec<RequestOp>) -> TxnRequest {
+        TxnRequest {
+            compare: vec![],
+            success,
+            failure,
+        }
+    }
+
+    #[test]
+    fn duplicate_puts_and_put_over_delete_are_refused() {
+        let t = txn(vec![put("a"), put("a")], vec![]);
+        assert_eq!(check_txn(&t, 128), Err(KvError::DuplicateKey));
+        let t = txn(vec![del("a", "c"), put("b")], vec![]);
+        assert_eq!(check_txn(&t, 128), Err(KvError::DuplicateKey));
+        let t = txn(vec![del("a", "c"), put("c")], vec![]);
+        assert_eq!(check_txn(&t, 128), Ok(()));
+        let t = txn(vec![put("a")], vec![put("a")]);
+        assert_eq!(check_txn(&t, 128), Ok(()));
+        let t = txn(vec![del("a", ""), del("a", "")], vec![]);
+        assert_eq!(check_txn(&t, 128), Ok(()));
+    }
+
+    #[test]
+    fn nested_branches_may_share_keys_but_not_with_the_parent() {
+        let inner = txn(vec![put("x")], vec![put("x")]);
+        let nested = RequestOp {
+            request: Some(Request::RequestTxn(inner.clone())),
+        };
+        assert_eq!(check_txn(&txn(vec![nested.clone()], vec![]), 128), Ok(()));
+        assert_eq!(
+            check_txn(&txn(vec![nested, put("x")], vec![]), 128),
+            Err(KvError::DuplicateKey)
+        );
+    }
+
+    #[test]
+    fn op_limits_and_empty_keys() {
+        let many: Vec<_> = (0..129).map(|i| put(&format!("k{i}"))).collect();
+        assert_eq!(check_txn(&txn(many, vec![]), 128), Err(KvError::TooManyOps));
+        assert_eq!(
+            check_txn(&txn(vec![put("")], vec![]), 128),
+            Err(KvError::EmptyKey)
+        );
+        assert_eq!(
+            check_txn(&txn(vec![RequestOp { request: None }], vec![]), 128),
+            Err(KvError::KeyNotFound)
+        );
+        let bad = PutRequest {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            ignore_value: true,
+            ..Default::default()
+        };
+        assert_eq!(check_put(&bad), Err(KvError::ValueProvided));
+    }
+}
