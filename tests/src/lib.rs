@@ -1,1 +1,249 @@
-//! Whole-system tests live in tests/.
+//! Harness for whole-system tests: starts real `kv-server` and `etcd` processes on loopback
+//! ports with temporary data dirs, and stops exactly the processes it started, by PID.
+//!
+//! The `kv-server` binary is the one `cargo test` builds next to the test executables
+//! (`target/<profile>/kv-server`); `KV_SERVER_BIN` overrides it.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a process may take to report that it serves clients.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Path of the `kv-server` binary under test.
+pub fn kv_server_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("KV_SERVER_BIN") {
+        return PathBuf::from(p);
+    }
+    // Test executables live in target/<profile>/deps; the binary one level up.
+    let exe = std::env::current_exe().expect("current test executable");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable sits in target/<profile>/deps");
+    let bin = profile_dir.join("kv-server");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (it builds the binary) or set KV_SERVER_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// Finds an executable on PATH.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral loopback port")
+}
+
+/// A process this harness started. Dropping it kills the process (SIGKILL, by PID).
+pub struct Proc {
+    child: Child,
+    /// Everything the process wrote to stderr so far.
+    pub log: Arc<Mutex<String>>,
+    /// `host:port` of its client endpoint.
+    pub endpoint: String,
+}
+
+impl Proc {
+    /// Spawns `cmd` and waits until a stderr line contains `ready`; `addr_of` extracts the
+    /// client address from that line (None: use `fallback`).
+    fn spawn(mut cmd: Command, ready: &str, fallback: Option<String>) -> Proc {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn server process");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let sink = log.clone();
+        let ready = ready.to_string();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains(&ready)
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(line.clone());
+                }
+                let mut log = sink.lock().unwrap_or_else(|e| e.into_inner());
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let line = match rx.recv_timeout(START_TIMEOUT) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "process did not become ready in {START_TIMEOUT:?}; its log:\n{}",
+                    log.lock().unwrap_or_else(|e| e.into_inner())
+                );
+            }
+        };
+        let endpoint = parse_address(&line)
+            .or(fallback)
+            .unwrap_or_else(|| panic!("no address in ready line: {line}"));
+        Proc {
+            child,
+            log,
+            endpoint,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the exit (bounded); returns true if it exited by itself.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        false
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+        }
+    }
+}
+
+fn parse_address(line: &str) -> Option<String> {
+    let at = line.find("address=")? + "address=".len();
+    let addr: String = line[at..]
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '"')
+        .collect();
+    addr.parse::<SocketAddr>().ok().map(|a| a.to_string())
+}
+
+/// Starts `kv-server` on an ephemeral loopback port with `data_dir`, plus `extra` flags.
+pub fn start_kv_server(data_dir: &Path, extra: &[&str]) -> Proc {
+    let mut cmd = Command::new(kv_server_bin());
+    cmd.arg("--data-dir")
+        .arg(data_dir)
+        .args(["--listen-client-urls", "http://127.0.0.1:0"])
+        .args(["--log-level", "info"])
+        .args(extra);
+    Proc::spawn(cmd, "ready to serve client requests", None)
+}
+
+/// Starts etcd from PATH on free loopback ports, or returns why it cannot.
+pub fn start_etcd(data_dir: &Path) -> Result<Proc, String> {
+    let etcd = which("etcd").ok_or("etcd is not installed (apt-get install etcd-server)")?;
+    let client = free_port();
+    let peer = free_port();
+    let client_url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let mut cmd = Command::new(etcd);
+    cmd.arg("--data-dir")
+        .arg(data_dir)
+        .args(["--name", "default"])
+        .args(["--listen-client-urls", &client_url])
+        .args(["--advertise-client-urls", &client_url])
+        .args(["--listen-peer-urls", &peer_url])
+        .args(["--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("default={peer_url}")])
+        .env("ETCD_UNSUPPORTED_ARCH", "amd64");
+    Ok(Proc::spawn(
+        cmd,
+        "ready to serve client requests",
+        Some(format!("127.0.0.1:{client}")),
+    ))
+}
+
+/// Runs `etcdctl` (v3 API) against `endpoint`.
+pub fn etcdctl(endpoint: &str, args: &[&str]) -> Output {
+    let etcdctl = which("etcdctl").expect("etcdctl is not installed (apt-get install etcd-client)");
+    Command::new(etcdctl)
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .args(["--dial-timeout=5s", "--command-timeout=20s"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run etcdctl")
+}
+
+/// Like [`etcdctl`] with text on stdin (for `txn`).
+pub fn etcdctl_stdin(endpoint: &str, args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let etcdctl = which("etcdctl").expect("etcdctl is not installed (apt-get install etcd-client)");
+    let mut child = Command::new(etcdctl)
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .args(["--dial-timeout=5s", "--command-timeout=20s"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run etcdctl");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(input.as_bytes())
+        .expect("write etcdctl stdin");
+    child.wait_with_output().expect("etcdctl output")
+}
+
+/// stdout as text, panicking with stderr when the command failed.
+pub fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "command failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// True when etcdctl is available; otherwise prints why the calling test skips.
+pub fn have_etcdctl(test: &str) -> bool {
+    if which("etcdctl").is_some() {
+        return true;
+    }
+    eprintln!("SKIP {test}: etcdctl is not installed (apt-get install etcd-client)");
+    false
+}

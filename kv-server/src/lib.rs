@@ -1,0 +1,11 @@
+//! kv-server: the etcd v3 gRPC services over the kv-core engine, Raft in front of it, and the
+//! `kv-server` binary's start-up and flags.
+
+pub mod compaction;
+pub mod config;
+pub mod errors;
+pub mod identity;
+pub mod node;
+pub mod raft;
+pub mod server;
+pub mod service;

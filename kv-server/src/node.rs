@@ -1,0 +1,146 @@
+//! One member: the engine, the Raft node in front of it, its identity and its limits. The gRPC
+//! services are thin adapters over this.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use kv_core::command::{decode_command, decode_outcome, encode_command, encode_outcome};
+use kv_core::proto::etcdserverpb::ResponseHeader;
+use kv_core::proto::kvserverpb::{InternalRequest, InternalResponse, internal_request::Request};
+use kv_core::{KvError, Store};
+use prost::Message;
+use tonic::Status;
+
+use crate::errors::{engine_status, kv_status, raft_status};
+use crate::identity::Identity;
+use crate::raft::{Applier, RaftNode};
+
+/// The engine as Raft sees it: log entries are protobuf `InternalRequest`s, responses are
+/// encoded outcomes.
+pub struct EngineApplier {
+    /// The state machine.
+    pub store: Arc<Store>,
+}
+
+impl Applier for EngineApplier {
+    fn apply_batch(
+        &self,
+        entries: Vec<(u64, Option<&[u8]>)>,
+        meta: Vec<u8>,
+    ) -> Result<Vec<Vec<u8>>, io::Error> {
+        let mut decoded = Vec::with_capacity(entries.len());
+        for (index, bytes) in entries {
+            let cmd = match bytes {
+                Some(b) => Some(decode_command(b)?),
+                None => None,
+            };
+            decoded.push((index, cmd));
+        }
+        let outcomes = self.store.apply_batch(&decoded, &meta)?;
+        Ok(outcomes.iter().map(encode_outcome).collect())
+    }
+
+    fn meta(&self) -> Result<Option<Vec<u8>>, io::Error> {
+        Ok(self.store.raft_meta())
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>, io::Error> {
+        Ok(self.store.snapshot()?)
+    }
+
+    fn restore(&self, data: &[u8]) -> Result<(), io::Error> {
+        Ok(self.store.restore(data)?)
+    }
+
+    fn sync(&self) -> Result<(), io::Error> {
+        Ok(self.store.sync()?)
+    }
+}
+
+/// Request limits from the flags.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `--max-request-bytes`.
+    pub max_request_bytes: usize,
+    /// `--max-txn-ops`.
+    pub max_txn_ops: usize,
+}
+
+/// A running member.
+pub struct Node {
+    /// The state machine.
+    pub store: Arc<Store>,
+    /// Raft in front of it.
+    pub raft: RaftNode<EngineApplier>,
+    /// Who this member is.
+    pub identity: Identity,
+    /// Advertised client URLs.
+    pub client_urls: Vec<String>,
+    /// Request limits.
+    pub limits: Limits,
+    next_request_id: AtomicU64,
+}
+
+impl Node {
+    /// Wraps a started store and Raft node.
+    pub fn new(
+        store: Arc<Store>,
+        raft: RaftNode<EngineApplier>,
+        identity: Identity,
+        client_urls: Vec<String>,
+        limits: Limits,
+    ) -> Self {
+        Self {
+            store,
+            raft,
+            identity,
+            client_urls,
+            limits,
+            next_request_id: AtomicU64::new(1),
+        }
+    }
+
+    /// A response header for `revision`, filled as etcd fills it.
+    pub fn header(&self, revision: i64) -> Option<ResponseHeader> {
+        Some(ResponseHeader {
+            cluster_id: self.identity.cluster_id,
+            member_id: self.identity.member_id,
+            revision,
+            raft_term: self.raft.status().term,
+        })
+    }
+
+    /// Fills cluster, member and term into a header the engine produced.
+    pub fn fill(&self, header: &mut Option<ResponseHeader>) {
+        let revision = header.as_ref().map_or(0, |h| h.revision);
+        *header = self.header(revision);
+    }
+
+    /// Proposes a request through Raft and waits for its applied outcome.
+    pub async fn propose(&self, request: Request) -> Result<InternalResponse, Status> {
+        let req = InternalRequest {
+            id: self.next_request_id.fetch_add(1, Ordering::Relaxed),
+            request: Some(request),
+        };
+        if req.encoded_len() > self.limits.max_request_bytes {
+            return Err(kv_status(&KvError::RequestTooLarge));
+        }
+        let out = self
+            .raft
+            .propose(encode_command(&req))
+            .await
+            .map_err(|e| raft_status(&e))?;
+        match decode_outcome(&out) {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(kv_status(&e)),
+            Err(e) => Err(engine_status(&e)),
+        }
+    }
+
+    /// Waits until this member has applied everything committed before the call, so a local
+    /// read after it is linearizable.
+    pub async fn linearize(&self) -> Result<(), Status> {
+        self.raft.read_barrier().await.map_err(|e| raft_status(&e))
+    }
+}

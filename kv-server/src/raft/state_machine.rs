@@ -1,0 +1,271 @@
+//! [`RaftStateMachine`] adapter over an [`Applier`].
+//!
+//! * `apply()` drains the batch openraft hands in, computes the last applied log id and last
+//!   membership after the batch, encodes them as the opaque `meta` ([`SmMeta`]) and calls
+//!   [`Applier::apply_batch`] ONCE for the batch on a blocking thread, so data and meta are
+//!   stored atomically in one engine transaction. Responses are sent in log order; blank and
+//!   membership entries get an empty [`Response`] (never seen by a client).
+//! * `applied_state()` decodes [`Applier::meta`].
+//! * Snapshots: the builder calls [`Applier::sync`] (so that every log entry openraft may purge
+//!   after the snapshot is covered by durable engine state) and then [`Applier::snapshot`]. The
+//!   snapshot is kept in memory (`Cursor<Vec<u8>>`); installing one calls [`Applier::restore`].
+//!
+//! Snapshot building runs concurrently with `apply()` (openraft spawns it), so a mutex shared by
+//! the adapter and its builders serializes `apply_batch` against the `sync + meta + snapshot`
+//! sequence, guaranteeing the snapshot data and its [`SnapshotMeta`] describe the same state.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use futures::Stream;
+use futures::TryStreamExt;
+use openraft::EntryPayload;
+use openraft::OptionalSend;
+use openraft::RaftSnapshotBuilder;
+use openraft::storage::ApplyResponder;
+use openraft::storage::EntryResponder;
+use openraft::storage::RaftStateMachine;
+use serde::Deserialize;
+use serde::Serialize;
+
+use super::Applier;
+use super::types::LogId;
+use super::types::Response;
+use super::types::Snapshot;
+use super::types::SnapshotData;
+use super::types::SnapshotMeta;
+use super::types::StoredMembership;
+use super::types::TypeConfig;
+
+/// Format version of the encoded [`SmMeta`].
+const SM_META_VERSION: u8 = 1;
+
+/// What the adapter stores in the applier's opaque `meta`: the Raft position of the state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SmMeta {
+    /// Last log id applied to the state.
+    pub last_applied: Option<LogId>,
+    /// Last membership applied to the state.
+    pub last_membership: StoredMembership,
+}
+
+impl SmMeta {
+    /// Encodes as `[version, postcard...]`.
+    pub fn encode(&self) -> io::Result<Vec<u8>> {
+        postcard::to_extend(self, vec![SM_META_VERSION])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    /// Decodes bytes produced by [`SmMeta::encode`].
+    pub fn decode(b: &[u8]) -> io::Result<Self> {
+        match b.split_first() {
+            Some((&SM_META_VERSION, rest)) => postcard::from_bytes(rest)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "unknown raft state machine meta format",
+            )),
+        }
+    }
+
+    fn load<A: Applier>(applier: &A) -> io::Result<Self> {
+        match applier.meta()? {
+            None => Ok(Self::default()),
+            Some(b) => Self::decode(&b),
+        }
+    }
+}
+
+async fn blocking<T, F>(f: F) -> io::Result<T>
+where
+    F: FnOnce() -> io::Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(io::Error::other)?
+}
+
+/// The snapshot kept in memory (openraft's "current snapshot").
+#[derive(Clone)]
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+type SharedSnapshot = Arc<Mutex<Option<StoredSnapshot>>>;
+
+/// The [`RaftStateMachine`] driven by openraft.
+pub struct StateMachine<A: Applier> {
+    applier: Arc<A>,
+    /// Serializes `apply_batch` against snapshot building.
+    apply_lock: Arc<Mutex<()>>,
+    /// Cached copy of the applier's meta (the adapter is the only writer).
+    state: SmMeta,
+    current_snapshot: SharedSnapshot,
+}
+
+impl<A: Applier> StateMachine<A> {
+    /// Creates the adapter, reading the applier's current meta. Blocking.
+    pub fn new(applier: Arc<A>) -> io::Result<Self> {
+        let state = SmMeta::load(&*applier)?;
+        Ok(Self {
+            applier,
+            apply_lock: Arc::new(Mutex::new(())),
+            state,
+            current_snapshot: Arc::new(Mutex::new(None)),
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Builds snapshots from the applier; see the module docs.
+pub struct SnapshotBuilder<A: Applier> {
+    applier: Arc<A>,
+    apply_lock: Arc<Mutex<()>>,
+    current_snapshot: SharedSnapshot,
+}
+
+impl<A: Applier> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<A> {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let applier = self.applier.clone();
+        let apply_lock = self.apply_lock.clone();
+        let (meta, data) = blocking(move || {
+            let _g = lock(&apply_lock);
+            // Make everything applied so far durable before openraft may purge the logs the
+            // snapshot covers.
+            applier.sync()?;
+            let meta = SmMeta::load(&*applier)?;
+            let data = applier.snapshot()?;
+            Ok((meta, data))
+        })
+        .await?;
+
+        let meta = SnapshotMeta {
+            last_log_id: meta.last_applied,
+            last_membership: meta.last_membership,
+        };
+        tracing::info!("raft: built snapshot {} ({} bytes)", meta, data.len());
+        *lock(&self.current_snapshot) = Some(StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        });
+        Ok(Snapshot {
+            meta,
+            snapshot: std::io::Cursor::new(data),
+        })
+    }
+}
+
+impl<A: Applier> RaftStateMachine<TypeConfig> for StateMachine<A> {
+    type SnapshotData = SnapshotData;
+    type SnapshotBuilder = SnapshotBuilder<A>;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let applier = self.applier.clone();
+        let state = blocking(move || SmMeta::load(&*applier)).await?;
+        self.state = state.clone();
+        Ok((state.last_applied, state.last_membership))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        let mut items: Vec<(u64, Option<Vec<u8>>)> = Vec::new();
+        let mut responders: Vec<Option<ApplyResponder<TypeConfig>>> = Vec::new();
+        let mut next = self.state.clone();
+
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let log_id = entry.log_id;
+            let data = match entry.payload {
+                EntryPayload::Blank => None,
+                EntryPayload::Normal(cmd) => Some(cmd.0),
+                EntryPayload::Membership(m) => {
+                    next.last_membership = StoredMembership::new(Some(log_id), m);
+                    None
+                }
+            };
+            items.push((log_id.index, data));
+            responders.push(responder);
+            next.last_applied = Some(log_id);
+        }
+        if items.is_empty() {
+            return Ok(());
+        }
+
+        let meta = next.encode()?;
+        let n = items.len();
+        let applier = self.applier.clone();
+        let apply_lock = self.apply_lock.clone();
+        let responses = blocking(move || {
+            let _g = lock(&apply_lock);
+            let batch: Vec<(u64, Option<&[u8]>)> =
+                items.iter().map(|(i, d)| (*i, d.as_deref())).collect();
+            applier.apply_batch(batch, meta)
+        })
+        .await?;
+        if responses.len() != n {
+            return Err(io::Error::other(format!(
+                "applier returned {} responses for {} entries",
+                responses.len(),
+                n
+            )));
+        }
+        self.state = next;
+
+        for (responder, resp) in responders.into_iter().zip(responses) {
+            if let Some(r) = responder {
+                r.send(Response(resp));
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            applier: self.applier.clone(),
+            apply_lock: self.apply_lock.clone(),
+            current_snapshot: self.current_snapshot.clone(),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotData,
+    ) -> Result<(), io::Error> {
+        let data = snapshot.into_inner();
+        tracing::info!("raft: installing snapshot {} ({} bytes)", meta, data.len());
+        let applier = self.applier.clone();
+        let apply_lock = self.apply_lock.clone();
+        let data = blocking(move || {
+            let _g = lock(&apply_lock);
+            applier.restore(&data)?;
+            Ok(data)
+        })
+        .await?;
+        self.state = SmMeta {
+            last_applied: meta.last_log_id,
+            last_membership: meta.last_membership.clone(),
+        };
+        *lock(&self.current_snapshot) = Some(StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        });
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        Ok(lock(&self.current_snapshot).clone().map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: std::io::Cursor::new(s.data),
+        }))
+    }
+}

@@ -1,0 +1,425 @@
+//! Tests of the Raft write path with an in-memory [`Applier`].
+
+use std::io;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+use std::time::Instant;
+
+use serde::Deserialize;
+use serde::Serialize;
+use tempfile::TempDir;
+
+use super::*;
+
+/// Upper bound of every test.
+const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct MemState {
+    /// Every index passed to `apply_batch`, in call order (blank/membership included).
+    applied: Vec<u64>,
+    /// Normal commands, in apply order.
+    cmds: Vec<(u64, Vec<u8>)>,
+    meta: Option<Vec<u8>>,
+}
+
+/// In-memory applier. Its "persistence" is simply surviving in the `Arc` across a restart.
+#[derive(Debug, Default)]
+struct MemApplier {
+    state: Mutex<MemState>,
+    batches: Mutex<Vec<usize>>,
+}
+
+impl MemApplier {
+    fn state(&self) -> MemState {
+        self.state.lock().unwrap().clone()
+    }
+}
+
+/// Response: applied index (8 bytes BE) followed by the command echoed.
+fn response_of(index: u64, cmd: &[u8]) -> Vec<u8> {
+    let mut r = index.to_be_bytes().to_vec();
+    r.extend_from_slice(cmd);
+    r
+}
+
+impl Applier for MemApplier {
+    fn apply_batch(
+        &self,
+        entries: Vec<(u64, Option<&[u8]>)>,
+        meta: Vec<u8>,
+    ) -> Result<Vec<Vec<u8>>, io::Error> {
+        let mut st = self.state.lock().unwrap();
+        self.batches.lock().unwrap().push(entries.len());
+        let mut out = Vec::with_capacity(entries.len());
+        for (index, cmd) in entries {
+            st.applied.push(index);
+            match cmd {
+                Some(c) => {
+                    st.cmds.push((index, c.to_vec()));
+                    out.push(response_of(index, c));
+                }
+                None => out.push(Vec::new()),
+            }
+        }
+        st.meta = Some(meta);
+        Ok(out)
+    }
+
+    fn meta(&self) -> Result<Option<Vec<u8>>, io::Error> {
+        Ok(self.state.lock().unwrap().meta.clone())
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>, io::Error> {
+        postcard::to_allocvec(&*self.state.lock().unwrap()).map_err(io::Error::other)
+    }
+
+    fn restore(&self, data: &[u8]) -> Result<(), io::Error> {
+        let st: MemState = postcard::from_bytes(data).map_err(io::Error::other)?;
+        *self.state.lock().unwrap() = st;
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), io::Error> {
+        Ok(())
+    }
+}
+
+fn cfg(dir: &TempDir) -> RaftConfig {
+    RaftConfig {
+        node_id: 1,
+        data_dir: dir.path().join("data"),
+        peer_addr: "http://127.0.0.1:2380".to_string(),
+    }
+}
+
+/// Checks indexes are strictly consecutive (no gap, no re-apply).
+fn assert_consecutive(applied: &[u64]) {
+    for w in applied.windows(2) {
+        assert_eq!(
+            w[0] + 1,
+            w[1],
+            "applied indexes not consecutive: {applied:?}"
+        );
+    }
+}
+
+/// Waits until the (asynchronously published) status shows `index` applied.
+async fn wait_status_applied(node: &RaftNode<MemApplier>, index: u64) {
+    node.raft()
+        .wait(Some(Duration::from_secs(5)))
+        .applied_index_at_least(Some(index), "status shows applied")
+        .await
+        .unwrap();
+}
+
+/// Proposes `n` commands `"{tag}-{i}"` from `tasks` concurrent tasks; checks every response.
+/// Returns the (index, cmd) pairs in index order.
+async fn propose_many(
+    node: &RaftNode<MemApplier>,
+    tag: &str,
+    n: usize,
+    tasks: usize,
+) -> Vec<(u64, Vec<u8>)> {
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let node = node.clone();
+        let tag = tag.to_string();
+        handles.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut i = t;
+            while i < n {
+                let cmd = format!("{tag}-{i}").into_bytes();
+                let resp = node.propose(cmd.clone()).await.expect("propose");
+                assert_eq!(
+                    &resp[8..],
+                    &cmd[..],
+                    "response must echo this proposal's command"
+                );
+                let index = u64::from_be_bytes(resp[..8].try_into().unwrap());
+                got.push((index, cmd));
+                i += tasks;
+            }
+            got
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    all.sort();
+    assert_eq!(all.len(), n);
+    for w in all.windows(2) {
+        assert!(w[0].0 < w[1].0, "two proposals got the same index");
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_propose_concurrent() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = TempDir::new().unwrap();
+        let applier = Arc::new(MemApplier::default());
+        let node = RaftNode::start(cfg(&dir), applier.clone()).await.unwrap();
+
+        let proposed = propose_many(&node, "a", 200, 200).await;
+
+        let st = applier.state();
+        assert_consecutive(&st.applied);
+        assert!(
+            st.applied[0] <= 1,
+            "log starts at index 0 or 1: {:?}",
+            &st.applied[..3]
+        );
+        // The applier saw exactly the proposals, in index order.
+        assert_eq!(st.cmds, proposed);
+
+        // Metrics are published by the core shortly after the clients got their responses.
+        let last = *st.applied.last().unwrap();
+        wait_status_applied(&node, last).await;
+        let status = node.status();
+        assert_eq!(status.leader, Some(1));
+        assert!(status.term >= 1);
+        assert_eq!(status.applied_index, *st.applied.last().unwrap());
+        assert_eq!(status.commit_index, status.applied_index);
+        assert_eq!(status.last_log_index, status.applied_index);
+
+        node.shutdown().await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_restart_replays_log_into_fresh_applier() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = TempDir::new().unwrap();
+        let first = Arc::new(MemApplier::default());
+        let node = RaftNode::start(cfg(&dir), first.clone()).await.unwrap();
+        propose_many(&node, "b", 50, 8).await;
+        node.shutdown().await.unwrap();
+        drop(node);
+        let before = first.state();
+
+        // A fresh applier (meta None): openraft must replay the whole log into it.
+        let second = Arc::new(MemApplier::default());
+        let node = RaftNode::start(cfg(&dir), second.clone()).await.unwrap();
+        let after = second.state();
+        assert_eq!(
+            after.cmds, before.cmds,
+            "the replay must reproduce every command in order"
+        );
+        assert_consecutive(&after.applied);
+        assert_eq!(after.applied[0], before.applied[0]);
+        // Possibly followed by a blank entry of a new term (unless openraft restored the
+        // leadership of the previous term).
+        assert_eq!(&after.applied[..before.applied.len()], &before.applied[..]);
+
+        // Still writable after the restart.
+        let more = propose_many(&node, "b2", 10, 4).await;
+        assert!(more[0].0 > *before.applied.last().unwrap());
+        assert_consecutive(&second.state().applied);
+        node.shutdown().await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_restart_with_persisted_applier_does_not_reapply() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = TempDir::new().unwrap();
+        let applier = Arc::new(MemApplier::default());
+        let node = RaftNode::start(cfg(&dir), applier.clone()).await.unwrap();
+        propose_many(&node, "c", 50, 8).await;
+        node.shutdown().await.unwrap();
+        drop(node);
+        let before = applier.state();
+
+        // Same applier, state and meta kept.
+        let node = RaftNode::start(cfg(&dir), applier.clone()).await.unwrap();
+        let after = applier.state();
+        assert_eq!(&after.applied[..before.applied.len()], &before.applied[..]);
+        // Nothing re-applied: indexes stay strictly consecutive (at most a new blank entry).
+        assert_consecutive(&after.applied);
+        assert_eq!(after.cmds, before.cmds);
+
+        propose_many(&node, "c2", 20, 4).await;
+        let st = applier.state();
+        assert_consecutive(&st.applied);
+        assert_eq!(st.cmds.len(), 70);
+        node.shutdown().await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_restart_without_saved_committed_replays_whole_log() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = TempDir::new().unwrap();
+        let first = Arc::new(MemApplier::default());
+        let node = RaftNode::start(cfg(&dir), first.clone()).await.unwrap();
+        propose_many(&node, "d", 30, 8).await;
+        node.shutdown().await.unwrap();
+        drop(node);
+        let before = first.state();
+
+        // Simulate a crash that lost the (non-durably saved) committed log id, with a state
+        // machine that lost everything too.
+        let ls = LogStore::open(&cfg(&dir).data_dir.join("raft.redb")).unwrap();
+        ls.clear_committed().unwrap();
+        drop(ls);
+
+        let second = Arc::new(MemApplier::default());
+        let node = RaftNode::start(cfg(&dir), second.clone()).await.unwrap();
+        // `start` returns only once every acknowledged write is visible again.
+        let after = second.state();
+        assert_eq!(after.cmds, before.cmds);
+        assert_consecutive(&after.applied);
+        node.shutdown().await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_snapshot_purge_restart() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = TempDir::new().unwrap();
+        let applier = Arc::new(MemApplier::default());
+        let node = RaftNode::start(cfg(&dir), applier.clone()).await.unwrap();
+        let proposed = propose_many(&node, "e", 40, 8).await;
+        let last = proposed.last().unwrap().0;
+
+        node.raft().trigger().snapshot().await.unwrap();
+        node.raft()
+            .wait(Some(Duration::from_secs(10)))
+            .metrics(
+                |m| m.snapshot.as_ref().map(|l| l.index) >= Some(last),
+                "snapshot built",
+            )
+            .await
+            .unwrap();
+        let snap = node
+            .raft()
+            .get_snapshot()
+            .await
+            .unwrap()
+            .expect("current snapshot");
+        assert!(snap.meta.last_log_id.unwrap().index >= last);
+
+        node.raft().trigger().purge_log(last).await.unwrap();
+        node.raft()
+            .wait(Some(Duration::from_secs(10)))
+            .metrics(
+                |m| m.purged.as_ref().map(|l| l.index) >= Some(last),
+                "log purged",
+            )
+            .await
+            .unwrap();
+        node.shutdown().await.unwrap();
+        drop(node);
+        let before = applier.state();
+
+        // Restart over a purged log with the persisted applier: no snapshot in memory any more,
+        // openraft rebuilds one from the applier; nothing is re-applied.
+        let node = RaftNode::start(cfg(&dir), applier.clone()).await.unwrap();
+        propose_many(&node, "e2", 10, 4).await;
+        let st = applier.state();
+        assert_eq!(&st.applied[..before.applied.len()], &before.applied[..]);
+        assert_consecutive(&st.applied);
+        assert_eq!(st.cmds.len(), 50);
+        node.shutdown().await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_read_barrier() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = TempDir::new().unwrap();
+        let applier = Arc::new(MemApplier::default());
+        let node = RaftNode::start(cfg(&dir), applier.clone()).await.unwrap();
+        node.read_barrier().await.unwrap();
+
+        let resp = node.propose(b"x".to_vec()).await.unwrap();
+        let index = u64::from_be_bytes(resp[..8].try_into().unwrap());
+        node.read_barrier().await.unwrap();
+        assert!(applier.state().applied.last().copied() >= Some(index));
+        wait_status_applied(&node, index).await;
+        assert!(node.status().applied_index >= index);
+        assert!(node.is_leader());
+
+        node.shutdown().await.unwrap();
+        // After shutdown, calls fail instead of hanging.
+        assert!(node.propose(b"y".to_vec()).await.is_err());
+        assert!(node.read_barrier().await.is_err());
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Quick throughput check (no assertion on time): 1000 proposals from 64 concurrent tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_quick_throughput() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = TempDir::new().unwrap();
+        let applier = Arc::new(MemApplier::default());
+        let node = RaftNode::start(cfg(&dir), applier.clone()).await.unwrap();
+
+        let n = 1000;
+        let start = Instant::now();
+        propose_many(&node, "t", n, 64).await;
+        let elapsed = start.elapsed();
+        let batches = applier.batches.lock().unwrap().clone();
+        println!(
+            "raft quick check: {n} proposals / 64 tasks in {elapsed:?} = {:.0} proposals/s; {} apply batches (avg {:.1} entries)",
+            n as f64 / elapsed.as_secs_f64(),
+            batches.len(),
+            batches.iter().sum::<usize>() as f64 / batches.len() as f64,
+        );
+        node.shutdown().await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// openraft's own conformance suite for log storage + state machine.
+mod suite {
+    use openraft::ErrorSubject;
+    use openraft::ErrorVerb;
+    use openraft::StorageError;
+    use openraft::testing::log::StoreBuilder;
+    use openraft::testing::log::Suite;
+
+    use super::*;
+
+    struct Builder;
+
+    fn sto_err(e: io::Error) -> StorageError<TypeConfig> {
+        StorageError::from_io_error(ErrorSubject::Store, ErrorVerb::Read, e)
+    }
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachine<MemApplier>, TempDir> for Builder {
+        async fn build(
+            &self,
+        ) -> Result<(TempDir, LogStore, StateMachine<MemApplier>), StorageError<TypeConfig>>
+        {
+            let dir = TempDir::new().map_err(sto_err)?;
+            let ls = LogStore::open(&dir.path().join("raft.redb")).map_err(sto_err)?;
+            let sm = StateMachine::new(Arc::new(MemApplier::default())).map_err(sto_err)?;
+            Ok((dir, ls, sm))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn raft_openraft_storage_suite() {
+        tokio::time::timeout(TEST_TIMEOUT, Suite::test_all(Builder))
+            .await
+            .expect("test timed out")
+            .unwrap();
+    }
+}

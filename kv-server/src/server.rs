@@ -1,0 +1,207 @@
+//! Starting and stopping a member: data dir, engine, Raft, gRPC listeners, shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use kv_core::backend::RedbBackend;
+use kv_core::proto::etcdserverpb::{
+    auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
+    lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
+};
+use kv_core::proto::v3electionpb::election_server::ElectionServer;
+use kv_core::proto::v3lockpb::lock_server::LockServer;
+use kv_core::{Store, StoreConfig};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Flags, GRPC_OVERHEAD_BYTES, url_list};
+use crate::identity::{self, STATE_FILE};
+use crate::node::{EngineApplier, Limits, Node};
+use crate::raft::{RaftConfig, RaftNode};
+use crate::service::{
+    cluster::ClusterService, kv::KvService, maintenance::MaintenanceService, pending::Pending,
+};
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A flag is invalid.
+    #[error(transparent)]
+    Flag(#[from] crate::config::FlagError),
+    /// The data dir cannot be used.
+    #[error(transparent)]
+    DataDir(#[from] identity::DataDirError),
+    /// The engine failed to open.
+    #[error("cannot open the state in {path}: {source}")]
+    Engine {
+        /// The state file.
+        path: String,
+        /// The failure.
+        source: kv_core::EngineError,
+    },
+    /// Raft failed.
+    #[error(transparent)]
+    Raft(#[from] crate::raft::RaftError),
+    /// Binding or serving failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// gRPC transport failed.
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A started member: its node and the addresses it listens on.
+pub struct Running {
+    /// The member.
+    pub node: Arc<Node>,
+    /// Bound client addresses (ports resolved when 0 was asked for).
+    pub client_addrs: Vec<SocketAddr>,
+    serving: tokio::task::JoinSet<Result<(), tonic::transport::Error>>,
+    cancel: CancellationToken,
+}
+
+/// Opens the data dir, the engine and Raft, and starts serving clients.
+pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
+    let data_dir = flags.data_dir();
+    let initial_cluster = flags.initial_cluster()?;
+    if initial_cluster.len() > 1 {
+        return Err(crate::config::FlagError {
+            flag: "initial-cluster",
+            reason: "multi-member clusters are not supported in this version".into(),
+        }
+        .into());
+    }
+    let retention = flags.retention()?;
+    let addrs = flags.client_addrs()?;
+    let identity = identity::prepare(
+        &data_dir,
+        &flags.name,
+        &flags.initial_cluster_token,
+        &initial_cluster,
+    )?;
+    let state_path = data_dir.join(STATE_FILE);
+    let engine_err = |source| ServerError::Engine {
+        path: state_path.display().to_string(),
+        source,
+    };
+    let backend = RedbBackend::open(&state_path).map_err(|e| engine_err(e.into()))?;
+    let store = Arc::new(
+        Store::open(
+            Box::new(backend),
+            StoreConfig {
+                member_id: identity.member_id,
+                quota_bytes: flags.quota_bytes(),
+            },
+        )
+        .map_err(engine_err)?,
+    );
+    let raft = RaftNode::start(
+        RaftConfig {
+            node_id: identity.member_id,
+            data_dir: data_dir.clone(),
+            peer_addr: identity.peer_urls.first().cloned().unwrap_or_default(),
+        },
+        Arc::new(EngineApplier {
+            store: store.clone(),
+        }),
+    )
+    .await?;
+    let node = Arc::new(Node::new(
+        store,
+        raft,
+        identity,
+        url_list(&flags.advertise_client_urls),
+        Limits {
+            max_request_bytes: flags.max_request_bytes,
+            max_txn_ops: flags.max_txn_ops,
+        },
+    ));
+
+    let cancel = CancellationToken::new();
+    tokio::spawn(crate::compaction::run(
+        node.clone(),
+        retention,
+        cancel.clone(),
+    ));
+
+    let max_decode = flags.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let mut serving = tokio::task::JoinSet::new();
+    let mut client_addrs = Vec::new();
+    for addr in addrs {
+        let listener = TcpListener::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        client_addrs.push(bound);
+        let router = tonic::transport::Server::builder()
+            .add_service(
+                KvServer::new(KvService::new(node.clone())).max_decoding_message_size(max_decode),
+            )
+            .add_service(
+                MaintenanceServer::new(MaintenanceService::new(node.clone()))
+                    .max_decoding_message_size(max_decode),
+            )
+            .add_service(
+                ClusterServer::new(ClusterService::new(node.clone()))
+                    .max_decoding_message_size(max_decode),
+            )
+            .add_service(WatchServer::new(Pending))
+            .add_service(LeaseServer::new(Pending))
+            .add_service(AuthServer::new(Pending))
+            .add_service(LockServer::new(Pending))
+            .add_service(ElectionServer::new(Pending))
+            .add_service(health_service.clone());
+        let stop = cancel.clone();
+        serving.spawn(
+            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                stop.cancelled().await
+            }),
+        );
+        tracing::info!(address = %bound, "ready to serve client requests");
+    }
+    Ok(Running {
+        node,
+        client_addrs,
+        serving,
+        cancel,
+    })
+}
+
+impl Running {
+    /// A token that stops the member when cancelled.
+    pub fn stopper(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Serves until stopped (or a listener fails), then shuts down Raft and syncs the state.
+    pub async fn wait(mut self) -> Result<(), ServerError> {
+        let mut result = Ok(());
+        tokio::select! {
+            _ = self.cancel.cancelled() => {}
+            Some(done) = self.serving.join_next() => {
+                if let Ok(Err(e)) = done {
+                    result = Err(e.into());
+                }
+                self.cancel.cancel();
+            }
+        }
+        while let Some(done) = self.serving.join_next().await {
+            if let Ok(Err(e)) = done
+                && result.is_ok()
+            {
+                result = Err(e.into());
+            }
+        }
+        self.node.raft.shutdown().await?;
+        let store = self.node.store.clone();
+        tokio::task::spawn_blocking(move || store.sync())
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+            .map_err(std::io::Error::from)?;
+        tracing::info!("stopped");
+        result
+    }
+}

@@ -1,0 +1,8 @@
+//! The gRPC services, one module each: thin adapters from etcd's API onto the [`Node`].
+//!
+//! [`Node`]: crate::node::Node
+
+pub mod cluster;
+pub mod kv;
+pub mod maintenance;
+pub mod pending;
