@@ -180,7 +180,10 @@ pub(crate) fn apply_delete(
 }
 
 fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
-    let target = CompareTarget::try_from(c.target).unwrap_or(CompareTarget::Version);
+    // An unknown target compares as equal: etcd's `compareKV` leaves its result at 0.
+    let Ok(target) = CompareTarget::try_from(c.target) else {
+        return compare_result(c, Ordering::Equal);
+    };
     let ord = match target {
         CompareTarget::Value => {
             let v: &[u8] = match &c.target_union {
@@ -207,6 +210,11 @@ fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
             have.cmp(&want)
         }
     };
+    compare_result(c, ord)
+}
+
+/// Whether `ord` (the key's side against the compare's value) satisfies the compare.
+fn compare_result(c: &Compare, ord: Ordering) -> bool {
     match CompareResult::try_from(c.result) {
         Ok(CompareResult::Equal) => ord == Ordering::Equal,
         Ok(CompareResult::NotEqual) => ord != Ordering::Equal,
@@ -250,43 +258,59 @@ fn txn_path(txn: &WriteTxn<'_>, req: &TxnRequest, path: &mut Vec<bool>) -> Resul
     Ok(())
 }
 
-/// Checks the chosen branches against the starting state so a txn fails whole, before any
-/// write: unknown leases, `ignore_*` on missing keys, reads of compacted/future revisions.
+/// Visits the ops of the chosen branches (nested txns descended into, not visited) with
+/// `check`, against the starting state, so a txn fails whole before any write.
 fn check_branches(
     txn: &WriteTxn<'_>,
     req: &TxnRequest,
     path: &[bool],
     pos: &mut usize,
+    check: fn(&WriteTxn<'_>, &RequestOp) -> Result<(), Failure>,
 ) -> Result<(), Failure> {
     let ok = path[*pos];
     *pos += 1;
     for op in if ok { &req.success } else { &req.failure } {
         match &op.request {
-            Some(Request::RequestTxn(inner)) => check_branches(txn, inner, path, pos)?,
-            Some(Request::RequestPut(p)) => {
-                if p.ignore_value || p.ignore_lease {
-                    let rr = txn.range(KeyRange::Single(&p.key), RangeOptions::default())?;
-                    if rr.kvs.is_empty() {
-                        return Err(KvError::KeyNotFound.into());
-                    }
-                }
-                if !lease_exists(p.lease) {
-                    return Err(KvError::LeaseNotFound.into());
-                }
-            }
-            Some(Request::RequestRange(r)) if r.revision != 0 => {
-                if r.revision > txn.begin_rev() {
-                    return Err(KvError::FutureRevision.into());
-                }
-                if r.revision < txn.compacted() {
-                    return Err(KvError::Compacted {
-                        compact_revision: txn.compacted(),
-                    }
-                    .into());
-                }
-            }
-            _ => {}
+            Some(Request::RequestTxn(inner)) => check_branches(txn, inner, path, pos, check)?,
+            _ => check(txn, op)?,
         }
+    }
+    Ok(())
+}
+
+/// etcd's `checkPut`: `ignore_*` on a missing key, unknown leases.
+fn check_put(txn: &WriteTxn<'_>, op: &RequestOp) -> Result<(), Failure> {
+    let Some(Request::RequestPut(p)) = &op.request else {
+        return Ok(());
+    };
+    if p.ignore_value || p.ignore_lease {
+        let rr = txn.range(KeyRange::Single(&p.key), RangeOptions::default())?;
+        if rr.kvs.is_empty() {
+            return Err(KvError::KeyNotFound.into());
+        }
+    }
+    if !lease_exists(p.lease) {
+        return Err(KvError::LeaseNotFound.into());
+    }
+    Ok(())
+}
+
+/// etcd's `checkRange`: reads of future or compacted revisions.
+fn check_range(txn: &WriteTxn<'_>, op: &RequestOp) -> Result<(), Failure> {
+    let Some(Request::RequestRange(r)) = &op.request else {
+        return Ok(());
+    };
+    if r.revision == 0 {
+        return Ok(());
+    }
+    if r.revision > txn.begin_rev() {
+        return Err(KvError::FutureRevision.into());
+    }
+    if r.revision < txn.compacted() {
+        return Err(KvError::Compacted {
+            compact_revision: txn.compacted(),
+        }
+        .into());
     }
     Ok(())
 }
@@ -327,7 +351,10 @@ fn run_branch(
 pub(crate) fn apply_txn(txn: &mut WriteTxn<'_>, req: &TxnRequest) -> Result<TxnResponse, Failure> {
     let mut path = Vec::new();
     txn_path(txn, req, &mut path)?;
-    check_branches(txn, req, &path, &mut 0)?;
+    // As etcd: every put of the whole tree is checked before any range, so when both kinds
+    // would fail, the put's error is the one reported.
+    check_branches(txn, req, &path, &mut 0, check_put)?;
+    check_branches(txn, req, &path, &mut 0, check_range)?;
     run_branch(txn, req, &path, &mut 0)
 }
 
@@ -341,4 +368,116 @@ pub fn txn_is_read_only(req: &TxnRequest) -> bool {
             Some(Request::RequestTxn(inner)) => txn_is_read_only(inner),
             _ => true,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::backend::MemoryBackend;
+    use crate::error::KvError;
+    use crate::proto::etcdserverpb::request_op::Request;
+    use crate::proto::etcdserverpb::{PutRequest, RangeRequest, RequestOp, TxnRequest};
+    use crate::proto::kvserverpb::{InternalRequest, internal_request};
+    use crate::store::{Store, StoreConfig};
+
+    fn apply_txn(store: &Store, index: u64, txn: TxnRequest) -> Result<(), KvError> {
+        let cmd = InternalRequest {
+            id: index,
+            request: Some(internal_request::Request::Txn(txn)),
+        };
+        let mut out = store.apply_batch(&[(index, Some(cmd))], b"meta").unwrap();
+        out.pop().unwrap().map(|_| ())
+    }
+
+    /// etcd's `compareKV` leaves the result at 0 for a target it does not know, so such a
+    /// compare holds for EQUAL (and fails for NOT_EQUAL) whatever the key holds.
+    #[test]
+    fn compare_with_unknown_target_is_equal() {
+        use super::compare_kv;
+        use crate::proto::etcdserverpb::{
+            Compare,
+            compare::{CompareResult, TargetUnion},
+        };
+        use crate::proto::mvccpb::KeyValue;
+        let kv = KeyValue {
+            key: b"k".to_vec(),
+            version: 3,
+            create_revision: 2,
+            mod_revision: 4,
+            ..Default::default()
+        };
+        let mut c = Compare {
+            result: CompareResult::Equal as i32,
+            target: 9,
+            key: b"k".to_vec(),
+            target_union: Some(TargetUnion::Version(7)),
+            range_end: vec![],
+        };
+        assert!(compare_kv(&c, &kv));
+        c.result = CompareResult::NotEqual as i32;
+        assert!(!compare_kv(&c, &kv));
+    }
+
+    /// etcd checks every put of a txn (whole tree) before any range: a txn with both an
+    /// unknown lease and a future-revision read fails on the lease, wherever the read sits.
+    #[test]
+    fn txn_checks_puts_before_ranges() {
+        let store = Store::open(
+            Box::new(MemoryBackend::new()),
+            StoreConfig {
+                member_id: 1,
+                quota_bytes: 0,
+            },
+        )
+        .unwrap();
+        let future_read = RequestOp {
+            request: Some(Request::RequestRange(RangeRequest {
+                key: b"a".to_vec(),
+                revision: 100,
+                ..Default::default()
+            })),
+        };
+        let bad_lease = RequestOp {
+            request: Some(Request::RequestPut(PutRequest {
+                key: b"b".to_vec(),
+                lease: 12345,
+                ..Default::default()
+            })),
+        };
+        let missing_ignore = RequestOp {
+            request: Some(Request::RequestPut(PutRequest {
+                key: b"c".to_vec(),
+                ignore_lease: true,
+                ..Default::default()
+            })),
+        };
+        let flat = TxnRequest {
+            compare: vec![],
+            success: vec![future_read.clone(), bad_lease],
+            failure: vec![],
+        };
+        assert_eq!(apply_txn(&store, 1, flat), Err(KvError::LeaseNotFound));
+        let nested_read = RequestOp {
+            request: Some(Request::RequestTxn(TxnRequest {
+                compare: vec![],
+                success: vec![future_read.clone()],
+                failure: vec![],
+            })),
+        };
+        let nested = TxnRequest {
+            compare: vec![],
+            success: vec![nested_read, missing_ignore],
+            failure: vec![],
+        };
+        assert_eq!(apply_txn(&store, 2, nested), Err(KvError::KeyNotFound));
+        let only_read = TxnRequest {
+            compare: vec![],
+            success: vec![future_read],
+            failure: vec![],
+        };
+        assert_eq!(
+            apply_txn(&store, 3, only_read),
+            Err(KvError::FutureRevision)
+        );
+        assert_eq!(store.revision(), 1);
+    }
 }

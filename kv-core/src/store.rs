@@ -467,9 +467,16 @@ impl Store {
     }
 
     /// CRC-32C over the history up to `revision` (0: current), with the compaction revision
-    /// and the revision hashed (Maintenance.HashKV).
+    /// and the revision hashed (Maintenance.HashKV). As etcd's `HashByRev`, an explicit
+    /// revision at or below the compaction is refused (a Range at it is allowed).
     pub fn hash_kv(&self, revision: i64) -> Result<(u32, i64, i64), Error> {
         let state = self.read_state();
+        if revision > 0 && revision <= state.mvcc.compacted {
+            return Err(KvError::Compacted {
+                compact_revision: state.mvcc.compacted,
+            }
+            .into());
+        }
         let rev = if revision <= 0 {
             state.mvcc.current
         } else {
@@ -477,12 +484,6 @@ impl Store {
         };
         if rev > state.mvcc.current {
             return Err(KvError::FutureRevision.into());
-        }
-        if rev < state.mvcc.compacted {
-            return Err(KvError::Compacted {
-                compact_revision: state.mvcc.compacted,
-            }
-            .into());
         }
         let read = self.backend.read()?;
         let mut crc = Crc32c::new();
@@ -606,5 +607,66 @@ fn alarm(state: &mut State, req: &AlarmRequest) -> AlarmResponse {
     AlarmResponse {
         header: header(state.mvcc.current),
         alarms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MemoryBackend;
+    use crate::proto::etcdserverpb::PutRequest;
+
+    fn store() -> Store {
+        Store::open(
+            Box::new(MemoryBackend::new()),
+            StoreConfig {
+                member_id: 1,
+                quota_bytes: 0,
+            },
+        )
+        .unwrap()
+    }
+
+    fn apply(store: &Store, index: u64, request: Request) -> Outcome {
+        let cmd = InternalRequest {
+            id: index,
+            request: Some(request),
+        };
+        store
+            .apply_batch(&[(index, Some(cmd))], b"meta")
+            .unwrap()
+            .pop()
+            .unwrap()
+    }
+
+    /// etcd's `HashByRev` refuses an explicit revision equal to the compaction revision
+    /// (`rev <= compactRev`), unlike a Range, which may read at it.
+    #[test]
+    fn hash_kv_at_the_compacted_revision_is_refused() {
+        let s = store();
+        for i in 1..=3u64 {
+            let put = PutRequest {
+                key: b"k".to_vec(),
+                value: vec![i as u8],
+                ..Default::default()
+            };
+            apply(&s, i, Request::Put(put)).unwrap();
+        }
+        let compact = CompactionRequest {
+            revision: 3,
+            physical: false,
+        };
+        apply(&s, 4, Request::Compaction(compact)).unwrap();
+        let compacted = KvError::Compacted {
+            compact_revision: 3,
+        };
+        assert!(matches!(s.hash_kv(3), Err(Error::Request(e)) if e == compacted));
+        assert!(matches!(s.hash_kv(2), Err(Error::Request(e)) if e == compacted));
+        assert_eq!(s.hash_kv(4).unwrap().1, 3);
+        assert_eq!(s.hash_kv(0).unwrap().2, 4);
+        assert!(matches!(
+            s.hash_kv(5),
+            Err(Error::Request(KvError::FutureRevision))
+        ));
     }
 }

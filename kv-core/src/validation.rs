@@ -76,15 +76,17 @@ fn check_txn_ops(r: &TxnRequest, max_ops: usize) -> Result<(), KvError> {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Deleted {
     start: Vec<u8>,
-    /// `None`: a single key; `Some(empty)`: to the end of the keyspace.
+    /// `None`: a single key; `Some(end)`: the span `[start, end)`.
     end: Option<Vec<u8>>,
 }
 
 impl Deleted {
+    /// As etcd's interval tree sees it: the `range_end` is a plain bound, not decoded, so a
+    /// from-key delete (`range_end = "\0"`) spans `[start, "\0")` and hits no key; etcd lets
+    /// such a delete share a txn with puts of the keys it removes.
     fn hits(&self, key: &[u8]) -> bool {
         match &self.end {
             None => key == self.start.as_slice(),
-            Some(end) if end.as_slice() == [0] || end.is_empty() => key >= self.start.as_slice(),
             Some(end) => key >= self.start.as_slice() && key < end.as_slice(),
         }
     }
@@ -195,6 +197,20 @@ mod tests {
         assert_eq!(check_txn(&t, 128), Ok(()));
         let t = txn(vec![del("a", ""), del("a", "")], vec![]);
         assert_eq!(check_txn(&t, 128), Ok(()));
+    }
+
+    /// etcd compares `range_end` bytes as they are in its overlap check, so a from-key delete
+    /// overlaps nothing there: `put k` with `delete k..` in one txn is accepted.
+    #[test]
+    fn from_key_delete_does_not_overlap_puts() {
+        let t = txn(vec![put("k"), del("k", "\0")], vec![]);
+        assert_eq!(check_txn(&t, 128), Ok(()));
+        let t = txn(vec![del("a", "\0"), put("b")], vec![]);
+        assert_eq!(check_txn(&t, 128), Ok(()));
+        let t = txn(vec![del("c", "a"), put("b")], vec![]);
+        assert_eq!(check_txn(&t, 128), Ok(()));
+        let t = txn(vec![del("a", "c"), put("b")], vec![]);
+        assert_eq!(check_txn(&t, 128), Err(KvError::DuplicateKey));
     }
 
     #[test]

@@ -254,3 +254,37 @@ fn foreign_or_damaged_data_dirs_are_refused_untouched() {
     );
     assert_eq!(std::fs::read(&state).unwrap(), vec![0x5au8; 64 * 1024]);
 }
+
+#[test]
+fn periodic_auto_compaction_compacts_old_history() {
+    if !have_etcdctl("periodic_auto_compaction_compacts_old_history") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_kv_server(
+        &dir.path().join("data"),
+        &[
+            "--auto-compaction-mode",
+            "periodic",
+            "--auto-compaction-retention",
+            "2s",
+        ],
+    );
+    let ep = server.endpoint.as_str();
+    ok(etcdctl(ep, &["put", "k", "v1"]));
+    ok(etcdctl(ep, &["put", "k", "v2"]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = etcdctl(ep, &["get", "k", "--rev=2"]);
+        if String::from_utf8_lossy(&out.stderr).contains("required revision has been compacted") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "history at revision 2 was never compacted"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(ok(etcdctl(ep, &["get", "k"])), "k\nv2\n");
+    assert!(server.log_text().contains("auto-compacted"));
+}

@@ -149,7 +149,7 @@ impl Maintenance for MaintenanceService {
             .scan(0usize, |sent, chunk| {
                 *sent += chunk.len();
                 Some(Ok(SnapshotResponse {
-                    header: header.clone(),
+                    header,
                     remaining_bytes: (total - *sent) as u64,
                     blob: chunk.to_vec(),
                 }))
@@ -199,7 +199,7 @@ pub fn frame_snapshot(data: &[u8]) -> Vec<u8> {
 /// Recovers the store snapshot from [`frame_snapshot`] output, checking the SHA-256.
 pub fn unframe_snapshot(framed: &[u8]) -> Option<&[u8]> {
     use sha2::Digest;
-    if framed.len() < 8 + 32 || (framed.len() - 32) % 512 != 0 {
+    if framed.len() < 8 + 32 || !(framed.len() - 32).is_multiple_of(512) {
         return None;
     }
     let (body, sum) = framed.split_at(framed.len() - 32);
