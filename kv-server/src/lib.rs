@@ -6,6 +6,7 @@ pub mod config;
 pub mod errors;
 pub mod identity;
 pub mod node;
+pub mod oversize;
 pub mod raft;
 pub mod server;
 pub mod service;

@@ -137,6 +137,7 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
         let bound = listener.local_addr()?;
         client_addrs.push(bound);
         let router = tonic::transport::Server::builder()
+            .layer(crate::oversize::OversizeStatusLayer)
             .add_service(
                 KvServer::new(KvService::new(node.clone())).max_decoding_message_size(max_decode),
             )

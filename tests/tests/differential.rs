@@ -39,11 +39,7 @@ const MAX_REQUEST_BYTES: usize = 1536 * 1024;
 /// Steps where kv-server is known to differ from etcd, with why. Such a step's mismatch is
 /// printed but does not fail the test; once it agrees, the test fails until the entry is
 /// removed, so this list cannot go stale.
-const KNOWN_DIFFERENCES: &[(&str, &str)] = &[(
-    "put 2.5 MiB value (over the gRPC receive limit)",
-    "tonic refuses an over-limit message with OutOfRange, grpc-go (etcd) with \
-     ResourceExhausted; the fix belongs where the server is built (kv-server/src/server.rs)",
-)];
+const KNOWN_DIFFERENCES: &[(&str, &str)] = &[];
 
 /// One request of the sequence.
 #[derive(Debug, Clone)]
