@@ -12,7 +12,6 @@ use kv_core::proto::v3electionpb::election_server::ElectionServer;
 use kv_core::proto::v3lockpb::lock_server::LockServer;
 use kv_core::{Store, StoreConfig};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Flags, GRPC_OVERHEAD_BYTES, url_list};
@@ -156,10 +155,11 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
             .add_service(ElectionServer::new(Pending))
             .add_service(health_service.clone());
         let stop = cancel.clone();
+        // Small request/response exchanges must not wait for Nagle + delayed ACK (~40 ms).
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         serving.spawn(
-            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                stop.cancelled().await
-            }),
+            router.serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
         );
         tracing::info!(address = %bound, "ready to serve client requests");
     }
