@@ -421,16 +421,13 @@ impl Store {
         overlay: &mut Overlay,
         req: &CompactionRequest,
     ) -> Result<CompactionResponse, Error> {
+        // Compaction scans stored history; records written earlier in this batch are still
+        // in the overlay, and `compact` marks the doomed ones there directly.
         let src = Source {
             backend: read,
             overlay: None,
         };
-        // The overlay is read-through for records written earlier in this batch; compaction
-        // marks doomed revisions in it directly.
-        let mut scratch = std::mem::take(overlay);
-        let result = state.mvcc.compact(req.revision, &src, &mut scratch);
-        *overlay = scratch;
-        result?;
+        state.mvcc.compact(req.revision, &src, overlay)?;
         Ok(CompactionResponse {
             header: header(state.mvcc.current),
         })
