@@ -91,7 +91,8 @@ fn decode<T: DeserializeOwned>(b: &[u8]) -> io::Result<T> {
     postcard::from_bytes(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-async fn blocking<T, F>(f: F) -> io::Result<T>
+/// Runs blocking storage work off the async workers.
+pub(super) async fn blocking<T, F>(f: F) -> io::Result<T>
 where
     F: FnOnce() -> io::Result<T> + Send + 'static,
     T: Send + 'static,

@@ -18,6 +18,7 @@ use std::io;
 use std::sync::Arc;
 use std::sync::Mutex;
 
+use super::log_store::blocking;
 use futures::Stream;
 use futures::TryStreamExt;
 use openraft::EntryPayload;
@@ -75,16 +76,6 @@ impl SmMeta {
             Some(b) => Self::decode(&b),
         }
     }
-}
-
-async fn blocking<T, F>(f: F) -> io::Result<T>
-where
-    F: FnOnce() -> io::Result<T> + Send + 'static,
-    T: Send + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(io::Error::other)?
 }
 
 /// The snapshot kept in memory (openraft's "current snapshot").
