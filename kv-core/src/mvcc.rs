@@ -58,33 +58,21 @@ impl Record {
     }
 }
 
-/// Uncommitted writes of the current apply batch, layered over a backend read view.
-/// `None` marks a deletion.
+/// Uncommitted history writes of the current apply batch, layered over a backend read view.
+/// `None` marks a deletion. (Metadata needs no overlay: apply never reads it back.)
 #[derive(Debug, Default)]
 pub(crate) struct Overlay {
     pub kv: BTreeMap<[u8; REVISION_BYTES], Option<Vec<u8>>>,
-    pub meta: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 impl Overlay {
     /// Moves the overlay into a backend batch.
     pub fn into_batch(self) -> WriteBatch {
         let mut batch = WriteBatch::default();
-        for (table, entries) in [
-            (
-                Table::Kv,
-                self.kv
-                    .into_iter()
-                    .map(|(k, v)| (k.to_vec(), v))
-                    .collect::<Vec<_>>(),
-            ),
-            (Table::Meta, self.meta.into_iter().collect()),
-        ] {
-            for (k, v) in entries {
-                match v {
-                    Some(v) => batch.put(table, k, v),
-                    None => batch.delete(table, k),
-                }
+        for (k, v) in self.kv {
+            match v {
+                Some(v) => batch.put(Table::Kv, k.to_vec(), v),
+                None => batch.delete(Table::Kv, k.to_vec()),
             }
         }
         batch

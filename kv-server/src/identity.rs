@@ -174,12 +174,9 @@ pub fn prepare(
         cluster_id: cluster_id(&ids),
         peer_urls,
     };
-    write_durably(
-        dir,
-        &member_file,
-        &serde_json::to_vec_pretty(&id).unwrap_or_default(),
-    )
-    .map_err(io_err(dir))?;
+    let bytes =
+        serde_json::to_vec_pretty(&id).map_err(|e| io_err(dir)(std::io::Error::other(e)))?;
+    write_durably(dir, &member_file, &bytes).map_err(io_err(dir))?;
     Ok(id)
 }
 

@@ -138,9 +138,46 @@ impl Node {
         }
     }
 
+    /// Runs a read of the store on the blocking pool: large ranges and hashes do real work
+    /// that must not stall the async workers.
+    pub async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|_| Status::internal("etcdserver: read task failed"))?
+    }
+
     /// Waits until this member has applied everything committed before the call, so a local
     /// read after it is linearizable.
     pub async fn linearize(&self) -> Result<(), Status> {
         self.raft.read_barrier().await.map_err(|e| raft_status(&e))
     }
+}
+
+/// Proposes `Request::$variant($req)` through `$node`, takes the matching
+/// `Response::$variant` out of the outcome and fills its header. Evaluates to
+/// `Result<_, Status>`.
+#[macro_export]
+macro_rules! propose_as {
+    ($node:expr, $variant:ident, $req:expr) => {{
+        use kv_core::proto::kvserverpb::{internal_request, internal_response};
+        match $node
+            .propose(internal_request::Request::$variant($req))
+            .await
+        {
+            Ok(internal_kv_out) => match internal_kv_out.response {
+                Some(internal_response::Response::$variant(mut resp)) => {
+                    $node.fill(&mut resp.header);
+                    Ok(resp)
+                }
+                _ => Err(tonic::Status::internal(
+                    "etcdserver: unexpected response type from apply",
+                )),
+            },
+            Err(status) => Err(status),
+        }
+    }};
 }

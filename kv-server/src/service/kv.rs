@@ -6,12 +6,12 @@ use kv_core::proto::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
     PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse, kv_server::Kv,
 };
-use kv_core::proto::kvserverpb::{internal_request::Request, internal_response::Response};
 use kv_core::{txn_is_read_only, validation};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
 
 use crate::errors::{error_status, kv_status};
 use crate::node::Node;
+use crate::propose_as;
 
 /// The KV service.
 pub struct KvService {
@@ -25,10 +25,6 @@ impl KvService {
     }
 }
 
-fn unexpected() -> Status {
-    Status::internal("etcdserver: unexpected response type from apply")
-}
-
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn range(
@@ -40,12 +36,10 @@ impl Kv for KvService {
         if !req.serializable {
             self.node.linearize().await?;
         }
-        let store = self.node.store.clone();
-        // Large ranges do real work: keep it off the async workers.
-        let mut resp = tokio::task::spawn_blocking(move || store.range(&req))
-            .await
-            .map_err(|_| Status::internal("etcdserver: range task failed"))?
-            .map_err(|e| error_status(&e))?;
+        let mut resp = self
+            .node
+            .read(move |store| store.range(&req).map_err(|e| error_status(&e)))
+            .await?;
         self.node.fill(&mut resp.header);
         Ok(GrpcResponse::new(resp))
     }
@@ -56,13 +50,7 @@ impl Kv for KvService {
     ) -> Result<GrpcResponse<PutResponse>, Status> {
         let req = request.into_inner();
         validation::check_put(&req).map_err(|e| kv_status(&e))?;
-        match self.node.propose(Request::Put(req)).await?.response {
-            Some(Response::Put(mut resp)) => {
-                self.node.fill(&mut resp.header);
-                Ok(GrpcResponse::new(resp))
-            }
-            _ => Err(unexpected()),
-        }
+        Ok(GrpcResponse::new(propose_as!(self.node, Put, req)?))
     }
 
     async fn delete_range(
@@ -71,13 +59,7 @@ impl Kv for KvService {
     ) -> Result<GrpcResponse<DeleteRangeResponse>, Status> {
         let req = request.into_inner();
         validation::check_delete(&req).map_err(|e| kv_status(&e))?;
-        match self.node.propose(Request::DeleteRange(req)).await?.response {
-            Some(Response::DeleteRange(mut resp)) => {
-                self.node.fill(&mut resp.header);
-                Ok(GrpcResponse::new(resp))
-            }
-            _ => Err(unexpected()),
-        }
+        Ok(GrpcResponse::new(propose_as!(self.node, DeleteRange, req)?))
     }
 
     async fn txn(
@@ -86,20 +68,15 @@ impl Kv for KvService {
     ) -> Result<GrpcResponse<TxnResponse>, Status> {
         let req = request.into_inner();
         validation::check_txn(&req, self.node.limits.max_txn_ops).map_err(|e| kv_status(&e))?;
-        let mut resp = if txn_is_read_only(&req) {
-            // A read-only txn is a linearizable read: no log entry, as in etcd.
-            self.node.linearize().await?;
-            let store = self.node.store.clone();
-            tokio::task::spawn_blocking(move || store.read_txn(&req))
-                .await
-                .map_err(|_| Status::internal("etcdserver: txn task failed"))?
-                .map_err(|e| error_status(&e))?
-        } else {
-            match self.node.propose(Request::Txn(req)).await?.response {
-                Some(Response::Txn(resp)) => resp,
-                _ => return Err(unexpected()),
-            }
-        };
+        if !txn_is_read_only(&req) {
+            return Ok(GrpcResponse::new(propose_as!(self.node, Txn, req)?));
+        }
+        // A read-only txn is a linearizable read: no log entry, as in etcd.
+        self.node.linearize().await?;
+        let mut resp = self
+            .node
+            .read(move |store| store.read_txn(&req).map_err(|e| error_status(&e)))
+            .await?;
         self.node.fill(&mut resp.header);
         Ok(GrpcResponse::new(resp))
     }
@@ -110,12 +87,6 @@ impl Kv for KvService {
     ) -> Result<GrpcResponse<CompactionResponse>, Status> {
         // Compaction is applied synchronously, so `physical` needs no extra wait.
         let req = request.into_inner();
-        match self.node.propose(Request::Compaction(req)).await?.response {
-            Some(Response::Compaction(mut resp)) => {
-                self.node.fill(&mut resp.header);
-                Ok(GrpcResponse::new(resp))
-            }
-            _ => Err(unexpected()),
-        }
+        Ok(GrpcResponse::new(propose_as!(self.node, Compaction, req)?))
     }
 }

@@ -8,13 +8,11 @@ use kv_core::proto::etcdserverpb::{
     MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
     maintenance_server::Maintenance,
 };
-use kv_core::proto::kvserverpb::{
-    internal_request::Request as Cmd, internal_response::Response as Out,
-};
 use tonic::{Request, Response, Status};
 
 use crate::errors::{engine_status, error_status};
 use crate::node::Node;
+use crate::propose_as;
 use crate::service::pending::BoxStream;
 
 /// The etcd API version this server speaks; clients read it from Status.
@@ -33,16 +31,6 @@ impl MaintenanceService {
     pub fn new(node: Arc<Node>) -> Self {
         Self { node }
     }
-
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&kv_core::Store) -> Result<T, Status> + Send + 'static,
-    ) -> Result<T, Status> {
-        let store = self.node.store.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|_| Status::internal("etcdserver: maintenance task failed"))?
-    }
 }
 
 #[tonic::async_trait]
@@ -53,20 +41,11 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
-        match self
-            .node
-            .propose(Cmd::Alarm(request.into_inner()))
-            .await?
-            .response
-        {
-            Some(Out::Alarm(mut resp)) => {
-                self.node.fill(&mut resp.header);
-                Ok(Response::new(resp))
-            }
-            _ => Err(Status::internal(
-                "etcdserver: unexpected response type from apply",
-            )),
-        }
+        Ok(Response::new(propose_as!(
+            self.node,
+            Alarm,
+            request.into_inner()
+        )?))
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
@@ -102,7 +81,8 @@ impl Maintenance for MaintenanceService {
         &self,
         _: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
-        self.blocking(|s| s.defragment().map_err(|e| engine_status(&e)))
+        self.node
+            .read(|s| s.defragment().map_err(|e| engine_status(&e)))
             .await?;
         Ok(Response::new(DefragmentResponse {
             header: self.node.header(self.node.store.revision()),
@@ -111,7 +91,8 @@ impl Maintenance for MaintenanceService {
 
     async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
         let hash = self
-            .blocking(|s| s.hash().map_err(|e| engine_status(&e)))
+            .node
+            .read(|s| s.hash().map_err(|e| engine_status(&e)))
             .await?;
         Ok(Response::new(HashResponse {
             header: self.node.header(self.node.store.revision()),
@@ -125,7 +106,8 @@ impl Maintenance for MaintenanceService {
     ) -> Result<Response<HashKvResponse>, Status> {
         let rev = request.into_inner().revision;
         let (hash, compact_revision, _) = self
-            .blocking(move |s| s.hash_kv(rev).map_err(|e| error_status(&e)))
+            .node
+            .read(move |s| s.hash_kv(rev).map_err(|e| error_status(&e)))
             .await?;
         Ok(Response::new(HashKvResponse {
             header: self.node.header(self.node.store.revision()),
@@ -139,7 +121,8 @@ impl Maintenance for MaintenanceService {
         _: Request<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
         let data = self
-            .blocking(|s| s.snapshot().map_err(|e| engine_status(&e)))
+            .node
+            .read(|s| s.snapshot().map_err(|e| engine_status(&e)))
             .await?;
         let header = self.node.header(self.node.store.revision());
         let framed = frame_snapshot(&data);
