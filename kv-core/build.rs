@@ -13,6 +13,7 @@ const PROTOS: &[&str] = &[
     "proto/v3lockpb/v3lock.proto",
     "proto/v3electionpb/v3election.proto",
     "proto/kvserverpb/internal.proto",
+    "proto/kvserverpb/peer.proto",
 ];
 
 fn main() -> io::Result<()> {

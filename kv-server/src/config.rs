@@ -198,6 +198,17 @@ impl Flags {
             .collect()
     }
 
+    /// Peer listen addresses.
+    pub fn peer_addrs(&self) -> Result<Vec<SocketAddr>, FlagError> {
+        let urls = url_list(&self.listen_peer_urls);
+        if urls.is_empty() {
+            return Err(flag_error("listen-peer-urls", "no URL given"));
+        }
+        urls.iter()
+            .map(|u| parse_url("listen-peer-urls", u))
+            .collect()
+    }
+
     /// The initial cluster as (name, peer URL) pairs, defaulting to this member alone.
     pub fn initial_cluster(&self) -> Result<Vec<(String, String)>, FlagError> {
         let Some(spec) = &self.initial_cluster else {

@@ -104,6 +104,25 @@ pub fn cluster_id(member_ids: &[u64]) -> u64 {
     fnv1a(&[&bytes]).max(1)
 }
 
+/// The members of `--initial-cluster` as (member id, name, peer URLs): entries with the same
+/// name are one member with several peer URLs, as in etcd. Every member computes the same ids.
+pub fn initial_members(
+    initial_cluster: &[(String, String)],
+    token: &str,
+) -> Vec<(u64, String, Vec<String>)> {
+    let mut by_name: Vec<(String, Vec<String>)> = Vec::new();
+    for (name, url) in initial_cluster {
+        match by_name.iter_mut().find(|(n, _)| n == name) {
+            Some((_, urls)) => urls.push(url.clone()),
+            None => by_name.push((name.clone(), vec![url.clone()])),
+        }
+    }
+    by_name
+        .into_iter()
+        .map(|(name, urls)| (member_id(&urls, token), name, urls))
+        .collect()
+}
+
 fn io_err(dir: &Path) -> impl Fn(std::io::Error) -> DataDirError + '_ {
     move |source| DataDirError::Io {
         dir: dir.to_path_buf(),
@@ -157,15 +176,13 @@ pub fn prepare(
         }
     }
     fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let ids: Vec<u64> = initial_cluster
+    let members = initial_members(initial_cluster, token);
+    let ids: Vec<u64> = members.iter().map(|m| m.0).collect();
+    let peer_urls: Vec<String> = members
         .iter()
-        .map(|(_, url)| member_id(std::slice::from_ref(url), token))
-        .collect();
-    let peer_urls: Vec<String> = initial_cluster
-        .iter()
-        .filter(|(n, _)| n == name)
-        .map(|(_, u)| u.clone())
-        .collect();
+        .find(|m| m.1 == name)
+        .map(|m| m.2.clone())
+        .unwrap_or_default();
     let id = Identity {
         layout: LAYOUT_VERSION,
         name: name.to_string(),

@@ -17,10 +17,12 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Flags, GRPC_OVERHEAD_BYTES, url_list};
 use crate::identity::{self, STATE_FILE};
 use crate::node::{EngineApplier, Limits, Node};
-use crate::raft::{RaftConfig, RaftNode};
+use crate::raft::network::MAX_PEER_MESSAGE_BYTES;
+use crate::raft::{PeerService, RaftConfig, RaftNode};
 use crate::service::{
     cluster::ClusterService, kv::KvService, maintenance::MaintenanceService, pending::Pending,
 };
+use kv_core::proto::kvserverpb::peer_server::PeerServer;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -64,13 +66,6 @@ pub struct Running {
 pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
     let data_dir = flags.data_dir();
     let initial_cluster = flags.initial_cluster()?;
-    if initial_cluster.len() > 1 {
-        return Err(crate::config::FlagError {
-            flag: "initial-cluster",
-            reason: "multi-member clusters are not supported in this version".into(),
-        }
-        .into());
-    }
     let retention = flags.retention()?;
     let addrs = flags.client_addrs()?;
     let identity = identity::prepare(
@@ -95,11 +90,22 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
         )
         .map_err(engine_err)?,
     );
+    // Bind the peer port before starting Raft so a taken port fails the start at once.
+    let mut peer_listeners = Vec::new();
+    for addr in flags.peer_addrs()? {
+        peer_listeners.push(TcpListener::bind(addr).await?);
+    }
+    let members = identity::initial_members(&initial_cluster, &flags.initial_cluster_token)
+        .into_iter()
+        .map(|(id, _, urls)| (id, urls.into_iter().next().unwrap_or_default()))
+        .collect();
     let raft = RaftNode::start(
         RaftConfig {
             node_id: identity.member_id,
+            cluster_id: identity.cluster_id,
             data_dir: data_dir.clone(),
-            peer_addr: identity.peer_urls.first().cloned().unwrap_or_default(),
+            members,
+            bootstrap: flags.initial_cluster_state == crate::config::ClusterState::New,
         },
         Arc::new(EngineApplier {
             store: store.clone(),
@@ -118,6 +124,25 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
     ));
 
     let cancel = CancellationToken::new();
+    let mut serving = tokio::task::JoinSet::new();
+    for listener in peer_listeners {
+        let bound = listener.local_addr()?;
+        let peer = PeerServer::new(PeerService::new(
+            node.raft.clone(),
+            node.identity.cluster_id,
+        ))
+        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let stop = cancel.clone();
+        serving.spawn(
+            tonic::transport::Server::builder()
+                .add_service(peer)
+                .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
+        );
+        tracing::info!(address = %bound, "listening for peers");
+    }
     tokio::spawn(crate::compaction::run(
         node.clone(),
         retention,
@@ -129,7 +154,6 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let mut serving = tokio::task::JoinSet::new();
     let mut client_addrs = Vec::new();
     for addr in addrs {
         let listener = TcpListener::bind(addr).await?;

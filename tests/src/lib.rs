@@ -159,13 +159,8 @@ fn parse_address(line: &str) -> Option<String> {
 
 /// Starts `kv-server` on an ephemeral loopback port with `data_dir`, plus `extra` flags.
 pub fn start_kv_server(data_dir: &Path, extra: &[&str]) -> Proc {
-    let mut cmd = Command::new(kv_server_bin());
-    cmd.arg("--data-dir")
-        .arg(data_dir)
-        .args(["--listen-client-urls", "http://127.0.0.1:0"])
-        .args(["--log-level", "info"])
-        .args(extra);
-    Proc::spawn(cmd, "ready to serve client requests", None)
+    let peer_url = format!("http://127.0.0.1:{}", free_port());
+    start_kv_server_with(data_dir, &peer_url, extra)
 }
 
 /// Starts etcd from PATH on free loopback ports, or returns why it cannot.
@@ -246,4 +241,108 @@ pub fn have_etcdctl(test: &str) -> bool {
     }
     eprintln!("SKIP {test}: etcdctl is not installed (apt-get install etcd-client)");
     false
+}
+
+/// One member of a test cluster: its fixed name, data dir and peer URL, and its process while
+/// it runs.
+pub struct Member {
+    /// `--name`.
+    pub name: String,
+    /// `--data-dir`.
+    pub data_dir: PathBuf,
+    /// Peer URL (fixed across restarts, as a member's identity depends on it).
+    pub peer_url: String,
+    /// The running process, if any.
+    pub proc: Option<Proc>,
+}
+
+/// A multi-member kv-server cluster on loopback, in a temporary directory of its own.
+pub struct Cluster {
+    /// The members, in `--initial-cluster` order.
+    pub members: Vec<Member>,
+    initial_cluster: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts `n` members as a new cluster.
+    pub fn start(n: usize) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let members: Vec<Member> = (0..n)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                data_dir: dir.path().join(format!("m{i}")),
+                peer_url: format!("http://127.0.0.1:{}", free_port()),
+                proc: None,
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Cluster {
+            members,
+            initial_cluster,
+            _dir: dir,
+        };
+        for i in 0..n {
+            cluster.start_member(i);
+        }
+        cluster
+    }
+
+    /// (Re)starts member `i` with its data dir and peer URL.
+    pub fn start_member(&mut self, i: usize) {
+        let m = &self.members[i];
+        let proc = start_kv_server_with(
+            &m.data_dir,
+            &m.peer_url,
+            &[
+                "--name",
+                &m.name,
+                "--initial-cluster",
+                &self.initial_cluster,
+            ],
+        );
+        self.members[i].proc = Some(proc);
+    }
+
+    /// SIGKILLs member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.members[i].proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Client endpoint of member `i` (it must be running).
+    pub fn endpoint(&self, i: usize) -> String {
+        self.members[i]
+            .proc
+            .as_ref()
+            .expect("member is running")
+            .endpoint
+            .clone()
+    }
+
+    /// Client endpoints of the running members.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .filter_map(|m| m.proc.as_ref().map(|p| p.endpoint.clone()))
+            .collect()
+    }
+}
+
+/// Starts `kv-server` with a given peer URL (listen and advertise), plus `extra` flags.
+pub fn start_kv_server_with(data_dir: &Path, peer_url: &str, extra: &[&str]) -> Proc {
+    let mut cmd = Command::new(kv_server_bin());
+    cmd.arg("--data-dir")
+        .arg(data_dir)
+        .args(["--listen-client-urls", "http://127.0.0.1:0"])
+        .args(["--listen-peer-urls", peer_url])
+        .args(["--initial-advertise-peer-urls", peer_url])
+        .args(["--log-level", "info"])
+        .args(extra);
+    Proc::spawn(cmd, "ready to serve client requests", None)
 }

@@ -4,7 +4,8 @@
 //!   `<data_dir>/raft.redb`; see its module docs for the durability contract.
 //! * [`StateMachine`](state_machine::StateMachine): adapter that drives an [`Applier`] (the MVCC
 //!   engine) with batches of committed entries.
-//! * [`NoNetwork`](network::NoNetwork): single-member clusters only for now.
+//! * [`GrpcNetwork`](network::GrpcNetwork) and [`PeerService`](peer::PeerService): the peer
+//!   network on the peer URL, both directions.
 //! * [`RaftNode`]: what the rest of the server uses: `start`, `propose`, `read_barrier`,
 //!   `status`, `shutdown`.
 //!
@@ -13,6 +14,7 @@
 
 pub mod log_store;
 pub mod network;
+pub mod peer;
 pub mod state_machine;
 pub mod types;
 
@@ -33,12 +35,13 @@ use openraft::SnapshotPolicy;
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::ClientWriteError;
 use openraft::errors::Fatal;
-use openraft::errors::ForwardToLeader;
 use openraft::errors::InitializeError;
 use openraft::errors::LinearizableReadError;
+use serde::{Deserialize, Serialize};
 
 pub use self::log_store::LogStore;
-pub use self::network::NoNetwork;
+pub use self::network::GrpcNetwork;
+pub use self::peer::PeerService;
 pub use self::state_machine::SmMeta;
 pub use self::state_machine::StateMachine;
 pub use self::types::Command;
@@ -88,12 +91,17 @@ pub trait Applier: Send + Sync + 'static {
 /// Configuration of a Raft node.
 #[derive(Debug, Clone)]
 pub struct RaftConfig {
-    /// This node's Raft id.
+    /// This node's Raft id (its member id).
     pub node_id: u64,
+    /// The cluster id; peers of other clusters are refused.
+    pub cluster_id: u64,
     /// The Raft log goes to `data_dir/raft.redb` (the directory is created if missing).
     pub data_dir: PathBuf,
-    /// e.g. `"http://127.0.0.1:2380"`; stored as this node's address in the membership.
-    pub peer_addr: String,
+    /// The initial members (id → peer URL), this node among them.
+    pub members: BTreeMap<u64, String>,
+    /// Bootstrap a new cluster from `members` when the log is empty (`--initial-cluster-state
+    /// new`); otherwise wait to be added by an existing cluster.
+    pub bootstrap: bool,
 }
 
 /// Errors of the Raft layer.
@@ -132,13 +140,6 @@ impl From<Fatal<TypeConfig>> for RaftError {
     }
 }
 
-fn not_leader(f: ForwardToLeader<TypeConfig>) -> RaftError {
-    RaftError::NotLeader {
-        leader: f.leader_id,
-        leader_addr: f.leader_node.map(|n| n.addr),
-    }
-}
-
 /// Raft status snapshot for Maintenance.Status and response headers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RaftStatus {
@@ -155,6 +156,57 @@ pub struct RaftStatus {
     /// Index of the last entry known committed on this node (0 if none).
     pub commit_index: u64,
 }
+
+/// How a proposal or read-index request forwarded to the leader failed, as sent back to the
+/// follower that forwarded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ForwardError {
+    /// The receiver is not (or no longer) the leader; the proposal was not appended.
+    NotLeader,
+    /// The proposal was appended but discarded by a leader change: outcome unknown.
+    LeaderChanged,
+    /// Leadership could not be confirmed in time.
+    Timeout,
+    /// The receiver's Raft stopped.
+    Fatal(String),
+}
+
+impl ForwardError {
+    fn from_read(
+        e: openraft::errors::RaftError<TypeConfig, LinearizableReadError<TypeConfig>>,
+    ) -> Self {
+        match e {
+            openraft::errors::RaftError::APIError(LinearizableReadError::ForwardToLeader(_)) => {
+                ForwardError::NotLeader
+            }
+            openraft::errors::RaftError::APIError(LinearizableReadError::QuorumNotEnough(_)) => {
+                ForwardError::Timeout
+            }
+            openraft::errors::RaftError::Fatal(f) => ForwardError::Fatal(f.to_string()),
+        }
+    }
+
+    fn into_raft_error(self) -> RaftError {
+        match self {
+            ForwardError::NotLeader => RaftError::NotLeader {
+                leader: None,
+                leader_addr: None,
+            },
+            ForwardError::LeaderChanged => RaftError::LeaderChanged { leader: None },
+            ForwardError::Timeout => {
+                RaftError::Timeout("leader could not confirm leadership".into())
+            }
+            ForwardError::Fatal(e) => RaftError::Fatal(e),
+        }
+    }
+}
+
+/// How long a proposal or linearizable read may wait for a leader, including forwarding
+/// (etcd's request timeout is 5 s plus two election timeouts; ours stays under the clients'
+/// usual deadlines).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause between attempts while the cluster has no leader.
+const NO_LEADER_RETRY: Duration = Duration::from_millis(20);
 
 /// A running Raft node. Cheap to clone (all clones share one node).
 pub struct RaftNode<A: Applier> {
@@ -175,6 +227,9 @@ struct Inner<A: Applier> {
     applier: Arc<A>,
     /// Taken (and the database closed) by `shutdown`.
     log_store: Mutex<Option<LogStore>>,
+    cluster_id: u64,
+    /// Connections to other members' peer URLs for forwarding, by URL.
+    peers: Mutex<BTreeMap<String, network::PeerConnection>>,
 }
 
 /// The openraft configuration used by [`RaftNode`].
@@ -189,6 +244,8 @@ pub fn raft_config() -> Result<Config, RaftError> {
         // snapshot builder makes the applier durable first.
         max_in_snapshot_log_to_keep: 10_000,
         purge_batch_size: 1024,
+        // A member that was partitioned away must not depose a healthy leader when it returns.
+        enable_pre_vote: Some(true),
         ..Default::default()
     };
     config
@@ -220,18 +277,27 @@ impl<A: Applier> RaftNode<A> {
             .map_err(|e| RaftError::Fatal(e.to_string()))??
         };
 
-        let raft = Raft::new(cfg.node_id, config, NoNetwork, log_store.clone(), sm).await?;
+        let network = GrpcNetwork::new(cfg.cluster_id);
+        let raft = Raft::new(cfg.node_id, config, network, log_store.clone(), sm).await?;
         let node = RaftNode {
             inner: Arc::new(Inner {
                 node_id: cfg.node_id,
                 raft,
                 applier,
                 log_store: Mutex::new(Some(log_store)),
+                cluster_id: cfg.cluster_id,
+                peers: Mutex::new(BTreeMap::new()),
             }),
         };
 
-        if pristine {
-            let members = BTreeMap::from([(cfg.node_id, BasicNode::new(&cfg.peer_addr))]);
+        if pristine && cfg.bootstrap {
+            let members: BTreeMap<u64, BasicNode> = cfg
+                .members
+                .iter()
+                .map(|(id, url)| (*id, BasicNode::new(url)))
+                .collect();
+            // Every member of a new cluster initializes with the same membership; Raft's vote
+            // then elects one leader (openraft documents this as safe).
             match node.inner.raft.initialize(members).await {
                 Ok(()) => {}
                 Err(openraft::errors::RaftError::APIError(InitializeError::NotAllowed(e))) => {
@@ -244,8 +310,20 @@ impl<A: Applier> RaftNode<A> {
             }
         }
 
-        let id = cfg.node_id;
-        node.inner
+        if cfg.members.len() == 1 && cfg.members.contains_key(&cfg.node_id) {
+            node.wait_single_member_ready(last_log_index).await?;
+        }
+        tracing::info!("raft: node {:x} started", cfg.node_id);
+        Ok(node)
+    }
+
+    /// A lone member elects itself at once: wait for that, and for the state machine to have
+    /// applied the whole log, so no read can be older than an acknowledged write even when the
+    /// state machine lost non-durable applies or the saved committed id in a crash. (With
+    /// peers, leadership and catch-up happen in the background and requests wait for them.)
+    async fn wait_single_member_ready(&self, last_log_index: Option<u64>) -> Result<(), RaftError> {
+        let id = self.inner.node_id;
+        self.inner
             .raft
             .wait(Some(LEADER_WAIT))
             .metrics(
@@ -254,13 +332,8 @@ impl<A: Applier> RaftNode<A> {
             )
             .await
             .map_err(|e| RaftError::Timeout(format!("waiting for leadership: {e}")))?;
-
-        // Single-member cluster: every entry in the durable log was committed (quorum = this
-        // node), and the leader re-commits all of it. Wait until the state machine has applied
-        // the whole log, so that a state machine that lost non-durable applies, or a `committed`
-        // id lost in a crash, can never serve a read older than an acknowledged write.
         if let Some(last) = last_log_index {
-            node.inner
+            self.inner
                 .raft
                 .wait(Some(LEADER_WAIT))
                 .applied_index_at_least(Some(last), "state machine caught up with the log")
@@ -269,50 +342,152 @@ impl<A: Applier> RaftNode<A> {
                     RaftError::Timeout(format!("waiting for the state machine to catch up: {e}"))
                 })?;
         }
-
-        // Catch the state machine up with everything committed before serving anything.
-        tokio::time::timeout(LEADER_WAIT, node.read_barrier())
+        tokio::time::timeout(LEADER_WAIT, self.read_barrier())
             .await
             .map_err(|_| {
                 RaftError::Timeout("waiting for the state machine to catch up".into())
             })??;
-
-        tracing::info!("raft: node {} started as leader", cfg.node_id);
-        Ok(node)
+        Ok(())
     }
 
-    /// Proposes a command, waits until it is committed and applied, returns the applier's
-    /// response.
-    pub async fn propose(&self, cmd: Vec<u8>) -> Result<Vec<u8>, RaftError> {
+    /// A connection to the member at `addr`, reused across calls.
+    fn peer(&self, addr: &str) -> Result<network::PeerConnection, RaftError> {
+        let mut peers = self.inner.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = peers.get(addr) {
+            return Ok(c.clone());
+        }
+        let conn = network::PeerConnection::new(addr, self.inner.cluster_id)
+            .map_err(|e| RaftError::Fatal(e.to_string()))?;
+        peers.insert(addr.to_string(), conn.clone());
+        Ok(conn)
+    }
+
+    /// Proposes on this node only (the receiving end of a forwarded proposal).
+    pub async fn propose_here(&self, cmd: Vec<u8>) -> Result<Vec<u8>, ForwardError> {
         match self.inner.raft.client_write(Command(cmd)).await {
             Ok(resp) => Ok(resp.data.0),
             Err(openraft::errors::RaftError::APIError(e)) => Err(match e {
-                ClientWriteError::ForwardToLeader(f) => not_leader(f),
-                ClientWriteError::LogEntryDiscarded(f) => RaftError::LeaderChanged {
-                    leader: f.leader_id,
-                },
-                other => RaftError::Fatal(other.to_string()),
+                ClientWriteError::ForwardToLeader(_) => ForwardError::NotLeader,
+                ClientWriteError::LogEntryDiscarded(_) => ForwardError::LeaderChanged,
+                other => ForwardError::Fatal(other.to_string()),
             }),
-            Err(openraft::errors::RaftError::Fatal(e)) => Err(e.into()),
+            Err(openraft::errors::RaftError::Fatal(e)) => Err(ForwardError::Fatal(e.to_string())),
+        }
+    }
+
+    /// Proposes a command, waits until it is committed and applied, returns the applier's
+    /// response. On a follower the proposal is forwarded to the leader; while there is no
+    /// leader it waits (up to [`REQUEST_TIMEOUT`]) for one.
+    pub async fn propose(&self, cmd: Vec<u8>) -> Result<Vec<u8>, RaftError> {
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        loop {
+            let leader = match self.inner.raft.client_write(Command(cmd.clone())).await {
+                Ok(resp) => return Ok(resp.data.0),
+                Err(openraft::errors::RaftError::APIError(e)) => match e {
+                    ClientWriteError::ForwardToLeader(f) => f,
+                    ClientWriteError::LogEntryDiscarded(f) => {
+                        return Err(RaftError::LeaderChanged {
+                            leader: f.leader_id,
+                        });
+                    }
+                    other => return Err(RaftError::Fatal(other.to_string())),
+                },
+                Err(openraft::errors::RaftError::Fatal(e)) => return Err(e.into()),
+            };
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match (leader.leader_id, leader.leader_node) {
+                (Some(id), Some(node)) if id != self.inner.node_id && !remaining.is_zero() => {
+                    let conn = self.peer(&node.addr)?;
+                    match conn
+                        .call_raw(network::PeerCall::Propose, cmd.clone(), remaining)
+                        .await
+                    {
+                        Ok(bytes) => {
+                            let answer: Result<Vec<u8>, ForwardError> =
+                                postcard::from_bytes(&bytes).map_err(|e| {
+                                    RaftError::Fatal(format!("bad forward answer: {e}"))
+                                })?;
+                            match answer {
+                                Ok(out) => return Ok(out),
+                                // The leader moved before appending it: safe to retry.
+                                Err(ForwardError::NotLeader) => {}
+                                Err(e) => return Err(e.into_raft_error()),
+                            }
+                        }
+                        // Never reached the leader (it is down, say): wait for a new one.
+                        Err(network::PeerError::NotDelivered { .. }) => {}
+                        // It may have been proposed: never retry blindly.
+                        Err(e) => return Err(RaftError::Timeout(e.to_string())),
+                    }
+                }
+                _ if remaining.is_zero() => {
+                    return Err(RaftError::NotLeader {
+                        leader: None,
+                        leader_addr: None,
+                    });
+                }
+                _ => {}
+            }
+            tokio::time::sleep(NO_LEADER_RETRY.min(remaining)).await;
         }
     }
 
     /// Linearizable read barrier: returns once this node's state machine has applied everything
-    /// committed before the call (ReadIndex: leadership is confirmed, then the state machine is
-    /// awaited up to the read log id).
+    /// committed before the call. The leader confirms its leadership with a quorum (read
+    /// index); a follower asks the leader for that index and waits until it has applied it.
     pub async fn read_barrier(&self) -> Result<(), RaftError> {
-        match self
-            .inner
-            .raft
-            .ensure_linearizable(ReadPolicy::ReadIndex)
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(openraft::errors::RaftError::APIError(e)) => Err(match e {
-                LinearizableReadError::ForwardToLeader(f) => not_leader(f),
-                LinearizableReadError::QuorumNotEnough(q) => RaftError::Timeout(q.to_string()),
-            }),
-            Err(openraft::errors::RaftError::Fatal(e)) => Err(e.into()),
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        loop {
+            let leader = match self
+                .inner
+                .raft
+                .ensure_linearizable(ReadPolicy::ReadIndex)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(openraft::errors::RaftError::APIError(e)) => match e {
+                    LinearizableReadError::ForwardToLeader(f) => f,
+                    LinearizableReadError::QuorumNotEnough(q) => {
+                        return Err(RaftError::Timeout(q.to_string()));
+                    }
+                },
+                Err(openraft::errors::RaftError::Fatal(e)) => return Err(e.into()),
+            };
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if remaining.is_zero() {
+                return Err(RaftError::NotLeader {
+                    leader: None,
+                    leader_addr: None,
+                });
+            }
+            if let (Some(id), Some(node)) = (leader.leader_id, leader.leader_node)
+                && id != self.inner.node_id
+            {
+                let conn = self.peer(&node.addr)?;
+                let answer: Result<u64, ForwardError> = match conn
+                    .call(network::PeerCall::ReadIndex, &(), remaining)
+                    .await
+                {
+                    Ok(answer) => answer,
+                    // A read is safe to retry, whatever happened to the call.
+                    Err(_) => Err(ForwardError::NotLeader),
+                };
+                match answer {
+                    Ok(index) => {
+                        return self
+                            .inner
+                            .raft
+                            .wait(Some(remaining))
+                            .applied_index_at_least(Some(index), "applied up to the read index")
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| RaftError::Timeout(e.to_string()));
+                    }
+                    Err(ForwardError::NotLeader) => {}
+                    Err(e) => return Err(e.into_raft_error()),
+                }
+            }
+            tokio::time::sleep(NO_LEADER_RETRY.min(remaining)).await;
         }
     }
 

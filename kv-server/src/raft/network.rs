@@ -1,9 +1,12 @@
-//! Placeholder network: this node is a single-member cluster, so there is nobody to talk to.
-//! Every RPC fails with `Unreachable`. The replication work replaces this with a gRPC network.
+//! The peer network, client side: openraft's RPCs to other members over gRPC on their peer
+//! URLs (`kvserverpb.Peer`), plus the two calls a follower makes to the leader for clients:
+//! forwarding a proposal and asking for a read index. Payloads are openraft's serde types in
+//! postcard; every call carries our cluster id so a member of another cluster is refused.
 
 use std::future::Future;
-use std::io;
+use std::time::Duration;
 
+use kv_core::proto::kvserverpb::{PeerRequest, peer_client::PeerClient};
 use openraft::RaftNetworkFactory;
 use openraft::RaftNetworkV2;
 use openraft::errors::RPCError;
@@ -14,71 +17,266 @@ use openraft::network::RPCOption;
 use openraft::raft::AppendEntriesRequest;
 use openraft::raft::AppendEntriesResponse;
 use openraft::raft::SnapshotResponse;
+use openraft::raft::TransferLeaderRequest;
+use openraft::raft::TransferLeaderResponse;
 use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::transport::{Channel, Endpoint};
 
 use super::types::Snapshot;
 use super::types::SnapshotData;
 use super::types::TypeConfig;
 use super::types::Vote;
 
-/// Network factory whose clients can reach no peer.
-#[derive(Debug, Clone, Default)]
-pub struct NoNetwork;
+/// Largest peer message (a whole snapshot travels in one, for now).
+pub const MAX_PEER_MESSAGE_BYTES: usize = 1 << 30;
+/// Time to establish a peer connection.
+pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// A client for a peer that is never reachable.
+/// Why a peer call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The peer could not be reached or refused the call before handling it: nothing was done
+    /// there, so the call may be retried.
+    #[error("peer {addr} unavailable: {reason}")]
+    NotDelivered {
+        /// The peer URL.
+        addr: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The call failed or timed out after it may have been delivered: its effect is unknown.
+    #[error("peer {addr} unreachable: {reason}")]
+    Unreachable {
+        /// The peer URL.
+        addr: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The peer answered with something we cannot decode.
+    #[error("peer {addr} sent an undecodable answer: {reason}")]
+    Garbled {
+        /// The peer URL.
+        addr: String,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// A connection to one member's peer URL (lazy: connects on first use, reconnects on failure).
 #[derive(Debug, Clone)]
-pub struct UnreachablePeer {
-    target: u64,
+pub struct PeerConnection {
+    addr: String,
+    cluster_id: u64,
+    client: PeerClient<Channel>,
 }
 
-impl UnreachablePeer {
-    fn unreachable(&self) -> Unreachable<TypeConfig> {
-        let e = io::Error::new(
-            io::ErrorKind::NotConnected,
-            format!(
-                "raft peer {} unreachable: peer networking is not implemented",
-                self.target
-            ),
-        );
-        Unreachable::new(&e)
+/// Which peer call to make.
+#[derive(Debug, Clone, Copy)]
+pub enum PeerCall {
+    /// Raft replication.
+    AppendEntries,
+    /// Raft election.
+    Vote,
+    /// Raft pre-vote.
+    PreVote,
+    /// Whole snapshot.
+    InstallSnapshot,
+    /// Leadership transfer.
+    TransferLeader,
+    /// Forwarded client write.
+    Propose,
+    /// Read index from the leader.
+    ReadIndex,
+}
+
+impl PeerConnection {
+    /// A lazy connection to `addr` (a peer URL such as `http://127.0.0.1:2380`).
+    pub fn new(addr: &str, cluster_id: u64) -> Result<Self, PeerError> {
+        let endpoint = Endpoint::from_shared(addr.to_string())
+            .map_err(|e| PeerError::Unreachable {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?
+            .connect_timeout(PEER_CONNECT_TIMEOUT)
+            .tcp_nodelay(true);
+        let client = PeerClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+        Ok(Self {
+            addr: addr.to_string(),
+            cluster_id,
+            client,
+        })
+    }
+
+    /// Sends raw bytes, bounded by `timeout`, and returns the raw answer.
+    pub async fn call_raw(
+        &self,
+        call: PeerCall,
+        data: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, PeerError> {
+        let mut req = tonic::Request::new(PeerRequest {
+            cluster_id: self.cluster_id,
+            data,
+        });
+        req.set_timeout(timeout);
+        let mut c = self.client.clone();
+        let fut = async move {
+            match call {
+                PeerCall::AppendEntries => c.append_entries(req).await,
+                PeerCall::Vote => c.vote(req).await,
+                PeerCall::PreVote => c.pre_vote(req).await,
+                PeerCall::InstallSnapshot => c.install_snapshot(req).await,
+                PeerCall::TransferLeader => c.transfer_leader(req).await,
+                PeerCall::Propose => c.propose(req).await,
+                PeerCall::ReadIndex => c.read_index(req).await,
+            }
+        };
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner().data),
+            // tonic reports a failed connection as Unavailable, and our Peer service answers
+            // Unavailable only before handling a call (its Raft is stopped).
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                Err(PeerError::NotDelivered {
+                    addr: self.addr.clone(),
+                    reason: format!("{call:?}: {}", status.message()),
+                })
+            }
+            Ok(Err(status)) => Err(PeerError::Unreachable {
+                addr: self.addr.clone(),
+                reason: format!("{call:?}: {}", status.message()),
+            }),
+            Err(_) => Err(PeerError::Unreachable {
+                addr: self.addr.clone(),
+                reason: format!("{call:?}: timed out after {timeout:?}"),
+            }),
+        }
+    }
+
+    /// Sends a serde value and decodes a serde answer.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        call: PeerCall,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, PeerError> {
+        let data = postcard::to_allocvec(req).map_err(|e| PeerError::Garbled {
+            addr: self.addr.clone(),
+            reason: e.to_string(),
+        })?;
+        let answer = self.call_raw(call, data, timeout).await?;
+        postcard::from_bytes(&answer).map_err(|e| PeerError::Garbled {
+            addr: self.addr.clone(),
+            reason: e.to_string(),
+        })
     }
 }
 
-impl RaftNetworkFactory<TypeConfig> for NoNetwork {
-    type Network = UnreachablePeer;
+fn unreachable(e: PeerError) -> Unreachable<TypeConfig> {
+    Unreachable::new(&e)
+}
 
-    async fn new_client(&mut self, target: u64, _node: &openraft::BasicNode) -> Self::Network {
-        UnreachablePeer { target }
+/// Creates peer connections for openraft.
+#[derive(Debug, Clone)]
+pub struct GrpcNetwork {
+    cluster_id: u64,
+}
+
+impl GrpcNetwork {
+    /// A network for members of cluster `cluster_id`.
+    pub fn new(cluster_id: u64) -> Self {
+        Self { cluster_id }
     }
 }
 
-impl RaftNetworkV2<TypeConfig> for UnreachablePeer {
+/// openraft's client for one target member.
+pub struct RaftPeer {
+    conn: Result<PeerConnection, String>,
+}
+
+impl RaftPeer {
+    fn conn(&self) -> Result<&PeerConnection, Unreachable<TypeConfig>> {
+        self.conn.as_ref().map_err(Unreachable::from_string)
+    }
+
+    async fn rpc<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        call: PeerCall,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<TypeConfig>> {
+        let conn = self.conn()?;
+        conn.call(call, req, option.hard_ttl())
+            .await
+            .map_err(|e| RPCError::Unreachable(unreachable(e)))
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
+    type Network = RaftPeer;
+
+    async fn new_client(&mut self, _target: u64, node: &openraft::BasicNode) -> Self::Network {
+        RaftPeer {
+            conn: PeerConnection::new(&node.addr, self.cluster_id).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for RaftPeer {
     type SnapshotData = SnapshotData;
 
     async fn append_entries(
         &mut self,
-        _rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        Err(RPCError::Unreachable(self.unreachable()))
+        self.rpc(PeerCall::AppendEntries, &rpc, &option).await
     }
 
     async fn vote(
         &mut self,
-        _rpc: VoteRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        Err(RPCError::Unreachable(self.unreachable()))
+        self.rpc(PeerCall::Vote, &rpc, &option).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.rpc(PeerCall::PreVote, &rpc, &option).await
     }
 
     async fn full_snapshot(
         &mut self,
-        _vote: Vote,
-        _snapshot: Snapshot,
-        _cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
-        _option: RPCOption,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        Err(StreamingError::Unreachable(self.unreachable()))
+        let conn = self.conn()?;
+        let payload = (vote, snapshot.meta, snapshot.snapshot.into_inner());
+        // A snapshot may take a while: allow it much longer than a heartbeat.
+        let timeout = option.hard_ttl().max(Duration::from_secs(60));
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            answer = conn.call(PeerCall::InstallSnapshot, &payload, timeout) => {
+                answer.map_err(|e| StreamingError::Unreachable(unreachable(e)))
+            }
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.rpc(PeerCall::TransferLeader, &req, &option).await
     }
 }

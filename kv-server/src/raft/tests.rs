@@ -89,8 +89,10 @@ impl Applier for MemApplier {
 fn cfg(dir: &TempDir) -> RaftConfig {
     RaftConfig {
         node_id: 1,
+        cluster_id: 7,
         data_dir: dir.path().join("data"),
-        peer_addr: "http://127.0.0.1:2380".to_string(),
+        members: [(1, "http://127.0.0.1:2380".to_string())].into(),
+        bootstrap: true,
     }
 }
 

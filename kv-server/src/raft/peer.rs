@@ -1,0 +1,148 @@
+//! The peer network, server side: `kvserverpb.Peer` on the peer URL, handing openraft's RPCs
+//! to the local Raft and serving followers' forwarded proposals and read-index requests.
+
+use kv_core::proto::kvserverpb::{PeerRequest, PeerResponse, peer_server::Peer};
+use openraft::ReadPolicy;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::{Request, Response, Status};
+
+use super::types::{Snapshot, SnapshotMeta, Vote};
+use super::{Applier, ForwardError, RaftNode};
+
+/// The Peer service of one member.
+pub struct PeerService<A: Applier> {
+    node: RaftNode<A>,
+    cluster_id: u64,
+}
+
+impl<A: Applier> PeerService<A> {
+    /// Serves peers of cluster `cluster_id` from `node`.
+    pub fn new(node: RaftNode<A>, cluster_id: u64) -> Self {
+        Self { node, cluster_id }
+    }
+
+    fn open<T: DeserializeOwned>(&self, req: Request<PeerRequest>) -> Result<T, Status> {
+        let req = req.into_inner();
+        if req.cluster_id != self.cluster_id {
+            return Err(Status::failed_precondition(format!(
+                "peer belongs to cluster {:x}, this member to {:x}",
+                req.cluster_id, self.cluster_id
+            )));
+        }
+        postcard::from_bytes(&req.data)
+            .map_err(|e| Status::invalid_argument(format!("undecodable peer message: {e}")))
+    }
+
+    fn check_cluster(&self, req: &PeerRequest) -> Result<(), Status> {
+        if req.cluster_id != self.cluster_id {
+            return Err(Status::failed_precondition(format!(
+                "peer belongs to cluster {:x}, this member to {:x}",
+                req.cluster_id, self.cluster_id
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn answer<T: Serialize>(value: &T) -> Result<Response<PeerResponse>, Status> {
+    let data = postcard::to_allocvec(value)
+        .map_err(|e| Status::internal(format!("cannot encode peer answer: {e}")))?;
+    Ok(Response::new(PeerResponse { data }))
+}
+
+fn stopped(e: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("raft stopped: {e}"))
+}
+
+#[tonic::async_trait]
+impl<A: Applier> Peer for PeerService<A> {
+    async fn append_entries(
+        &self,
+        request: Request<PeerRequest>,
+    ) -> Result<Response<PeerResponse>, Status> {
+        let rpc = self.open(request)?;
+        let resp = self
+            .node
+            .raft()
+            .append_entries(rpc)
+            .await
+            .map_err(stopped)?;
+        answer(&resp)
+    }
+
+    async fn vote(&self, request: Request<PeerRequest>) -> Result<Response<PeerResponse>, Status> {
+        let rpc = self.open(request)?;
+        let resp = self.node.raft().vote(rpc).await.map_err(stopped)?;
+        answer(&resp)
+    }
+
+    async fn pre_vote(
+        &self,
+        request: Request<PeerRequest>,
+    ) -> Result<Response<PeerResponse>, Status> {
+        let rpc = self.open(request)?;
+        let resp = self.node.raft().pre_vote(rpc).await.map_err(stopped)?;
+        answer(&resp)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<PeerRequest>,
+    ) -> Result<Response<PeerResponse>, Status> {
+        let (vote, meta, data): (Vote, SnapshotMeta, Vec<u8>) = self.open(request)?;
+        let snapshot = Snapshot {
+            meta,
+            snapshot: std::io::Cursor::new(data),
+        };
+        let resp = self
+            .node
+            .raft()
+            .install_full_snapshot(vote, snapshot)
+            .await
+            .map_err(stopped)?;
+        answer(&resp)
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<PeerRequest>,
+    ) -> Result<Response<PeerResponse>, Status> {
+        let req = self.open(request)?;
+        let resp = self
+            .node
+            .raft()
+            .handle_transfer_leader(req)
+            .await
+            .map_err(stopped)?;
+        answer(&resp)
+    }
+
+    async fn propose(
+        &self,
+        request: Request<PeerRequest>,
+    ) -> Result<Response<PeerResponse>, Status> {
+        let req = request.into_inner();
+        self.check_cluster(&req)?;
+        let result: Result<Vec<u8>, ForwardError> = self.node.propose_here(req.data).await;
+        answer(&result)
+    }
+
+    async fn read_index(
+        &self,
+        request: Request<PeerRequest>,
+    ) -> Result<Response<PeerResponse>, Status> {
+        let req = request.into_inner();
+        self.check_cluster(&req)?;
+        let result: Result<u64, ForwardError> = match self
+            .node
+            .raft()
+            .get_read_linearizer(ReadPolicy::ReadIndex)
+            .await
+        {
+            Ok(lin) => Ok(lin.read_log_id().index()),
+            Err(e) => Err(ForwardError::from_read(e)),
+        };
+        answer(&result)
+    }
+}

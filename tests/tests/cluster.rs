@@ -1,0 +1,222 @@
+//! Three real kv-server processes as one cluster: writes through every member, leader killed
+//! mid-burst, restart and catch-up, and every acknowledged write on every member with the same
+//! revision and the same HashKV.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kv_core::proto::etcdserverpb::{
+    HashKvRequest, PutRequest, RangeRequest, StatusRequest, kv_client::KvClient,
+    maintenance_client::MaintenanceClient,
+};
+use kv_tests::Cluster;
+use tonic::transport::Channel;
+
+/// One acknowledged put: key, value, revision.
+type Ack = (Vec<u8>, Vec<u8>, i64);
+
+async fn channel(endpoint: &str) -> Channel {
+    Channel::from_shared(format!("http://{endpoint}"))
+        .expect("endpoint URL")
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .connect_lazy()
+}
+
+/// Index of the member that reports itself leader, waiting up to `within`.
+async fn wait_leader(cluster: &Cluster, within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        for (i, m) in cluster.members.iter().enumerate() {
+            let Some(p) = &m.proc else { continue };
+            let mut c = MaintenanceClient::new(channel(&p.endpoint).await);
+            if let Ok(s) = c.status(StatusRequest {}).await {
+                let s = s.into_inner();
+                if s.leader != 0 && s.header.as_ref().is_some_and(|h| h.member_id == s.leader) {
+                    return i;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until every running member has applied the same revision and reports the same
+/// HashKV at it; returns that revision.
+async fn wait_converged(cluster: &Cluster, within: Duration) -> i64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut seen = Vec::new();
+        for ep in cluster.endpoints() {
+            let ch = channel(&ep).await;
+            let rev = KvClient::new(ch.clone())
+                .range(RangeRequest {
+                    key: b"\0".to_vec(),
+                    serializable: true,
+                    count_only: true,
+                    ..Default::default()
+                })
+                .await
+                .ok()
+                .and_then(|r| r.into_inner().header.map(|h| h.revision));
+            let hash = match rev {
+                Some(rev) => MaintenanceClient::new(ch)
+                    .hash_kv(HashKvRequest { revision: rev })
+                    .await
+                    .ok()
+                    .map(|r| r.into_inner().hash),
+                None => None,
+            };
+            seen.push((rev, hash));
+        }
+        if seen.iter().all(|s| s.0.is_some() && *s == seen[0]) {
+            return seen[0].0.unwrap_or(0);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "members did not converge: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_survive_leader_kill_and_restart() {
+    tokio::time::timeout(Duration::from_secs(240), async {
+        let mut cluster = Cluster::start(3);
+        wait_leader(&cluster, Duration::from_secs(20)).await;
+
+        // A write through every member lands once, at consecutive revisions.
+        let mut revs = Vec::new();
+        for i in 0..3 {
+            let mut kv = KvClient::new(channel(&cluster.endpoint(i)).await);
+            let resp = kv
+                .put(PutRequest {
+                    key: format!("via/{i}").into_bytes(),
+                    value: b"x".to_vec(),
+                    ..Default::default()
+                })
+                .await
+                .expect("put through a member")
+                .into_inner();
+            revs.push(resp.header.unwrap().revision);
+        }
+        assert_eq!(revs, vec![2, 3, 4]);
+
+        // A burst from 12 writers spread over all members; kill the leader in the middle.
+        let acked: Arc<Mutex<Vec<Ack>>> = Arc::default();
+        let endpoints = cluster.endpoints();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut writers = Vec::new();
+        for w in 0..12usize {
+            let endpoints = endpoints.clone();
+            let acked = acked.clone();
+            let stop = stop.clone();
+            writers.push(tokio::spawn(async move {
+                let mut target = w % endpoints.len();
+                let mut i = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut kv = KvClient::new(channel(&endpoints[target]).await);
+                    let key = format!("burst/w{w:02}/{i:06}").into_bytes();
+                    let value = format!("{w}-{i}").into_bytes();
+                    match kv
+                        .put(PutRequest {
+                            key: key.clone(),
+                            value: value.clone(),
+                            ..Default::default()
+                        })
+                        .await
+                    {
+                        Ok(resp) => {
+                            let rev = resp.into_inner().header.map_or(0, |h| h.revision);
+                            acked.lock().unwrap().push((key, value, rev));
+                            i += 1;
+                        }
+                        // Unknown outcome or dead member: try the next member with a new key.
+                        Err(_) => {
+                            target = (target + 1) % endpoints.len();
+                            i += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let old_leader = wait_leader(&cluster, Duration::from_secs(5)).await;
+        let before_kill = acked.lock().unwrap().len();
+        cluster.kill(old_leader);
+        let killed_at = Instant::now();
+        let new_leader = wait_leader(&cluster, Duration::from_secs(20)).await;
+        assert_ne!(new_leader, old_leader);
+        eprintln!(
+            "new leader elected {:?} after the kill",
+            killed_at.elapsed()
+        );
+        // Writes resume.
+        let resume_deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if acked.lock().unwrap().len() > before_kill + 50 {
+                break;
+            }
+            assert!(
+                Instant::now() < resume_deadline,
+                "writes did not resume after the leader died"
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for w in writers {
+            w.await.unwrap();
+        }
+
+        // The killed member restarts and catches up.
+        cluster.start_member(old_leader);
+        let converged = wait_converged(&cluster, Duration::from_secs(30)).await;
+
+        // Every acknowledged write is on every member, at the revision it was given.
+        let all = acked.lock().unwrap().clone();
+        let mut revs: Vec<i64> = all.iter().map(|a| a.2).collect();
+        revs.sort_unstable();
+        revs.dedup();
+        assert_eq!(
+            revs.len(),
+            all.len(),
+            "two acknowledged puts share a revision"
+        );
+        assert!(converged >= *revs.last().unwrap());
+        for ep in cluster.endpoints() {
+            let mut kv = KvClient::new(channel(&ep).await);
+            let resp = kv
+                .range(RangeRequest {
+                    key: b"burst/".to_vec(),
+                    range_end: b"burst0".to_vec(),
+                    serializable: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let have: std::collections::HashMap<Vec<u8>, (Vec<u8>, i64)> = resp
+                .kvs
+                .into_iter()
+                .map(|kv| (kv.key, (kv.value, kv.mod_revision)))
+                .collect();
+            for (key, value, rev) in &all {
+                assert_eq!(
+                    have.get(key),
+                    Some(&(value.clone(), *rev)),
+                    "member {ep} lacks acknowledged {:?}",
+                    String::from_utf8_lossy(key)
+                );
+            }
+        }
+        eprintln!(
+            "{} acknowledged writes on all 3 members, revision {converged}",
+            all.len()
+        );
+    })
+    .await
+    .expect("test timed out");
+}
