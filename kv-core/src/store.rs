@@ -3,7 +3,9 @@
 //! applied log index and Raft's opaque metadata are written in the same backend transaction as
 //! the data, so after a crash the store is exactly "everything up to index N".
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+
+use prost::Message;
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -15,11 +17,12 @@ use crate::error::{EngineError, Error, KvError};
 use crate::mvcc::{Mvcc, Overlay, Record, Source, WriteTxn};
 use crate::proto::etcdserverpb::{
     AlarmMember, AlarmRequest, AlarmResponse, AlarmType, CompactionRequest, CompactionResponse,
-    RangeRequest, RangeResponse, ResponseHeader, TxnRequest, TxnResponse,
+    Member, RangeRequest, RangeResponse, ResponseHeader, TxnRequest, TxnResponse,
     alarm_request::AlarmAction,
 };
 use crate::proto::kvserverpb::{
-    InternalRequest, InternalResponse, internal_request::Request, internal_response::Response,
+    InternalRequest, InternalResponse, MemberAttributesApplied, internal_request::Request,
+    internal_response::Response,
 };
 use crate::revision::Revision;
 
@@ -28,6 +31,7 @@ const META_RAFT: &[u8] = b"raft_meta";
 const META_CURRENT_REV: &[u8] = b"current_revision";
 const META_COMPACT_REV: &[u8] = b"compact_revision";
 const META_ALARM_PREFIX: &[u8] = b"alarm/";
+const META_MEMBER_PREFIX: &[u8] = b"member/";
 /// Meta keys under this prefix belong to this member, not to the replicated state: they are
 /// left out of snapshots and kept across a snapshot install.
 pub const META_LOCAL_PREFIX: &[u8] = b"local/";
@@ -55,6 +59,8 @@ struct State {
     raft_meta: Option<Vec<u8>>,
     /// Raised alarms: (member id, alarm type).
     alarms: BTreeSet<(u64, i32)>,
+    /// Published member attributes (name, URLs) by member id.
+    members: BTreeMap<u64, Member>,
 }
 
 /// Engine status for Maintenance.Status and headers.
@@ -168,6 +174,25 @@ impl Store {
             }
             true
         })?;
+        let mut failure = None;
+        read.scan(Table::Meta, META_MEMBER_PREFIX, None, &mut |k, v| {
+            if !k.starts_with(META_MEMBER_PREFIX) {
+                return false;
+            }
+            match Member::decode(v) {
+                Ok(m) => {
+                    state.members.insert(m.id, m);
+                    true
+                }
+                Err(e) => {
+                    failure = Some(EngineError::Corrupt(format!("member attributes: {e}")));
+                    false
+                }
+            }
+        })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
         Ok(state)
     }
 
@@ -223,6 +248,11 @@ impl Store {
             .iter()
             .map(|&(member_id, alarm)| AlarmMember { member_id, alarm })
             .collect()
+    }
+
+    /// Member attributes published through the log, by member id.
+    pub fn members(&self) -> BTreeMap<u64, Member> {
+        self.read_state().members.clone()
     }
 
     /// Serves a Range at the current state (serializable; the caller provides linearizability).
@@ -281,6 +311,7 @@ impl Store {
         let size = self.backend.size();
         let start_compacted = state.mvcc.compacted;
         let start_alarms = state.alarms.clone();
+        let start_members = state.members.clone();
         let mut outcomes = Vec::with_capacity(entries.len());
         let mut last = state.applied_index;
         for (index, cmd) in entries {
@@ -324,6 +355,19 @@ impl Store {
             }
             for (m, a) in state.alarms.difference(&start_alarms) {
                 batch.put(Table::Meta, alarm_key(*m, *a), Vec::new());
+            }
+        }
+        if state.members != start_members {
+            for id in start_members
+                .keys()
+                .filter(|id| !state.members.contains_key(id))
+            {
+                batch.delete(Table::Meta, member_key(*id));
+            }
+            for (id, m) in &state.members {
+                if start_members.get(id) != Some(m) {
+                    batch.put(Table::Meta, member_key(*id), m.encode_to_vec());
+                }
             }
         }
         drop(read);
@@ -392,6 +436,17 @@ impl Store {
             }
             Request::Compaction(c) => Response::Compaction(self.compact(state, read, overlay, c)?),
             Request::Alarm(a) => Response::Alarm(alarm(state, a)),
+            Request::MemberAttributes(m) => {
+                let member = m.member.clone().unwrap_or_default();
+                if m.removed {
+                    state.members.remove(&member.id);
+                } else {
+                    state.members.insert(member.id, member);
+                }
+                Response::MemberAttributes(MemberAttributesApplied {
+                    header: header(state.mvcc.current),
+                })
+            }
             Request::LeaseGrant(_) | Request::LeaseRevoke(_) => {
                 // Leases arrive with the lease issue; the server does not propose these yet.
                 return Err(KvError::LeaseNotFound.into());
@@ -572,6 +627,12 @@ impl Store {
     }
 }
 
+fn member_key(id: u64) -> Vec<u8> {
+    let mut k = META_MEMBER_PREFIX.to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
 fn alarm_key(member: u64, alarm: i32) -> Vec<u8> {
     let mut k = META_ALARM_PREFIX.to_vec();
     k.extend_from_slice(&member.to_be_bytes());
@@ -665,5 +726,57 @@ mod tests {
             s.hash_kv(5),
             Err(Error::Request(KvError::FutureRevision))
         ));
+    }
+}
+
+#[cfg(test)]
+mod member_tests {
+    use super::*;
+    use crate::backend::MemoryBackend;
+    use crate::proto::kvserverpb::MemberAttributes;
+
+    fn attrs(id: u64, name: &str, removed: bool) -> InternalRequest {
+        InternalRequest {
+            id: 0,
+            request: Some(Request::MemberAttributes(MemberAttributes {
+                member: Some(Member {
+                    id,
+                    name: name.into(),
+                    peer_ur_ls: vec![format!("http://127.0.0.1:{id}")],
+                    client_ur_ls: vec![],
+                    is_learner: false,
+                }),
+                removed,
+            })),
+        }
+    }
+
+    #[test]
+    fn member_attributes_are_replicated_state_and_survive_reopen() {
+        let config = StoreConfig {
+            member_id: 1,
+            quota_bytes: 0,
+        };
+        let store = Store::open(Box::new(MemoryBackend::new()), config.clone()).unwrap();
+        store
+            .apply_batch(
+                &[
+                    (1, Some(attrs(7, "a", false))),
+                    (2, Some(attrs(8, "b", false))),
+                ],
+                b"m",
+            )
+            .unwrap();
+        store
+            .apply_batch(&[(3, Some(attrs(7, "", true)))], b"m")
+            .unwrap();
+        let revision = store.revision();
+        let store = Store::open(store.into_backend(), config).unwrap();
+        let members = store.members();
+        assert_eq!(members.keys().copied().collect::<Vec<_>>(), vec![8]);
+        assert_eq!(members[&8].name, "b");
+        // Membership bookkeeping is not a key-value write.
+        assert_eq!(store.revision(), revision);
+        assert_eq!(revision, 1);
     }
 }

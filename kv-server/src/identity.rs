@@ -73,6 +73,11 @@ pub enum DataDirError {
     },
 }
 
+/// True when `dir` already holds a member's identity.
+pub fn exists(dir: &Path) -> bool {
+    dir.join(MEMBER_FILE).exists()
+}
+
 /// FNV-1a, 64-bit: a stable hash for ids (ids must not change across builds or platforms).
 fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -137,6 +142,7 @@ pub fn prepare(
     name: &str,
     token: &str,
     initial_cluster: &[(String, String)],
+    known_cluster_id: Option<u64>,
 ) -> Result<Identity, DataDirError> {
     let member_file = dir.join(MEMBER_FILE);
     if dir.exists() {
@@ -188,7 +194,7 @@ pub fn prepare(
         name: name.to_string(),
         cluster_token: token.to_string(),
         member_id: member_id(&peer_urls, token),
-        cluster_id: cluster_id(&ids),
+        cluster_id: known_cluster_id.unwrap_or_else(|| cluster_id(&ids)),
         peer_urls,
     };
     let bytes =
@@ -222,23 +228,23 @@ mod tests {
     fn fresh_then_reopen_then_refusals() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("d.kv");
-        let a = prepare(&dir, "default", "tok", &cluster()).unwrap();
-        let b = prepare(&dir, "default", "tok", &cluster()).unwrap();
+        let a = prepare(&dir, "default", "tok", &cluster(), None).unwrap();
+        let b = prepare(&dir, "default", "tok", &cluster(), None).unwrap();
         assert_eq!(a, b);
         assert!(matches!(
-            prepare(&dir, "default", "other", &cluster()),
+            prepare(&dir, "default", "other", &cluster(), None),
             Err(DataDirError::OtherCluster { .. })
         ));
         let etcd_dir = tmp.path().join("etcd");
         fs::create_dir_all(etcd_dir.join("member/wal")).unwrap();
         assert!(matches!(
-            prepare(&etcd_dir, "default", "tok", &cluster()),
+            prepare(&etcd_dir, "default", "tok", &cluster(), None),
             Err(DataDirError::Foreign { .. })
         ));
         assert!(etcd_dir.join("member/wal").exists());
         fs::write(dir.join(MEMBER_FILE), b"{not json").unwrap();
         assert!(matches!(
-            prepare(&dir, "default", "tok", &cluster()),
+            prepare(&dir, "default", "tok", &cluster(), None),
             Err(DataDirError::Damaged { .. })
         ));
     }

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kv_core::backend::RedbBackend;
 use kv_core::proto::etcdserverpb::{
@@ -14,10 +15,10 @@ use kv_core::{Store, StoreConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Flags, GRPC_OVERHEAD_BYTES, url_list};
+use crate::config::{ClusterState, Flags, GRPC_OVERHEAD_BYTES, url_list};
 use crate::identity::{self, STATE_FILE};
 use crate::node::{EngineApplier, Limits, Node};
-use crate::raft::network::MAX_PEER_MESSAGE_BYTES;
+use crate::raft::network::{MAX_PEER_MESSAGE_BYTES, PeerCall, PeerConnection};
 use crate::raft::{PeerService, RaftConfig, RaftNode};
 use crate::service::{
     cluster::ClusterService, kv::KvService, maintenance::MaintenanceService, pending::Pending,
@@ -47,6 +48,9 @@ pub enum ServerError {
     /// Binding or serving failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// Joining an existing cluster failed.
+    #[error("{0}")]
+    Join(String),
     /// gRPC transport failed.
     #[error(transparent)]
     Transport(#[from] tonic::transport::Error),
@@ -68,11 +72,25 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
     let initial_cluster = flags.initial_cluster()?;
     let retention = flags.retention()?;
     let addrs = flags.client_addrs()?;
+    // A member joining an existing cluster learns the cluster id from its peers, as etcd does.
+    let known_cluster_id =
+        if flags.initial_cluster_state == ClusterState::Existing && !identity::exists(&data_dir) {
+            let own: Vec<String> = url_list(&flags.initial_advertise_peer_urls);
+            let peers: Vec<String> = initial_cluster
+                .iter()
+                .filter(|(name, url)| name != &flags.name && !own.contains(url))
+                .map(|(_, url)| url.clone())
+                .collect();
+            Some(fetch_cluster_id(&peers).await?)
+        } else {
+            None
+        };
     let identity = identity::prepare(
         &data_dir,
         &flags.name,
         &flags.initial_cluster_token,
         &initial_cluster,
+        known_cluster_id,
     )?;
     let state_path = data_dir.join(STATE_FILE);
     let engine_err = |source| ServerError::Engine {
@@ -105,7 +123,7 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
             cluster_id: identity.cluster_id,
             data_dir: data_dir.clone(),
             members,
-            bootstrap: flags.initial_cluster_state == crate::config::ClusterState::New,
+            bootstrap: flags.initial_cluster_state == ClusterState::New,
         },
         Arc::new(EngineApplier {
             store: store.clone(),
@@ -124,6 +142,10 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
     ));
 
     let cancel = CancellationToken::new();
+    tokio::spawn(crate::service::cluster::publish_attributes(
+        node.clone(),
+        cancel.clone(),
+    ));
     let mut serving = tokio::task::JoinSet::new();
     for listener in peer_listeners {
         let bound = listener.local_addr()?;
@@ -193,6 +215,32 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
         serving,
         cancel,
     })
+}
+
+/// How long a joining member keeps asking its peers for the cluster id.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Asks the existing members (by peer URL) for the cluster id.
+async fn fetch_cluster_id(peers: &[String]) -> Result<u64, ServerError> {
+    let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
+    loop {
+        for url in peers {
+            if let Ok(conn) = PeerConnection::new(url, 0)
+                && let Ok(id) = conn
+                    .call::<_, u64>(PeerCall::Hello, &(), Duration::from_secs(2))
+                    .await
+            {
+                return Ok(id);
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ServerError::Join(format!(
+                "--initial-cluster-state existing: no existing member answered at {}",
+                peers.join(",")
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 impl Running {

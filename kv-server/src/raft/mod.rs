@@ -13,6 +13,7 @@
 //! commands itself (protobuf), which keeps the openraft type configuration non-generic.
 
 pub mod log_store;
+pub mod membership;
 pub mod network;
 pub mod peer;
 pub mod state_machine;
@@ -40,6 +41,7 @@ use openraft::errors::LinearizableReadError;
 use serde::{Deserialize, Serialize};
 
 pub use self::log_store::LogStore;
+pub use self::membership::{MemberChange, MemberChangeError, RaftMember};
 pub use self::network::GrpcNetwork;
 pub use self::peer::PeerService;
 pub use self::state_machine::SmMeta;
@@ -351,7 +353,7 @@ impl<A: Applier> RaftNode<A> {
     }
 
     /// A connection to the member at `addr`, reused across calls.
-    fn peer(&self, addr: &str) -> Result<network::PeerConnection, RaftError> {
+    pub(crate) fn peer(&self, addr: &str) -> Result<network::PeerConnection, RaftError> {
         let mut peers = self.inner.peers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = peers.get(addr) {
             return Ok(c.clone());

@@ -90,6 +90,10 @@ pub enum PeerCall {
     Propose,
     /// Read index from the leader.
     ReadIndex,
+    /// Forwarded membership change.
+    ChangeMembership,
+    /// Cluster id of a member (for a member joining an existing cluster).
+    Hello,
 }
 
 impl PeerConnection {
@@ -134,6 +138,8 @@ impl PeerConnection {
                 PeerCall::TransferLeader => c.transfer_leader(req).await,
                 PeerCall::Propose => c.propose(req).await,
                 PeerCall::ReadIndex => c.read_index(req).await,
+                PeerCall::ChangeMembership => c.change_membership(req).await,
+                PeerCall::Hello => c.hello(req).await,
             }
         };
         match tokio::time::timeout(timeout, fut).await {

@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
 
 use super::types::{Snapshot, SnapshotMeta, Vote};
-use super::{Applier, ForwardError, RaftNode};
+use super::{Applier, ForwardError, MemberChange, MemberChangeError, RaftNode};
 
 /// The Peer service of one member.
 pub struct PeerService<A: Applier> {
@@ -144,5 +144,18 @@ impl<A: Applier> Peer for PeerService<A> {
             Err(e) => Err(ForwardError::from_read(e)),
         };
         answer(&result)
+    }
+
+    async fn change_membership(
+        &self,
+        request: Request<PeerRequest>,
+    ) -> Result<Response<PeerResponse>, Status> {
+        let change: MemberChange = self.open(request)?;
+        let result: Result<(), MemberChangeError> = self.node.change_members_here(change).await;
+        answer(&result)
+    }
+
+    async fn hello(&self, _: Request<PeerRequest>) -> Result<Response<PeerResponse>, Status> {
+        answer(&self.cluster_id)
     }
 }

@@ -73,7 +73,12 @@ impl Maintenance for MaintenanceService {
             raft_applied_index: raft.applied_index,
             errors,
             db_size_in_use: store.db_size_in_use,
-            is_learner: false,
+            is_learner: self
+                .node
+                .raft
+                .members()
+                .iter()
+                .any(|m| m.id == self.node.identity.member_id && m.learner),
         }))
     }
 
