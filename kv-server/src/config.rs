@@ -86,6 +86,15 @@ pub struct Flags {
     /// `periodic`, a revision count for `revision`; 0 disables auto-compaction.
     #[arg(long, env = "ETCD_AUTO_COMPACTION_RETENTION", default_value = "0")]
     pub auto_compaction_retention: String,
+    /// Applied log entries between two snapshots (the log is purged behind a snapshot).
+    #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 10_000)]
+    pub snapshot_count: u64,
+    /// Time (in milliseconds) of a heartbeat interval.
+    #[arg(long, env = "ETCD_HEARTBEAT_INTERVAL", default_value_t = 100)]
+    pub heartbeat_interval: u64,
+    /// Time (in milliseconds) for an election to time out.
+    #[arg(long, env = "ETCD_ELECTION_TIMEOUT", default_value_t = 1000)]
+    pub election_timeout: u64,
     /// Log level: debug, info, warn, error.
     #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -233,6 +242,31 @@ impl Flags {
             ));
         }
         Ok(out)
+    }
+
+    /// Raft timing and snapshot settings.
+    pub fn raft_timing(&self) -> Result<crate::raft::RaftTiming, FlagError> {
+        if self.heartbeat_interval == 0 {
+            return Err(flag_error("heartbeat-interval", "must be positive"));
+        }
+        // etcd's rule: the election timeout must be at least five heartbeats.
+        if self.election_timeout < 5 * self.heartbeat_interval {
+            return Err(flag_error(
+                "election-timeout",
+                format!(
+                    "{} ms is less than 5 * --heartbeat-interval ({} ms)",
+                    self.election_timeout, self.heartbeat_interval
+                ),
+            ));
+        }
+        if self.snapshot_count == 0 {
+            return Err(flag_error("snapshot-count", "must be positive"));
+        }
+        Ok(crate::raft::RaftTiming {
+            heartbeat_ms: self.heartbeat_interval,
+            election_timeout_ms: self.election_timeout,
+            snapshot_count: self.snapshot_count,
+        })
     }
 
     /// What auto-compaction keeps.

@@ -4,6 +4,7 @@
 pub mod compaction;
 pub mod config;
 pub mod errors;
+pub mod failpoint;
 pub mod identity;
 pub mod node;
 pub mod oversize;

@@ -71,6 +71,7 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
     let data_dir = flags.data_dir();
     let initial_cluster = flags.initial_cluster()?;
     let retention = flags.retention()?;
+    let timing = flags.raft_timing()?;
     let addrs = flags.client_addrs()?;
     // A member joining an existing cluster learns the cluster id from its peers, as etcd does.
     let known_cluster_id =
@@ -124,6 +125,7 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
             data_dir: data_dir.clone(),
             members,
             bootstrap: flags.initial_cluster_state == ClusterState::New,
+            timing,
         },
         Arc::new(EngineApplier {
             store: store.clone(),

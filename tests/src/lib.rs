@@ -252,58 +252,103 @@ pub struct Member {
     pub data_dir: PathBuf,
     /// Peer URL (fixed across restarts, as a member's identity depends on it).
     pub peer_url: String,
+    /// While this file exists the member is cut off from its peers (kv-server's
+    /// `KV_FAILPOINT_ISOLATE_FILE` failpoint).
+    pub isolate_file: PathBuf,
+    /// `--initial-cluster` it was first started with.
+    initial_cluster: String,
+    /// `--initial-cluster-state`.
+    state: &'static str,
     /// The running process, if any.
     pub proc: Option<Proc>,
 }
 
 /// A multi-member kv-server cluster on loopback, in a temporary directory of its own.
 pub struct Cluster {
-    /// The members, in `--initial-cluster` order.
+    /// The members, in the order they were created.
     pub members: Vec<Member>,
-    initial_cluster: String,
-    _dir: tempfile::TempDir,
+    extra: Vec<String>,
+    dir: tempfile::TempDir,
 }
 
 impl Cluster {
     /// Starts `n` members as a new cluster.
     pub fn start(n: usize) -> Cluster {
+        Self::start_with(n, &[])
+    }
+
+    /// Starts `n` members as a new cluster, each with `extra` flags.
+    pub fn start_with(n: usize, extra: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
-        let members: Vec<Member> = (0..n)
-            .map(|i| Member {
-                name: format!("m{i}"),
-                data_dir: dir.path().join(format!("m{i}")),
-                peer_url: format!("http://127.0.0.1:{}", free_port()),
-                proc: None,
-            })
-            .collect();
-        let initial_cluster = members
-            .iter()
-            .map(|m| format!("{}={}", m.name, m.peer_url))
-            .collect::<Vec<_>>()
-            .join(",");
         let mut cluster = Cluster {
-            members,
-            initial_cluster,
-            _dir: dir,
+            members: Vec::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            dir,
         };
+        for i in 0..n {
+            let m = cluster.new_member(&format!("m{i}"), "", "new");
+            cluster.members.push(m);
+        }
+        let initial = cluster.initial_cluster();
+        for m in &mut cluster.members {
+            m.initial_cluster = initial.clone();
+        }
         for i in 0..n {
             cluster.start_member(i);
         }
         cluster
     }
 
+    fn new_member(&self, name: &str, initial_cluster: &str, state: &'static str) -> Member {
+        Member {
+            name: name.to_string(),
+            data_dir: self.dir.path().join(name),
+            peer_url: format!("http://127.0.0.1:{}", free_port()),
+            isolate_file: self.dir.path().join(format!("{name}.isolate")),
+            initial_cluster: initial_cluster.to_string(),
+            state,
+            proc: None,
+        }
+    }
+
+    /// `name=peer-url,...` of every member created so far.
+    pub fn initial_cluster(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Creates (does not start) a member that will join the running cluster with
+    /// `--initial-cluster-state existing`; returns its index and peer URL for MemberAdd.
+    pub fn prepare_joiner(&mut self, name: &str) -> (usize, String) {
+        let mut m = self.new_member(name, "", "existing");
+        let mut initial = self.initial_cluster();
+        initial.push_str(&format!(",{}={}", m.name, m.peer_url));
+        m.initial_cluster = initial;
+        let url = m.peer_url.clone();
+        self.members.push(m);
+        (self.members.len() - 1, url)
+    }
+
     /// (Re)starts member `i` with its data dir and peer URL.
     pub fn start_member(&mut self, i: usize) {
         let m = &self.members[i];
-        let proc = start_kv_server_with(
+        let mut args: Vec<&str> = vec![
+            "--name",
+            &m.name,
+            "--initial-cluster",
+            &m.initial_cluster,
+            "--initial-cluster-state",
+            m.state,
+        ];
+        args.extend(self.extra.iter().map(String::as_str));
+        let proc = spawn_kv_server(
             &m.data_dir,
             &m.peer_url,
-            &[
-                "--name",
-                &m.name,
-                "--initial-cluster",
-                &self.initial_cluster,
-            ],
+            &args,
+            &[("KV_FAILPOINT_ISOLATE_FILE", m.isolate_file.as_os_str())],
         );
         self.members[i].proc = Some(proc);
     }
@@ -313,6 +358,16 @@ impl Cluster {
         if let Some(mut p) = self.members[i].proc.take() {
             p.kill();
         }
+    }
+
+    /// Cuts member `i` off from its peers (both directions) until [`Cluster::heal`].
+    pub fn isolate(&self, i: usize) {
+        std::fs::write(&self.members[i].isolate_file, b"isolated").expect("write isolate switch");
+    }
+
+    /// Reconnects member `i`.
+    pub fn heal(&self, i: usize) {
+        let _ = std::fs::remove_file(&self.members[i].isolate_file);
     }
 
     /// Client endpoint of member `i` (it must be running).
@@ -336,6 +391,15 @@ impl Cluster {
 
 /// Starts `kv-server` with a given peer URL (listen and advertise), plus `extra` flags.
 pub fn start_kv_server_with(data_dir: &Path, peer_url: &str, extra: &[&str]) -> Proc {
+    spawn_kv_server(data_dir, peer_url, extra, &[])
+}
+
+fn spawn_kv_server(
+    data_dir: &Path,
+    peer_url: &str,
+    extra: &[&str],
+    envs: &[(&str, &std::ffi::OsStr)],
+) -> Proc {
     let mut cmd = Command::new(kv_server_bin());
     cmd.arg("--data-dir")
         .arg(data_dir)
@@ -344,5 +408,8 @@ pub fn start_kv_server_with(data_dir: &Path, peer_url: &str, extra: &[&str]) -> 
         .args(["--initial-advertise-peer-urls", peer_url])
         .args(["--log-level", "info"])
         .args(extra);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
     Proc::spawn(cmd, "ready to serve client requests", None)
 }

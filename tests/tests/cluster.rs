@@ -220,3 +220,278 @@ async fn three_members_survive_leader_kill_and_restart() {
     .await
     .expect("test timed out");
 }
+
+async fn put(endpoint: &str, key: &str, value: &str) -> Result<i64, tonic::Status> {
+    let mut kv = KvClient::new(channel(endpoint).await);
+    kv.put(PutRequest {
+        key: key.as_bytes().to_vec(),
+        value: value.as_bytes().to_vec(),
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_inner().header.map_or(0, |h| h.revision))
+}
+
+async fn count(endpoint: &str, prefix: &str, serializable: bool) -> Result<i64, tonic::Status> {
+    let mut end = prefix.as_bytes().to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    let mut kv = KvClient::new(channel(endpoint).await);
+    kv.range(RangeRequest {
+        key: prefix.as_bytes().to_vec(),
+        range_end: end,
+        count_only: true,
+        serializable,
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_inner().count)
+}
+
+/// Index of the member among `candidates` that reports itself leader.
+async fn wait_leader_among(cluster: &Cluster, candidates: &[usize], within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        for &i in candidates {
+            let Some(p) = &cluster.members[i].proc else {
+                continue;
+            };
+            let mut c = MaintenanceClient::new(channel(&p.endpoint).await);
+            if let Ok(s) = c.status(StatusRequest {}).await {
+                let s = s.into_inner();
+                if s.leader != 0 && s.header.as_ref().is_some_and(|h| h.member_id == s.leader) {
+                    return i;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no leader among {candidates:?} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_down_past_the_purged_log_rejoins_by_snapshot() {
+    tokio::time::timeout(Duration::from_secs(180), async {
+        let mut cluster = Cluster::start_with(3, &["--snapshot-count", "100"]);
+        let leader = wait_leader(&cluster, Duration::from_secs(20)).await;
+        let down = (leader + 1) % 3;
+        cluster.kill(down);
+        let ep = cluster.endpoint(leader);
+        for i in 0..600 {
+            put(&ep, &format!("snap/{i:04}"), "v")
+                .await
+                .expect("put with one member down");
+        }
+        cluster.start_member(down);
+        wait_converged(&cluster, Duration::from_secs(60)).await;
+        assert_eq!(
+            count(&cluster.endpoint(down), "snap/", true).await.unwrap(),
+            600
+        );
+        let log = cluster.members[down].proc.as_ref().unwrap().log_text();
+        assert!(
+            log.contains("installing snapshot"),
+            "the member should have caught up by snapshot:\n{log}"
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_leader_is_replaced_and_rejoins_without_divergence() {
+    tokio::time::timeout(Duration::from_secs(180), async {
+        let cluster = Cluster::start(3);
+        let old = wait_leader(&cluster, Duration::from_secs(20)).await;
+        put(&cluster.endpoint(old), "before", "1").await.unwrap();
+        cluster.isolate(old);
+        let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+        let new = wait_leader_among(&cluster, &others, Duration::from_secs(20)).await;
+        // The majority serves writes and linearizable reads.
+        for i in 0..20 {
+            put(
+                &cluster.endpoint(others[i % 2]),
+                &format!("during/{i:02}"),
+                "x",
+            )
+            .await
+            .unwrap();
+        }
+        assert_eq!(
+            count(&cluster.endpoint(new), "during/", false)
+                .await
+                .unwrap(),
+            20
+        );
+        // The old leader can no longer serve linearizable reads or commit writes.
+        let stale_read = count(&cluster.endpoint(old), "during/", false).await;
+        assert!(
+            stale_read.is_err(),
+            "isolated member answered a linearizable read: {stale_read:?}"
+        );
+        let stale_write = put(&cluster.endpoint(old), "lost-or-not", "?").await;
+        assert!(stale_write.is_err(), "isolated member acknowledged a write");
+        cluster.heal(old);
+        wait_converged(&cluster, Duration::from_secs(30)).await;
+        for ep in cluster.endpoints() {
+            assert_eq!(count(&ep, "during/", true).await.unwrap(), 20, "{ep}");
+            assert_eq!(count(&ep, "before", true).await.unwrap(), 1, "{ep}");
+        }
+        // The unacknowledged write is on every member or on none.
+        let mut seen = Vec::new();
+        for ep in cluster.endpoints() {
+            seen.push(count(&ep, "lost-or-not", true).await.unwrap());
+        }
+        assert!(seen.iter().all(|c| *c == seen[0]), "divergence: {seen:?}");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_changes_while_writing() {
+    use kv_core::proto::etcdserverpb::{
+        MemberAddRequest, MemberListRequest, MemberPromoteRequest, MemberRemoveRequest,
+        cluster_client::ClusterClient,
+    };
+    tokio::time::timeout(Duration::from_secs(180), async {
+        let mut cluster = Cluster::start(3);
+        let leader = wait_leader(&cluster, Duration::from_secs(20)).await;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+        let writer = {
+            let endpoints = cluster.endpoints();
+            let stop = stop.clone();
+            let acked = acked.clone();
+            tokio::spawn(async move {
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let key = format!("member-writes/{i:05}");
+                    if put(&endpoints[i % endpoints.len()], &key, "v")
+                        .await
+                        .is_ok()
+                    {
+                        acked.lock().unwrap().push(key);
+                    }
+                    i += 1;
+                }
+            })
+        };
+        let ep = cluster.endpoint(leader);
+        let mut cl = ClusterClient::new(channel(&ep).await);
+        // Add a learner and start it.
+        let (joiner, url) = cluster.prepare_joiner("m3");
+        let added = cl
+            .member_add(MemberAddRequest {
+                peer_ur_ls: vec![url.clone()],
+                is_learner: true,
+            })
+            .await
+            .expect("member add")
+            .into_inner();
+        let new_id = added.member.unwrap().id;
+        let dup = cl
+            .member_add(MemberAddRequest {
+                peer_ur_ls: vec![url],
+                is_learner: false,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(dup.message(), "etcdserver: Peer URLs already exists");
+        cluster.start_member(joiner);
+        // Promote once it has caught up.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match cl.member_promote(MemberPromoteRequest { id: new_id }).await {
+                Ok(_) => break,
+                Err(e) => {
+                    assert_eq!(
+                        e.message(),
+                        "etcdserver: can only promote a learner member which is in sync with leader"
+                    );
+                    assert!(Instant::now() < deadline, "learner never caught up");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        let again = cl
+            .member_promote(MemberPromoteRequest { id: new_id })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            again.message(),
+            "etcdserver: can only promote a learner member"
+        );
+        // Remove a voter that is not the leader.
+        let victim = (leader + 1) % 3;
+        let list = cl
+            .member_list(MemberListRequest { linearizable: true })
+            .await
+            .unwrap()
+            .into_inner();
+        let victim_id = list
+            .members
+            .iter()
+            .find(|m| m.name == cluster.members[victim].name)
+            .expect("victim listed")
+            .id;
+        cl.member_remove(MemberRemoveRequest { id: victim_id })
+            .await
+            .expect("member remove");
+        let missing = cl
+            .member_remove(MemberRemoveRequest { id: victim_id })
+            .await
+            .unwrap_err();
+        assert_eq!(missing.message(), "etcdserver: member not found");
+        cluster.kill(victim);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.await.unwrap();
+
+        // Every member left agrees on the membership, with the new member a voter.
+        wait_converged(&cluster, Duration::from_secs(30)).await;
+        for ep in cluster.endpoints() {
+            let mut cl = ClusterClient::new(channel(&ep).await);
+            let list = cl
+                .member_list(MemberListRequest {
+                    linearizable: false,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut names: Vec<(String, bool)> = list
+                .members
+                .iter()
+                .map(|m| (m.name.clone(), m.is_learner))
+                .collect();
+            names.sort();
+            let mut want: Vec<(String, bool)> = (0..3)
+                .filter(|&i| i != victim)
+                .map(|i| (cluster.members[i].name.clone(), false))
+                .chain([("m3".to_string(), false)])
+                .collect();
+            want.sort();
+            assert_eq!(names, want, "member list on {ep}");
+            let status = MaintenanceClient::new(channel(&ep).await)
+                .status(StatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(!status.is_learner);
+        }
+        let n = acked.lock().unwrap().len() as i64;
+        assert!(n > 0);
+        for ep in cluster.endpoints() {
+            assert!(
+                count(&ep, "member-writes/", true).await.unwrap() >= n,
+                "{ep}"
+            );
+        }
+    })
+    .await
+    .expect("test timed out");
+}

@@ -101,10 +101,37 @@ pub struct RaftConfig {
     pub data_dir: PathBuf,
     /// The initial members (id → peer URL), this node among them.
     pub members: BTreeMap<u64, String>,
+    /// Heartbeat, election and snapshot settings.
+    pub timing: RaftTiming,
     /// Bootstrap a new cluster from `members` when the log is empty (`--initial-cluster-state
     /// new`); otherwise wait to be added by an existing cluster.
     pub bootstrap: bool,
 }
+
+/// Raft timing and snapshot settings (etcd's `--heartbeat-interval`, `--election-timeout`,
+/// `--snapshot-count`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RaftTiming {
+    /// Heartbeat interval in milliseconds.
+    pub heartbeat_ms: u64,
+    /// Election timeout in milliseconds; a follower waits a random time in `[t, 2t)`.
+    pub election_timeout_ms: u64,
+    /// Applied entries between snapshots.
+    pub snapshot_count: u64,
+}
+
+impl Default for RaftTiming {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 100,
+            election_timeout_ms: 1000,
+            snapshot_count: 10_000,
+        }
+    }
+}
+
+/// Log entries kept behind a snapshot for followers that lag a little (etcd keeps 5,000).
+pub const SNAPSHOT_CATCH_UP_ENTRIES: u64 = 5_000;
 
 /// Errors of the Raft layer.
 #[derive(thiserror::Error, Debug)]
@@ -235,17 +262,17 @@ struct Inner<A: Applier> {
 }
 
 /// The openraft configuration used by [`RaftNode`].
-pub fn raft_config() -> Result<Config, RaftError> {
+pub fn raft_config(timing: RaftTiming) -> Result<Config, RaftError> {
     let config = Config {
         cluster_name: "kv".to_string(),
-        heartbeat_interval: 100,
-        election_timeout_min: 1000,
-        election_timeout_max: 2000,
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(100_000),
-        // Logs covered by a snapshot kept for slow followers. Purging is safe at any value: the
-        // snapshot builder makes the applier durable first.
-        max_in_snapshot_log_to_keep: 10_000,
-        purge_batch_size: 1024,
+        heartbeat_interval: timing.heartbeat_ms,
+        election_timeout_min: timing.election_timeout_ms,
+        election_timeout_max: 2 * timing.election_timeout_ms,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(timing.snapshot_count),
+        // Logs covered by a snapshot kept for followers that lag a little. Purging is safe at
+        // any value: the snapshot builder makes the applier durable first.
+        max_in_snapshot_log_to_keep: SNAPSHOT_CATCH_UP_ENTRIES.min(timing.snapshot_count),
+        purge_batch_size: timing.snapshot_count.min(1024),
         // A member that was partitioned away must not depose a healthy leader when it returns.
         enable_pre_vote: Some(true),
         ..Default::default()
@@ -262,7 +289,7 @@ impl<A: Applier> RaftNode<A> {
     /// this node is leader and its state machine has applied the whole log (everything committed
     /// before the restart is replayed into the applier), then returns.
     pub async fn start(cfg: RaftConfig, applier: Arc<A>) -> Result<Self, RaftError> {
-        let config = Arc::new(raft_config()?);
+        let config = Arc::new(raft_config(cfg.timing)?);
 
         let (log_store, sm, pristine, last_log_index) = {
             let cfg = cfg.clone();
@@ -383,7 +410,14 @@ impl<A: Applier> RaftNode<A> {
     pub async fn propose(&self, cmd: Vec<u8>) -> Result<Vec<u8>, RaftError> {
         let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
         loop {
-            let leader = match self.inner.raft.client_write(Command(cmd.clone())).await {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let write = self.inner.raft.client_write(Command(cmd.clone()));
+            // A leader cut off from its quorum never commits: give up at the deadline, with
+            // the outcome unknown (the entry may still commit after the partition heals).
+            let Ok(written) = tokio::time::timeout(remaining, write).await else {
+                return Err(RaftError::Timeout("proposal not committed in time".into()));
+            };
+            let leader = match written {
                 Ok(resp) => return Ok(resp.data.0),
                 Err(openraft::errors::RaftError::APIError(e)) => match e {
                     ClientWriteError::ForwardToLeader(f) => f,
@@ -440,12 +474,14 @@ impl<A: Applier> RaftNode<A> {
     pub async fn read_barrier(&self) -> Result<(), RaftError> {
         let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
         loop {
-            let leader = match self
-                .inner
-                .raft
-                .ensure_linearizable(ReadPolicy::ReadIndex)
-                .await
-            {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let confirm = self.inner.raft.ensure_linearizable(ReadPolicy::ReadIndex);
+            let Ok(confirmed) = tokio::time::timeout(remaining, confirm).await else {
+                return Err(RaftError::Timeout(
+                    "leadership not confirmed in time".into(),
+                ));
+            };
+            let leader = match confirmed {
                 Ok(_) => return Ok(()),
                 Err(openraft::errors::RaftError::APIError(e)) => match e {
                     LinearizableReadError::ForwardToLeader(f) => f,

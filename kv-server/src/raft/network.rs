@@ -123,6 +123,12 @@ impl PeerConnection {
         data: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, PeerError> {
+        if crate::failpoint::isolated() {
+            return Err(PeerError::NotDelivered {
+                addr: self.addr.clone(),
+                reason: "isolated by failpoint".into(),
+            });
+        }
         let mut req = tonic::Request::new(PeerRequest {
             cluster_id: self.cluster_id,
             data,

@@ -24,17 +24,15 @@ impl<A: Applier> PeerService<A> {
 
     fn open<T: DeserializeOwned>(&self, req: Request<PeerRequest>) -> Result<T, Status> {
         let req = req.into_inner();
-        if req.cluster_id != self.cluster_id {
-            return Err(Status::failed_precondition(format!(
-                "peer belongs to cluster {:x}, this member to {:x}",
-                req.cluster_id, self.cluster_id
-            )));
-        }
+        self.check_cluster(&req)?;
         postcard::from_bytes(&req.data)
             .map_err(|e| Status::invalid_argument(format!("undecodable peer message: {e}")))
     }
 
     fn check_cluster(&self, req: &PeerRequest) -> Result<(), Status> {
+        if crate::failpoint::isolated() {
+            return Err(Status::unavailable("isolated by failpoint"));
+        }
         if req.cluster_id != self.cluster_id {
             return Err(Status::failed_precondition(format!(
                 "peer belongs to cluster {:x}, this member to {:x}",

@@ -93,6 +93,7 @@ fn cfg(dir: &TempDir) -> RaftConfig {
         data_dir: dir.path().join("data"),
         members: [(1, "http://127.0.0.1:2380".to_string())].into(),
         bootstrap: true,
+        timing: RaftTiming::default(),
     }
 }
 
