@@ -9,14 +9,74 @@ fn json(text: &str) -> serde_json::Value {
 }
 
 #[test]
-fn etcdctl_session_keys_txn_history_compaction() {
-    if !have_etcdctl("etcdctl_session_keys_txn_history_compaction") {
+fn etcdctl_session_on_one_member() {
+    if !have_etcdctl("etcdctl_session_on_one_member") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let server = start_kv_server(&dir.path().join("data"), &[]);
-    let ep = server.endpoint.as_str();
+    keys_txn_history_compaction(&server.endpoint);
+}
 
+#[test]
+fn etcdctl_session_on_three_members() {
+    if !have_etcdctl("etcdctl_session_on_three_members") {
+        return;
+    }
+    let cluster = kv_tests::Cluster::start(3);
+    // etcdctl balances over every member, as users point it at a cluster.
+    keys_txn_history_compaction(&cluster.endpoints().join(","));
+    // Status and member list from every member agree on one leader and three voters.
+    let status = json(&ok(etcdctl(
+        &cluster.endpoints().join(","),
+        &["endpoint", "status", "-w", "json"],
+    )));
+    let leaders: std::collections::BTreeSet<u64> = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["Status"]["leader"].as_u64().unwrap())
+        .collect();
+    assert_eq!(leaders.len(), 1, "{status}");
+    let leader = *leaders.iter().next().unwrap();
+    for ep in cluster.endpoints() {
+        let members = json(&ok(etcdctl(&ep, &["member", "list", "-w", "json"])));
+        assert_eq!(members["members"].as_array().unwrap().len(), 3);
+    }
+    // move-leader hands leadership to another voter.
+    let members = json(&ok(etcdctl(
+        &cluster.endpoint(0),
+        &["member", "list", "-w", "json"],
+    )));
+    let target = members["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["ID"].as_u64().unwrap())
+        .find(|id| *id != leader)
+        .unwrap();
+    let out = ok(etcdctl(
+        &cluster.endpoints().join(","),
+        &["move-leader", &format!("{target:x}")],
+    ));
+    assert!(out.contains("Leadership transferred"), "{out}");
+    let status = json(&ok(etcdctl(
+        &cluster.endpoints().join(","),
+        &["endpoint", "status", "-w", "json"],
+    )));
+    assert!(
+        status
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["Status"]["leader"].as_u64() == Some(target)),
+        "{status}"
+    );
+}
+
+/// The etcdctl session of the README, checked step by step, against `ep` (one endpoint or a
+/// comma-separated list).
+fn keys_txn_history_compaction(ep: &str) {
     assert_eq!(ok(etcdctl(ep, &["put", "foo", "bar"])), "OK\n");
     assert_eq!(ok(etcdctl(ep, &["get", "foo"])), "foo\nbar\n");
     assert_eq!(ok(etcdctl(ep, &["put", "foo", "baz"])), "OK\n");

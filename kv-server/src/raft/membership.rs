@@ -71,6 +71,9 @@ pub enum MemberChangeError {
     /// Removing the voter would leave fewer active voters than a quorum.
     #[error("etcdserver: re-configuration failed due to not enough started members")]
     NotEnoughStarted,
+    /// MoveLeader to a learner.
+    #[error("etcdserver: bad leader transferee")]
+    NotLearnerTransferee,
     /// The receiver is not the leader (the caller retries elsewhere).
     #[error("etcdserver: not leader")]
     NotLeader,
@@ -141,6 +144,40 @@ impl<A: Applier> RaftNode<A> {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Hands leadership to voter `to` (Maintenance.MoveLeader) and waits until it leads.
+    /// Only the leader may do this, as in etcd.
+    pub async fn transfer_leadership(&self, to: u64) -> Result<(), MemberChangeError> {
+        if !self.inner.raft.is_leader() {
+            return Err(MemberChangeError::NotLeader);
+        }
+        if to == self.inner.node_id {
+            return Ok(());
+        }
+        let target = self.members().into_iter().find(|m| m.id == to);
+        match target {
+            None => return Err(MemberChangeError::NotFound),
+            Some(m) if m.learner => return Err(MemberChangeError::NotLearnerTransferee),
+            Some(_) => {}
+        }
+        self.inner
+            .raft
+            .trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(raft_err)?;
+        self.inner
+            .raft
+            .wait(Some(REQUEST_TIMEOUT))
+            .metrics(|m| m.current_leader == Some(to), "leadership transferred")
+            .await
+            .map(|_| ())
+            .map_err(|_| {
+                MemberChangeError::Raft(
+                    "etcdserver: request timed out, leader transfer took too long".into(),
+                )
+            })
     }
 
     fn leader_addr(&self) -> Option<String> {

@@ -23,7 +23,7 @@ pub struct ClusterService {
 }
 
 /// etcd's status for a refused membership change.
-fn change_status(e: &MemberChangeError) -> Status {
+pub fn change_status(e: &MemberChangeError) -> Status {
     let code = match e {
         MemberChangeError::NotFound => Code::NotFound,
         MemberChangeError::NotLeader | MemberChangeError::Raft(_) => Code::Unavailable,

@@ -13,6 +13,8 @@ use tonic::{Request, Response, Status};
 use crate::errors::{engine_status, error_status};
 use crate::node::Node;
 use crate::propose_as;
+use crate::raft::MemberChangeError;
+use crate::service::cluster::change_status;
 use crate::service::pending::BoxStream;
 
 /// The etcd API version this server speaks; clients read it from Status.
@@ -150,9 +152,13 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
-        // With one member the only valid target is this member, which already leads.
-        if request.into_inner().target_id != self.node.identity.member_id {
-            return Err(Status::not_found("etcdserver: member not found"));
+        let target = request.into_inner().target_id;
+        match self.node.raft.transfer_leadership(target).await {
+            Ok(()) => {}
+            Err(MemberChangeError::NotLeader) => {
+                return Err(Status::failed_precondition("etcdserver: not leader"));
+            }
+            Err(e) => return Err(change_status(&e)),
         }
         Ok(Response::new(MoveLeaderResponse {
             header: self.node.header(self.node.store.revision()),
