@@ -495,3 +495,44 @@ async fn membership_changes_while_writing() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returning_partitioned_follower_does_not_depose_the_leader() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let cluster = Cluster::start(3);
+        let leader = wait_leader(&cluster, Duration::from_secs(20)).await;
+        let term = |s: &kv_core::proto::etcdserverpb::StatusResponse| s.raft_term;
+        let status = |i: usize| {
+            let ep = cluster.endpoint(i);
+            async move {
+                MaintenanceClient::new(channel(&ep).await)
+                    .status(StatusRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner()
+            }
+        };
+        let before = term(&status(leader).await);
+        let follower = (leader + 1) % 3;
+        cluster.isolate(follower);
+        // Several election timeouts pass while it is cut off.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        put(&cluster.endpoint(leader), "while-cut-off", "x")
+            .await
+            .unwrap();
+        cluster.heal(follower);
+        wait_converged(&cluster, Duration::from_secs(20)).await;
+        let after = status(leader).await;
+        // Pre-vote: the returning member could not win a pre-vote, so it never raised the term.
+        assert_eq!(after.leader, status(leader).await.header.unwrap().member_id);
+        assert_eq!(term(&after), before, "the healthy leader was deposed");
+        assert_eq!(
+            count(&cluster.endpoint(follower), "while-cut-off", true)
+                .await
+                .unwrap(),
+            1
+        );
+    })
+    .await
+    .expect("test timed out");
+}

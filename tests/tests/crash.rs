@@ -2,10 +2,9 @@
 //! the same data dir, and every acknowledged write is there, at the revision it was given.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kv_core::proto::etcdserverpb::{PutRequest, RangeRequest, kv_client::KvClient};
-use kv_tests::start_kv_server;
 use tonic::transport::Channel;
 
 /// One acknowledged put: key, value, the revision the server answered with.
@@ -51,14 +50,43 @@ async fn verify(client: &mut KvClient<Channel>, acked: &[Ack]) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_during_write_burst_loses_no_acknowledged_write() {
+async fn sigkill_during_write_burst_loses_no_acknowledged_write_one_member() {
+    crash_rounds(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_every_member_during_write_burst_loses_no_acknowledged_write() {
+    crash_rounds(3).await;
+}
+
+/// Four rounds of: (re)start every member, check every write acknowledged so far, write from
+/// 16 tasks spread over the members, SIGKILL every member mid-burst. Then a last restart and
+/// check, and revisions continue.
+async fn crash_rounds(members: usize) {
     tokio::time::timeout(Duration::from_secs(240), async {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
+        let mut cluster = kv_tests::Cluster::start(members);
         let acked: Arc<Mutex<Vec<Ack>>> = Arc::default();
         for round in 0..4u32 {
-            let mut server = start_kv_server(&data, &[]);
-            let mut client = connect(&server.endpoint).await;
+            if round > 0 {
+                for i in 0..members {
+                    cluster.start_member(i);
+                }
+            }
+            let endpoints = cluster.endpoints();
+            let mut client = connect(&endpoints[0]).await;
+            // A linearizable read succeeds once the cluster has a leader again.
+            let ready = Instant::now() + Duration::from_secs(30);
+            while client
+                .range(RangeRequest {
+                    key: b"ready".to_vec(),
+                    ..Default::default()
+                })
+                .await
+                .is_err()
+            {
+                assert!(Instant::now() < ready, "no leader after restart");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             let before: Vec<Ack> = acked.lock().unwrap().clone();
             let current = verify(&mut client, &before).await;
             let max_acked = before.iter().map(|a| a.2).max().unwrap_or(0);
@@ -69,7 +97,7 @@ async fn sigkill_during_write_burst_loses_no_acknowledged_write() {
 
             let mut writers = Vec::new();
             for task in 0..16u32 {
-                let mut client = client.clone();
+                let mut client = connect(&endpoints[task as usize % endpoints.len()]).await;
                 let acked = acked.clone();
                 writers.push(tokio::spawn(async move {
                     for i in 0u32.. {
@@ -80,7 +108,7 @@ async fn sigkill_during_write_burst_loses_no_acknowledged_write() {
                             value: value.clone(),
                             ..Default::default()
                         });
-                        match tokio::time::timeout(Duration::from_secs(5), put).await {
+                        match tokio::time::timeout(Duration::from_secs(10), put).await {
                             Ok(Ok(resp)) => {
                                 let rev = resp.into_inner().header.map_or(0, |h| h.revision);
                                 acked.lock().unwrap().push((key, value, rev));
@@ -90,21 +118,20 @@ async fn sigkill_during_write_burst_loses_no_acknowledged_write() {
                     }
                 }));
             }
-            // Let the burst run, then kill the server mid-flight.
-            tokio::time::sleep(Duration::from_millis(400 + 150 * round as u64)).await;
-            server.kill();
+            // Let the burst run, then kill every member mid-flight.
+            tokio::time::sleep(Duration::from_millis(600 + 150 * round as u64)).await;
+            for i in 0..members {
+                cluster.kill(i);
+            }
             for w in writers {
                 let _ = w.await;
             }
             let n = acked.lock().unwrap().len();
-            assert!(
-                n > before.len(),
-                "round {round} acknowledged nothing:\n{}",
-                server.log_text()
-            );
+            assert!(n > before.len(), "round {round} acknowledged nothing");
         }
-        let server = start_kv_server(&data, &[]);
-        let mut client = connect(&server.endpoint).await;
+        for i in 0..members {
+            cluster.start_member(i);
+        }
         let all = acked.lock().unwrap().clone();
         let mut revs: Vec<i64> = all.iter().map(|a| a.2).collect();
         revs.sort_unstable();
@@ -114,7 +141,12 @@ async fn sigkill_during_write_burst_loses_no_acknowledged_write() {
             all.len(),
             "two acknowledged puts share a revision"
         );
-        let current = verify(&mut client, &all).await;
+        let mut current = 0;
+        for ep in cluster.endpoints() {
+            let mut client = connect(&ep).await;
+            current = verify(&mut client, &all).await;
+        }
+        let mut client = connect(&cluster.endpoints()[0]).await;
         let next = client
             .put(PutRequest {
                 key: b"after-crashes".to_vec(),
@@ -127,7 +159,10 @@ async fn sigkill_during_write_burst_loses_no_acknowledged_write() {
         let next_rev = next.header.unwrap().revision;
         assert_eq!(next_rev, current + 1, "revisions continue after restarts");
         assert!(next_rev > *revs.last().unwrap());
-        eprintln!("{} acknowledged writes survived 4 SIGKILLs", all.len());
+        eprintln!(
+            "{} acknowledged writes survived 4 SIGKILLs of all {members} member(s)",
+            all.len()
+        );
     })
     .await
     .expect("test timed out");
