@@ -12,6 +12,10 @@ use kv_core::proto::etcdserverpb::{
 use kv_tests::Cluster;
 use tonic::transport::Channel;
 
+/// Cluster tests run one at a time: several three-member clusters at once on a 2-core CI
+/// machine would starve heartbeats and turn timing into flakiness.
+static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// One acknowledged put: key, value, revision.
 type Ack = (Vec<u8>, Vec<u8>, i64);
 
@@ -83,6 +87,7 @@ async fn wait_converged(cluster: &Cluster, within: Duration) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_members_survive_leader_kill_and_restart() {
+    let _serial = ONE_CLUSTER_AT_A_TIME.lock().await;
     tokio::time::timeout(Duration::from_secs(240), async {
         let mut cluster = Cluster::start(3);
         wait_leader(&cluster, Duration::from_secs(20)).await;
@@ -275,6 +280,7 @@ async fn wait_leader_among(cluster: &Cluster, candidates: &[usize], within: Dura
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn member_down_past_the_purged_log_rejoins_by_snapshot() {
+    let _serial = ONE_CLUSTER_AT_A_TIME.lock().await;
     tokio::time::timeout(Duration::from_secs(180), async {
         let mut cluster = Cluster::start_with(3, &["--snapshot-count", "100"]);
         let leader = wait_leader(&cluster, Duration::from_secs(20)).await;
@@ -304,6 +310,7 @@ async fn member_down_past_the_purged_log_rejoins_by_snapshot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn isolated_leader_is_replaced_and_rejoins_without_divergence() {
+    let _serial = ONE_CLUSTER_AT_A_TIME.lock().await;
     tokio::time::timeout(Duration::from_secs(180), async {
         let cluster = Cluster::start(3);
         let old = wait_leader(&cluster, Duration::from_secs(20)).await;
@@ -358,6 +365,7 @@ async fn membership_changes_while_writing() {
         MemberAddRequest, MemberListRequest, MemberPromoteRequest, MemberRemoveRequest,
         cluster_client::ClusterClient,
     };
+    let _serial = ONE_CLUSTER_AT_A_TIME.lock().await;
     tokio::time::timeout(Duration::from_secs(180), async {
         let mut cluster = Cluster::start(3);
         let leader = wait_leader(&cluster, Duration::from_secs(20)).await;
@@ -498,6 +506,7 @@ async fn membership_changes_while_writing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn returning_partitioned_follower_does_not_depose_the_leader() {
+    let _serial = ONE_CLUSTER_AT_A_TIME.lock().await;
     tokio::time::timeout(Duration::from_secs(120), async {
         let cluster = Cluster::start(3);
         let leader = wait_leader(&cluster, Duration::from_secs(20)).await;
@@ -512,20 +521,30 @@ async fn returning_partitioned_follower_does_not_depose_the_leader() {
                     .into_inner()
             }
         };
-        let before = term(&status(leader).await);
         let follower = (leader + 1) % 3;
+        // Let the follower hear from the leader first, so it holds the current term.
+        put(&cluster.endpoint(leader), "warm-up", "x")
+            .await
+            .unwrap();
+        wait_converged(&cluster, Duration::from_secs(20)).await;
+        let before = term(&status(follower).await);
+        assert_eq!(before, term(&status(leader).await));
         cluster.isolate(follower);
         // Several election timeouts pass while it is cut off.
         tokio::time::sleep(Duration::from_secs(4)).await;
+        // Pre-vote: a cut-off member cannot win a pre-vote, so it never raises its term, and
+        // when it returns it has nothing with which to depose the healthy leader. (Without
+        // pre-vote its term grows with every election timeout.)
+        let isolated_term = term(&status(follower).await);
+        assert_eq!(
+            isolated_term, before,
+            "the cut-off member campaigned with real votes"
+        );
         put(&cluster.endpoint(leader), "while-cut-off", "x")
             .await
             .unwrap();
         cluster.heal(follower);
         wait_converged(&cluster, Duration::from_secs(20)).await;
-        let after = status(leader).await;
-        // Pre-vote: the returning member could not win a pre-vote, so it never raised the term.
-        assert_eq!(after.leader, status(leader).await.header.unwrap().member_id);
-        assert_eq!(term(&after), before, "the healthy leader was deposed");
         assert_eq!(
             count(&cluster.endpoint(follower), "while-cut-off", true)
                 .await

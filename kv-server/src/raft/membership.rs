@@ -9,7 +9,7 @@ use openraft::BasicNode;
 use openraft::ChangeMembers;
 use openraft::Instant as _;
 use openraft::async_runtime::WatchReceiver;
-use openraft::errors::ClientWriteError;
+use openraft::errors::{ChangeMembershipError, ClientWriteError};
 use serde::{Deserialize, Serialize};
 
 use super::{Applier, REQUEST_TIMEOUT, RaftError, RaftNode};
@@ -247,8 +247,22 @@ impl<A: Applier> RaftNode<A> {
                 ChangeMembers::AddVoterIds(BTreeSet::from([*id]))
             }
         };
-        let commit = self.inner.raft.change_membership(changes, false);
-        match tokio::time::timeout(REQUEST_TIMEOUT, commit).await {
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        let committed = loop {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let commit = self.inner.raft.change_membership(changes.clone(), false);
+            match tokio::time::timeout(remaining, commit).await {
+                // A previous change (or a new leader's first membership entry) is not committed
+                // yet: it will be shortly, so wait and try again, as etcd queues conf changes.
+                Ok(Err(openraft::errors::RaftError::APIError(
+                    ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(_)),
+                ))) if !remaining.is_zero() => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => break other,
+            }
+        };
+        match committed {
             Ok(Ok(_)) => {
                 if let MemberChange::Remove { id } = change {
                     // A removed learner stays in the node list unless dropped as well.
