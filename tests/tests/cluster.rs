@@ -287,8 +287,10 @@ async fn member_down_past_the_purged_log_rejoins_by_snapshot() {
         let down = (leader + 1) % 3;
         cluster.kill(down);
         let ep = cluster.endpoint(leader);
+        // 4 KiB values: the snapshot (about 2.5 MB) travels in several stream messages.
+        let value = "v".repeat(4096);
         for i in 0..600 {
-            put(&ep, &format!("snap/{i:04}"), "v")
+            put(&ep, &format!("snap/{i:04}"), &value)
                 .await
                 .expect("put with one member down");
         }

@@ -27,11 +27,14 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::types::Snapshot;
 use super::types::SnapshotData;
+use super::types::SnapshotMeta;
 use super::types::TypeConfig;
 use super::types::Vote;
 
 /// Largest peer message (a whole snapshot travels in one, for now).
 pub const MAX_PEER_MESSAGE_BYTES: usize = 1 << 30;
+/// Bytes per message of a streamed snapshot.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// Time to establish a peer connection.
 pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -82,8 +85,6 @@ pub enum PeerCall {
     Vote,
     /// Raft pre-vote.
     PreVote,
-    /// Whole snapshot.
-    InstallSnapshot,
     /// Leadership transfer.
     TransferLeader,
     /// Forwarded client write.
@@ -140,7 +141,6 @@ impl PeerConnection {
                 PeerCall::AppendEntries => c.append_entries(req).await,
                 PeerCall::Vote => c.vote(req).await,
                 PeerCall::PreVote => c.pre_vote(req).await,
-                PeerCall::InstallSnapshot => c.install_snapshot(req).await,
                 PeerCall::TransferLeader => c.transfer_leader(req).await,
                 PeerCall::Propose => c.propose(req).await,
                 PeerCall::ReadIndex => c.read_index(req).await,
@@ -167,6 +167,55 @@ impl PeerConnection {
                 reason: format!("{call:?}: timed out after {timeout:?}"),
             }),
         }
+    }
+
+    /// Streams a snapshot: the vote and metadata first, then the data in chunks.
+    pub async fn install_snapshot(
+        &self,
+        vote: &Vote,
+        meta: &SnapshotMeta,
+        data: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<SnapshotResponse<TypeConfig>, PeerError> {
+        let garbled = |e: postcard::Error| PeerError::Garbled {
+            addr: self.addr.clone(),
+            reason: e.to_string(),
+        };
+        if crate::failpoint::isolated() {
+            return Err(PeerError::NotDelivered {
+                addr: self.addr.clone(),
+                reason: "isolated by failpoint".into(),
+            });
+        }
+        let head = postcard::to_allocvec(&(vote, meta)).map_err(garbled)?;
+        let cluster_id = self.cluster_id;
+        let mut messages = vec![PeerRequest {
+            cluster_id,
+            data: head,
+        }];
+        messages.extend(data.chunks(SNAPSHOT_CHUNK_BYTES).map(|chunk| PeerRequest {
+            cluster_id,
+            data: chunk.to_vec(),
+        }));
+        let mut req = tonic::Request::new(tokio_stream::iter(messages));
+        req.set_timeout(timeout);
+        let mut c = self.client.clone();
+        let answer = match tokio::time::timeout(timeout, c.install_snapshot(req)).await {
+            Ok(Ok(resp)) => resp.into_inner().data,
+            Ok(Err(status)) => {
+                return Err(PeerError::Unreachable {
+                    addr: self.addr.clone(),
+                    reason: format!("InstallSnapshot: {}", status.message()),
+                });
+            }
+            Err(_) => {
+                return Err(PeerError::Unreachable {
+                    addr: self.addr.clone(),
+                    reason: format!("InstallSnapshot: timed out after {timeout:?}"),
+                });
+            }
+        };
+        postcard::from_bytes(&answer).map_err(garbled)
     }
 
     /// Sends a serde value and decodes a serde answer.
@@ -273,12 +322,12 @@ impl RaftNetworkV2<TypeConfig> for RaftPeer {
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let conn = self.conn()?;
-        let payload = (vote, snapshot.meta, snapshot.snapshot.into_inner());
         // A snapshot may take a while: allow it much longer than a heartbeat.
         let timeout = option.hard_ttl().max(Duration::from_secs(60));
+        let data = snapshot.snapshot.into_inner();
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
-            answer = conn.call(PeerCall::InstallSnapshot, &payload, timeout) => {
+            answer = conn.install_snapshot(&vote, &snapshot.meta, data, timeout) => {
                 answer.map_err(|e| StreamingError::Unreachable(unreachable(e)))
             }
         }

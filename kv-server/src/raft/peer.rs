@@ -5,7 +5,7 @@ use kv_core::proto::kvserverpb::{PeerRequest, PeerResponse, peer_server::Peer};
 use openraft::ReadPolicy;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::types::{Snapshot, SnapshotMeta, Vote};
 use super::{Applier, ForwardError, MemberChange, MemberChangeError, RaftNode};
@@ -86,9 +86,21 @@ impl<A: Applier> Peer for PeerService<A> {
 
     async fn install_snapshot(
         &self,
-        request: Request<PeerRequest>,
+        request: Request<Streaming<PeerRequest>>,
     ) -> Result<Response<PeerResponse>, Status> {
-        let (vote, meta, data): (Vote, SnapshotMeta, Vec<u8>) = self.open(request)?;
+        let mut stream = request.into_inner();
+        let head = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        self.check_cluster(&head)?;
+        let (vote, meta): (Vote, SnapshotMeta) = postcard::from_bytes(&head.data)
+            .map_err(|e| Status::invalid_argument(format!("undecodable snapshot header: {e}")))?;
+        let mut data = Vec::new();
+        while let Some(chunk) = stream.message().await? {
+            self.check_cluster(&chunk)?;
+            data.extend_from_slice(&chunk.data);
+        }
         let snapshot = Snapshot {
             meta,
             snapshot: std::io::Cursor::new(data),
