@@ -29,21 +29,8 @@ async fn channel(endpoint: &str) -> Channel {
 
 /// Index of the member that reports itself leader, waiting up to `within`.
 async fn wait_leader(cluster: &Cluster, within: Duration) -> usize {
-    let deadline = Instant::now() + within;
-    loop {
-        for (i, m) in cluster.members.iter().enumerate() {
-            let Some(p) = &m.proc else { continue };
-            let mut c = MaintenanceClient::new(channel(&p.endpoint).await);
-            if let Ok(s) = c.status(StatusRequest {}).await {
-                let s = s.into_inner();
-                if s.leader != 0 && s.header.as_ref().is_some_and(|h| h.member_id == s.leader) {
-                    return i;
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "no leader within {within:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let all: Vec<usize> = (0..cluster.members.len()).collect();
+    wait_leader_among(cluster, &all, within).await
 }
 
 /// Waits until every running member has applied the same revision and reports the same
