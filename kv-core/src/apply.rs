@@ -115,12 +115,6 @@ fn txn_range(txn: &WriteTxn<'_>, req: &RangeRequest) -> Result<RangeResponse, Fa
     Ok(finish_range(req, rr)?)
 }
 
-/// Whether `lease` names a live lease. Leases arrive with the lease issue; until then the
-/// only valid value is 0 (no lease), and any other id is unknown, as etcd would answer.
-fn lease_exists(lease: i64) -> bool {
-    lease == 0
-}
-
 fn put(txn: &mut WriteTxn<'_>, req: &PutRequest) -> Result<PutResponse, Failure> {
     let mut prev = None;
     if req.ignore_value || req.ignore_lease || req.prev_kv {
@@ -165,7 +159,7 @@ fn delete_range(
 
 /// Applies a standalone Put.
 pub(crate) fn apply_put(txn: &mut WriteTxn<'_>, req: &PutRequest) -> Result<PutResponse, Failure> {
-    if !lease_exists(req.lease) {
+    if !txn.mvcc.leases.usable(req.lease) {
         return Err(KvError::LeaseNotFound.into());
     }
     put(txn, req)
@@ -289,7 +283,7 @@ fn check_put(txn: &WriteTxn<'_>, op: &RequestOp) -> Result<(), Failure> {
             return Err(KvError::KeyNotFound.into());
         }
     }
-    if !lease_exists(p.lease) {
+    if !txn.mvcc.leases.usable(p.lease) {
         return Err(KvError::LeaseNotFound.into());
     }
     Ok(())

@@ -37,6 +37,8 @@ fn error_code(e: &KvError) -> (u8, i64) {
         KvError::FutureRevision => (10, 0),
         KvError::LeaseNotFound => (11, 0),
         KvError::NoSpace => (12, 0),
+        KvError::LeaseExists => (13, 0),
+        KvError::LeaseTtlTooLarge => (14, 0),
     }
 }
 
@@ -56,6 +58,8 @@ fn error_from_code(code: u8, arg: i64) -> Option<KvError> {
         10 => KvError::FutureRevision,
         11 => KvError::LeaseNotFound,
         12 => KvError::NoSpace,
+        13 => KvError::LeaseExists,
+        14 => KvError::LeaseTtlTooLarge,
         _ => return None,
     })
 }
@@ -103,7 +107,7 @@ mod tests {
             response: Some(Response::Put(PutResponse::default())),
         });
         assert_eq!(decode_outcome(&encode_outcome(&ok)).unwrap(), ok);
-        for code in 1..=12u8 {
+        for code in 1..=14u8 {
             let e = error_from_code(code, 77).unwrap();
             let out: Outcome = Err(e);
             assert_eq!(decode_outcome(&encode_outcome(&out)).unwrap(), out);

@@ -43,6 +43,12 @@ pub enum KvError {
     /// The lease named by a put does not exist.
     #[error("etcdserver: requested lease not found")]
     LeaseNotFound,
+    /// A grant names a lease id that is taken.
+    #[error("etcdserver: lease already exists")]
+    LeaseExists,
+    /// A grant asks for more than [`crate::lease::MAX_LEASE_TTL`] seconds.
+    #[error("etcdserver: too large lease TTL")]
+    LeaseTtlTooLarge,
     /// The store is over `--quota-backend-bytes`, or the NOSPACE alarm is raised.
     #[error("etcdserver: mvcc: database space exceeded")]
     NoSpace,

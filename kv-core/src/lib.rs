@@ -19,6 +19,8 @@ pub mod error;
 #[cfg(feature = "engine")]
 pub mod key_index;
 #[cfg(feature = "engine")]
+pub mod lease;
+#[cfg(feature = "engine")]
 pub mod mvcc;
 #[cfg(feature = "engine")]
 pub mod revision;

@@ -12,6 +12,7 @@ use prost::Message;
 use crate::backend::{BackendRead, Table, WriteBatch};
 use crate::error::{EngineError, Error as Failure, KvError};
 use crate::key_index::{KeyIndex, KeyRange};
+use crate::lease::LeaseTable;
 use crate::proto::mvccpb::KeyValue;
 use crate::revision::{REVISION_BYTES, Revision};
 
@@ -125,9 +126,12 @@ pub struct RangeOptions {
     pub count_only: bool,
 }
 
-/// Revision state and the key index. Guarded by the state machine's lock.
+/// Revision state, the key index and the lease table (a put checks and attaches leases in the
+/// same transaction). Guarded by the state machine's lock.
 #[derive(Debug, Clone)]
 pub struct Mvcc {
+    /// Leases and the keys attached to them.
+    pub leases: LeaseTable,
     /// Which revision holds each key as of any revision.
     pub index: KeyIndex,
     /// The store revision: the revision of the last write transaction (1 when empty).
@@ -139,6 +143,7 @@ pub struct Mvcc {
 impl Default for Mvcc {
     fn default() -> Self {
         Self {
+            leases: LeaseTable::default(),
             index: KeyIndex::new(),
             current: 1,
             compacted: -1,
@@ -289,7 +294,8 @@ impl<'a> WriteTxn<'a> {
         self.mvcc.range(&src, range, opts, self.read_rev())
     }
 
-    /// Writes `key`; returns the revision of the write.
+    /// Writes `key` and attaches it to `lease` (which the caller checked exists), detaching it
+    /// from the lease it had; returns the revision of the write.
     pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> i64 {
         let main = self.begin + 1;
         let rev = Revision::new(main, self.changes);
@@ -312,11 +318,13 @@ impl<'a> WriteTxn<'a> {
             .kv
             .insert(rev.to_bytes(), Some(record.encode()));
         self.mvcc.index.put(key, rev);
+        self.mvcc.leases.set_key_lease(key, lease);
         self.changes += 1;
         main
     }
 
-    /// Deletes every live key in `range`; returns the count and the revision reported back.
+    /// Deletes every live key in `range` (detaching them from their leases); returns the count
+    /// and the revision reported back.
     pub fn delete_range(&mut self, range: KeyRange<'_>) -> (i64, i64) {
         let at = self.read_rev();
         let mut keys = Vec::new();
@@ -328,6 +336,7 @@ impl<'a> WriteTxn<'a> {
         for key in &keys {
             let rev = Revision::new(main, self.changes);
             if self.mvcc.index.tombstone(key, rev) {
+                self.mvcc.leases.set_key_lease(key, crate::lease::NO_LEASE);
                 let record = Record {
                     tombstone: true,
                     kv: KeyValue {

@@ -14,10 +14,13 @@ use crate::backend::{Backend, Durability, Table, WriteBatch, WriteOp};
 use crate::checksum::Crc32c;
 use crate::command::Outcome;
 use crate::error::{EngineError, Error, KvError};
+use crate::key_index::KeyRange;
+use crate::lease;
 use crate::mvcc::{Mvcc, Overlay, Record, Source, WriteTxn};
 use crate::proto::etcdserverpb::{
     AlarmMember, AlarmRequest, AlarmResponse, AlarmType, CompactionRequest, CompactionResponse,
-    Member, RangeRequest, RangeResponse, ResponseHeader, TxnRequest, TxnResponse,
+    LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, Member,
+    RangeRequest, RangeResponse, ResponseHeader, TxnRequest, TxnResponse,
     alarm_request::AlarmAction,
 };
 use crate::proto::kvserverpb::{
@@ -32,6 +35,7 @@ const META_CURRENT_REV: &[u8] = b"current_revision";
 const META_COMPACT_REV: &[u8] = b"compact_revision";
 const META_ALARM_PREFIX: &[u8] = b"alarm/";
 const META_MEMBER_PREFIX: &[u8] = b"member/";
+const META_LEASE_PREFIX: &[u8] = b"lease/";
 /// Meta keys under this prefix belong to this member, not to the replicated state: they are
 /// left out of snapshots and kept across a snapshot install.
 pub const META_LOCAL_PREFIX: &[u8] = b"local/";
@@ -124,6 +128,26 @@ impl Store {
     fn load(backend: &dyn Backend) -> Result<State, EngineError> {
         let read = backend.read()?;
         let mut state = State::default();
+        // Leases first: replaying the history then attaches each live key to its lease.
+        let mut failure = None;
+        read.scan(Table::Meta, META_LEASE_PREFIX, None, &mut |k, v| {
+            let Some(rest) = k.strip_prefix(META_LEASE_PREFIX) else {
+                return false;
+            };
+            match (<[u8; 8]>::try_from(rest), lease::decode_ttl(v)) {
+                (Ok(id), Some(ttl)) => {
+                    state.mvcc.leases.restore(i64::from_be_bytes(id), ttl);
+                    true
+                }
+                _ => {
+                    failure = Some(EngineError::Corrupt("bad lease record".into()));
+                    false
+                }
+            }
+        })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
         let mut failure = None;
         read.scan(Table::Kv, &[], None, &mut |k, v| {
             let parsed = Revision::from_bytes(k)
@@ -133,7 +157,12 @@ impl Store {
                 Ok((rev, rec)) => {
                     if rec.tombstone {
                         state.mvcc.index.tombstone(&rec.kv.key, rev);
+                        state
+                            .mvcc
+                            .leases
+                            .set_key_lease(&rec.kv.key, lease::NO_LEASE);
                     } else {
+                        state.mvcc.leases.set_key_lease(&rec.kv.key, rec.kv.lease);
                         state.mvcc.index.restore(
                             &rec.kv.key,
                             rec.kv.create_revision,
@@ -255,6 +284,29 @@ impl Store {
         self.read_state().members.clone()
     }
 
+    /// The granted TTL of lease `id`, if it exists.
+    pub fn lease_ttl(&self, id: i64) -> Option<i64> {
+        self.read_state().mvcc.leases.get(id).map(|l| l.ttl)
+    }
+
+    /// Lease `id` as (granted TTL, attached keys in key order), if it exists.
+    pub fn lease(&self, id: i64) -> Option<(i64, Vec<Vec<u8>>)> {
+        let state = self.read_state();
+        let l = state.mvcc.leases.get(id)?;
+        Some((l.ttl, l.keys.iter().map(|k| k.to_vec()).collect()))
+    }
+
+    /// Every lease as (id, granted TTL), in id order.
+    pub fn leases(&self) -> Vec<(i64, i64)> {
+        self.read_state().mvcc.leases.iter().collect()
+    }
+
+    /// Number of leases and of keys attached to them.
+    pub fn lease_counts(&self) -> (usize, usize) {
+        let state = self.read_state();
+        (state.mvcc.leases.len(), state.mvcc.leases.attached_keys())
+    }
+
     /// Serves a Range at the current state (serializable; the caller provides linearizability).
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, Error> {
         let state = self.read_state();
@@ -348,6 +400,12 @@ impl Store {
                 META_COMPACT_REV,
                 state.mvcc.compacted.to_be_bytes().to_vec(),
             );
+        }
+        for id in state.mvcc.leases.take_dirty() {
+            match state.mvcc.leases.get(id) {
+                Some(l) => batch.put(Table::Meta, lease_key(id), lease::encode_ttl(l.ttl)),
+                None => batch.delete(Table::Meta, lease_key(id)),
+            }
         }
         if state.alarms != start_alarms {
             for (m, a) in start_alarms.difference(&state.alarms) {
@@ -447,9 +505,9 @@ impl Store {
                     header: header(state.mvcc.current),
                 })
             }
-            Request::LeaseGrant(_) | Request::LeaseRevoke(_) => {
-                // Leases arrive with the lease issue; the server does not propose these yet.
-                return Err(KvError::LeaseNotFound.into());
+            Request::LeaseGrant(g) => Response::LeaseGrant(lease_grant(state, g)?),
+            Request::LeaseRevoke(r) => {
+                Response::LeaseRevoke(lease_revoke(state, read, overlay, r)?)
             }
         };
         Ok(InternalResponse {
@@ -627,6 +685,47 @@ impl Store {
     }
 }
 
+fn lease_key(id: i64) -> Vec<u8> {
+    let mut k = META_LEASE_PREFIX.to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// Applies a grant. The proposer chose the id and raised the TTL to the cluster's minimum, so
+/// apply is the same on every member whatever its flags.
+fn lease_grant(state: &mut State, req: &LeaseGrantRequest) -> Result<LeaseGrantResponse, Error> {
+    state.mvcc.leases.grant(req.id, req.ttl)?;
+    Ok(LeaseGrantResponse {
+        header: header(state.mvcc.current),
+        id: req.id,
+        ttl: req.ttl,
+        error: String::new(),
+    })
+}
+
+/// Applies a revoke: every attached key is deleted in one write transaction (one revision,
+/// keys in key order), and the lease record goes in the same batch.
+fn lease_revoke(
+    state: &mut State,
+    read: &dyn crate::backend::BackendRead,
+    overlay: &mut Overlay,
+    req: &LeaseRevokeRequest,
+) -> Result<LeaseRevokeResponse, Error> {
+    let keys = state
+        .mvcc
+        .leases
+        .revoke(req.id)
+        .ok_or(KvError::LeaseNotFound)?;
+    let mut txn = WriteTxn::begin(&mut state.mvcc, overlay, read);
+    for key in &keys {
+        txn.delete_range(KeyRange::Single(key));
+    }
+    let rev = txn.end();
+    Ok(LeaseRevokeResponse {
+        header: header(rev),
+    })
+}
+
 fn member_key(id: u64) -> Vec<u8> {
     let mut k = META_MEMBER_PREFIX.to_vec();
     k.extend_from_slice(&id.to_be_bytes());
@@ -726,6 +825,118 @@ mod tests {
             s.hash_kv(5),
             Err(Error::Request(KvError::FutureRevision))
         ));
+    }
+}
+
+#[cfg(test)]
+mod lease_tests {
+    use super::*;
+    use crate::backend::MemoryBackend;
+    use crate::proto::etcdserverpb::{DeleteRangeRequest, PutRequest};
+
+    fn config() -> StoreConfig {
+        StoreConfig {
+            member_id: 1,
+            quota_bytes: 0,
+        }
+    }
+
+    fn run(store: &Store, index: u64, request: Request) -> Outcome {
+        let cmd = InternalRequest {
+            id: index,
+            request: Some(request),
+        };
+        store
+            .apply_batch(&[(index, Some(cmd))], b"m")
+            .unwrap()
+            .pop()
+            .unwrap()
+    }
+
+    fn put(key: &str, lease: i64) -> Request {
+        Request::Put(PutRequest {
+            key: key.into(),
+            value: b"v".to_vec(),
+            lease,
+            ..Default::default()
+        })
+    }
+
+    fn grant(id: i64, ttl: i64) -> Request {
+        Request::LeaseGrant(LeaseGrantRequest { ttl, id })
+    }
+
+    fn keys_of(store: &Store, id: i64) -> Vec<Vec<u8>> {
+        store.lease(id).map(|(_, k)| k).unwrap_or_default()
+    }
+
+    #[test]
+    fn put_attaches_delete_detaches_revoke_deletes_in_one_revision() {
+        let s = Store::open(Box::new(MemoryBackend::new()), config()).unwrap();
+        assert_eq!(run(&s, 1, put("a", 5)), Err(KvError::LeaseNotFound));
+        run(&s, 2, grant(5, 10)).unwrap();
+        run(&s, 3, grant(6, 10)).unwrap();
+        assert_eq!(run(&s, 4, grant(5, 10)), Err(KvError::LeaseExists));
+        for (i, k) in ["c", "a", "b", "d"].iter().enumerate() {
+            run(&s, 5 + i as u64, put(k, 5)).unwrap();
+        }
+        // A put without a lease detaches; a put with another lease moves the key.
+        run(&s, 9, put("c", 0)).unwrap();
+        run(&s, 10, put("d", 6)).unwrap();
+        let delete = Request::DeleteRange(DeleteRangeRequest {
+            key: b"b".to_vec(),
+            ..Default::default()
+        });
+        run(&s, 11, delete).unwrap();
+        assert_eq!(keys_of(&s, 5), vec![b"a".to_vec()]);
+        assert_eq!(keys_of(&s, 6), vec![b"d".to_vec()]);
+        run(&s, 12, put("e", 5)).unwrap();
+        let before = s.revision();
+        let revoke = Request::LeaseRevoke(LeaseRevokeRequest { id: 5 });
+        let out = run(&s, 13, revoke.clone()).unwrap();
+        assert_eq!(s.revision(), before + 1);
+        let Some(Response::LeaseRevoke(r)) = out.response else {
+            panic!("not a revoke response");
+        };
+        assert_eq!(r.header.unwrap().revision, before + 1);
+        let all = s
+            .range(&RangeRequest {
+                key: vec![0],
+                range_end: vec![0],
+                ..Default::default()
+            })
+            .unwrap();
+        let live: Vec<_> = all.kvs.iter().map(|kv| kv.key.clone()).collect();
+        assert_eq!(live, vec![b"c".to_vec(), b"d".to_vec()]);
+        assert!(all.kvs.iter().all(|kv| kv.mod_revision != before + 1));
+        assert_eq!(run(&s, 14, revoke), Err(KvError::LeaseNotFound));
+        // A revoke of a lease with no keys changes no revision.
+        run(&s, 15, grant(9, 10)).unwrap();
+        let rev = s.revision();
+        run(&s, 16, Request::LeaseRevoke(LeaseRevokeRequest { id: 9 })).unwrap();
+        assert_eq!(s.revision(), rev);
+        assert_eq!(s.lease_counts(), (1, 1));
+    }
+
+    #[test]
+    fn leases_and_attachments_survive_reopen() {
+        let s = Store::open(Box::new(MemoryBackend::new()), config()).unwrap();
+        run(&s, 1, grant(7, 30)).unwrap();
+        run(&s, 2, grant(8, 40)).unwrap();
+        run(&s, 3, put("x", 7)).unwrap();
+        run(&s, 4, put("y", 8)).unwrap();
+        run(&s, 5, put("y", 7)).unwrap();
+        run(&s, 6, Request::LeaseRevoke(LeaseRevokeRequest { id: 8 })).unwrap();
+        let hash = s.hash().unwrap();
+        let s = Store::open(s.into_backend(), config()).unwrap();
+        assert_eq!(s.leases(), vec![(7, 30)]);
+        assert_eq!(keys_of(&s, 7), vec![b"x".to_vec(), b"y".to_vec()]);
+        assert_eq!(s.hash().unwrap(), hash);
+        // And through a snapshot onto another store.
+        let other = Store::open(Box::new(MemoryBackend::new()), config()).unwrap();
+        other.restore(&s.snapshot().unwrap()).unwrap();
+        assert_eq!(other.leases(), vec![(7, 30)]);
+        assert_eq!(keys_of(&other, 7), vec![b"x".to_vec(), b"y".to_vec()]);
     }
 }
 

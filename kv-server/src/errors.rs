@@ -18,6 +18,8 @@ pub fn kv_status(e: &KvError) -> Status {
         | KvError::InvalidSortOption => Code::InvalidArgument,
         KvError::Compacted { .. } | KvError::FutureRevision => Code::OutOfRange,
         KvError::LeaseNotFound => Code::NotFound,
+        KvError::LeaseExists => Code::FailedPrecondition,
+        KvError::LeaseTtlTooLarge => Code::OutOfRange,
         KvError::NoSpace => Code::ResourceExhausted,
     };
     Status::new(code, e.to_string())
