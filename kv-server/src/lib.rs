@@ -6,6 +6,7 @@ pub mod config;
 pub mod errors;
 pub mod failpoint;
 pub mod identity;
+pub mod lessor;
 pub mod node;
 pub mod oversize;
 pub mod raft;

@@ -14,13 +14,16 @@ use tonic::Status;
 
 use crate::errors::{engine_status, kv_status, raft_status};
 use crate::identity::Identity;
+use crate::lessor::{LeaseClock, Lessor};
 use crate::raft::{Applier, RaftNode};
 
 /// The engine as Raft sees it: log entries are protobuf `InternalRequest`s, responses are
-/// encoded outcomes.
+/// encoded outcomes. Applied grants and revokes are reported to the lease clock.
 pub struct EngineApplier {
     /// The state machine.
     pub store: Arc<Store>,
+    /// The leader's lease clock.
+    pub clock: Arc<LeaseClock>,
 }
 
 impl Applier for EngineApplier {
@@ -38,6 +41,13 @@ impl Applier for EngineApplier {
             decoded.push((index, cmd));
         }
         let outcomes = self.store.apply_batch(&decoded, &meta)?;
+        for ((_, cmd), outcome) in decoded.iter().zip(&outcomes) {
+            match (cmd.as_ref().and_then(|c| c.request.as_ref()), outcome) {
+                (Some(Request::LeaseGrant(g)), Ok(_)) => self.clock.granted(g.id, g.ttl),
+                (Some(Request::LeaseRevoke(r)), Ok(_)) => self.clock.revoked(r.id),
+                _ => {}
+            }
+        }
         Ok(outcomes.iter().map(encode_outcome).collect())
     }
 
@@ -79,6 +89,8 @@ pub struct Node {
     pub client_urls: Vec<String>,
     /// Request limits.
     pub limits: Limits,
+    /// Lease clocks, keep-alives and expiry.
+    pub lessor: Arc<Lessor>,
     next_request_id: AtomicU64,
 }
 
@@ -90,6 +102,7 @@ impl Node {
         identity: Identity,
         client_urls: Vec<String>,
         limits: Limits,
+        lessor: Arc<Lessor>,
     ) -> Self {
         Self {
             store,
@@ -97,6 +110,7 @@ impl Node {
             identity,
             client_urls,
             limits,
+            lessor,
             next_request_id: AtomicU64::new(1),
         }
     }

@@ -17,11 +17,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ClusterState, Flags, GRPC_OVERHEAD_BYTES, url_list};
 use crate::identity::{self, STATE_FILE};
+use crate::lessor::{LeaseClock, Lessor};
 use crate::node::{EngineApplier, Limits, Node};
 use crate::raft::network::{MAX_PEER_MESSAGE_BYTES, PeerCall, PeerConnection};
 use crate::raft::{PeerService, RaftConfig, RaftNode};
 use crate::service::{
-    cluster::ClusterService, kv::KvService, maintenance::MaintenanceService, pending::Pending,
+    cluster::ClusterService, kv::KvService, lease::LeaseService, maintenance::MaintenanceService,
+    pending::Pending,
 };
 use kv_core::proto::kvserverpb::peer_server::PeerServer;
 
@@ -118,6 +120,7 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
         .into_iter()
         .map(|(id, _, urls)| (id, urls.into_iter().next().unwrap_or_default()))
         .collect();
+    let clock = Arc::new(LeaseClock::default());
     let raft = RaftNode::start(
         RaftConfig {
             node_id: identity.member_id,
@@ -129,9 +132,18 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
         },
         Arc::new(EngineApplier {
             store: store.clone(),
+            clock: clock.clone(),
         }),
     )
     .await?;
+    let lessor = Arc::new(Lessor::new(
+        store.clone(),
+        raft.clone(),
+        clock,
+        &timing,
+        identity.member_id,
+    ));
+    raft.set_leader_calls(lessor.clone());
     let node = Arc::new(Node::new(
         store,
         raft,
@@ -141,6 +153,7 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
             max_request_bytes: flags.max_request_bytes,
             max_txn_ops: flags.max_txn_ops,
         },
+        lessor,
     ));
 
     let cancel = CancellationToken::new();
@@ -167,6 +180,7 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
         );
         tracing::info!(address = %bound, "listening for peers");
     }
+    tokio::spawn(crate::lessor::run(node.clone(), cancel.clone()));
     tokio::spawn(crate::compaction::run(
         node.clone(),
         retention,
@@ -197,7 +211,10 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
                     .max_decoding_message_size(max_decode),
             )
             .add_service(WatchServer::new(Pending))
-            .add_service(LeaseServer::new(Pending))
+            .add_service(
+                LeaseServer::new(LeaseService::new(node.clone()))
+                    .max_decoding_message_size(max_decode),
+            )
             .add_service(AuthServer::new(Pending))
             .add_service(LockServer::new(Pending))
             .add_service(ElectionServer::new(Pending))

@@ -180,7 +180,8 @@ impl<A: Applier> RaftNode<A> {
             })
     }
 
-    fn leader_addr(&self) -> Option<String> {
+    /// The current leader's peer URL, as far as this node knows.
+    pub(crate) fn leader_addr(&self) -> Option<String> {
         let rx = self.inner.raft.metrics();
         let m = rx.borrow_watched();
         let leader = m.current_leader?;

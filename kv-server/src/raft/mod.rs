@@ -90,6 +90,16 @@ pub trait Applier: Send + Sync + 'static {
     fn sync(&self) -> Result<(), io::Error>;
 }
 
+/// Requests a follower forwards to the leader that are not log entries: the leader's
+/// unreplicated state (lease clocks) answers them. Payloads are opaque to the Raft layer.
+pub trait LeaderCalls: Send + Sync + 'static {
+    /// Answers one forwarded request.
+    fn handle(
+        &self,
+        request: Vec<u8>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<u8>> + Send + '_>>;
+}
+
 /// Configuration of a Raft node.
 #[derive(Debug, Clone)]
 pub struct RaftConfig {
@@ -186,6 +196,15 @@ pub struct RaftStatus {
     pub commit_index: u64,
 }
 
+/// This node's role as far as leases care: leading or not, and the term.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Leadership {
+    /// This node is the leader.
+    pub leader: bool,
+    /// The Raft term.
+    pub term: u64,
+}
+
 /// How a proposal or read-index request forwarded to the leader failed, as sent back to the
 /// follower that forwarded it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -259,6 +278,8 @@ struct Inner<A: Applier> {
     cluster_id: u64,
     /// Connections to other members' peer URLs for forwarding, by URL.
     peers: Mutex<BTreeMap<String, network::PeerConnection>>,
+    /// Who answers [`LeaderCalls`] forwarded here (set once the server is assembled).
+    leader_calls: std::sync::OnceLock<Arc<dyn LeaderCalls>>,
 }
 
 /// The openraft configuration used by [`RaftNode`].
@@ -316,6 +337,7 @@ impl<A: Applier> RaftNode<A> {
                 log_store: Mutex::new(Some(log_store)),
                 cluster_id: cfg.cluster_id,
                 peers: Mutex::new(BTreeMap::new()),
+                leader_calls: std::sync::OnceLock::new(),
             }),
         };
 
@@ -542,6 +564,89 @@ impl<A: Applier> RaftNode<A> {
             applied_index: m.last_applied.as_ref().map(|l| l.index).unwrap_or(0),
             commit_index: m.local_committed.as_ref().map(|l| l.index).unwrap_or(0),
         }
+    }
+
+    /// Installs the handler of forwarded [`LeaderCalls`] (once; later calls are ignored).
+    pub fn set_leader_calls(&self, handler: Arc<dyn LeaderCalls>) {
+        let _ = self.inner.leader_calls.set(handler);
+    }
+
+    /// The handler of forwarded [`LeaderCalls`], once installed.
+    pub fn leader_calls(&self) -> Option<Arc<dyn LeaderCalls>> {
+        self.inner.leader_calls.get().cloned()
+    }
+
+    /// Sends a [`LeaderCalls`] request to the current leader and returns its answer. Errors
+    /// when there is no known leader, the leader is this node, or the call fails.
+    pub async fn call_leader(
+        &self,
+        request: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, network::PeerError> {
+        let not_delivered = |reason: &str| network::PeerError::NotDelivered {
+            addr: String::new(),
+            reason: reason.into(),
+        };
+        let status = self.status();
+        match status.leader {
+            None => return Err(not_delivered("no leader")),
+            Some(id) if id == self.inner.node_id => {
+                return Err(not_delivered("this is the leader"));
+            }
+            Some(_) => {}
+        }
+        let addr = self
+            .leader_addr()
+            .ok_or_else(|| not_delivered("leader address unknown"))?;
+        let conn = self
+            .peer(&addr)
+            .map_err(|e| not_delivered(&e.to_string()))?;
+        conn.call_raw(network::PeerCall::LeaderCall, request, timeout)
+            .await
+    }
+
+    /// Whether this node leads, and in which term.
+    pub fn leadership(&self) -> Leadership {
+        let rx = self.inner.raft.metrics();
+        let m = rx.borrow_watched();
+        Leadership {
+            leader: m.state.is_leader() && m.current_leader == Some(self.inner.node_id),
+            term: m.current_term,
+        }
+    }
+
+    /// Waits (at most `limit`) until [`RaftNode::leadership`] differs from `seen`; returns it.
+    pub async fn leadership_change(&self, seen: Leadership, limit: Duration) -> Leadership {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut rx = self.inner.raft.metrics();
+        loop {
+            let now = self.leadership();
+            if now != seen {
+                return now;
+            }
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(remaining, rx.changed()).await {
+                Ok(Ok(())) => {}
+                // Timed out, or Raft stopped publishing metrics.
+                _ => return self.leadership(),
+            }
+        }
+    }
+
+    /// Waits (at most `limit`) until this node has applied everything it knows committed: a
+    /// new leader may still be applying entries of the previous term.
+    pub async fn wait_applied_committed(&self, limit: Duration) -> Result<(), RaftError> {
+        let committed = self.status().commit_index;
+        if self.status().applied_index >= committed {
+            return Ok(());
+        }
+        self.inner
+            .raft
+            .wait(Some(limit))
+            .applied_index_at_least(Some(committed), "applied everything committed")
+            .await
+            .map(|_| ())
+            .map_err(|e| RaftError::Timeout(e.to_string()))
     }
 
     /// This node's id.

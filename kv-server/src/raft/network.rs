@@ -93,6 +93,8 @@ pub enum PeerCall {
     ReadIndex,
     /// Forwarded membership change.
     ChangeMembership,
+    /// A request for the leader's unreplicated state (leases).
+    LeaderCall,
     /// Cluster id of a member (for a member joining an existing cluster).
     Hello,
 }
@@ -145,6 +147,7 @@ impl PeerConnection {
                 PeerCall::Propose => c.propose(req).await,
                 PeerCall::ReadIndex => c.read_index(req).await,
                 PeerCall::ChangeMembership => c.change_membership(req).await,
+                PeerCall::LeaderCall => c.leader_call(req).await,
                 PeerCall::Hello => c.hello(req).await,
             }
         };

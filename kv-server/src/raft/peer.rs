@@ -165,6 +165,21 @@ impl<A: Applier> Peer for PeerService<A> {
         answer(&result)
     }
 
+    async fn leader_call(
+        &self,
+        request: Request<PeerRequest>,
+    ) -> Result<Response<PeerResponse>, Status> {
+        let req = request.into_inner();
+        self.check_cluster(&req)?;
+        let handler = self
+            .node
+            .leader_calls()
+            .ok_or_else(|| Status::unavailable("member still starting"))?;
+        Ok(Response::new(PeerResponse {
+            data: handler.handle(req.data).await,
+        }))
+    }
+
     async fn hello(&self, _: Request<PeerRequest>) -> Result<Response<PeerResponse>, Status> {
         answer(&self.cluster_id)
     }

@@ -1,13 +1,11 @@
-//! Services whose issue has not landed yet (Watch, Lease, Auth, Lock, Election). Every call
+//! Services whose issue has not landed yet (Watch, Auth, Lock, Election). Every call
 //! answers `Unimplemented` naming what is missing, so a client gets a clear, immediate error
 //! instead of a hang or a wrong answer.
 
 use std::pin::Pin;
 
 use futures::Stream;
-use kv_core::proto::etcdserverpb::{
-    self as pb, auth_server::Auth, lease_server::Lease, watch_server::Watch,
-};
+use kv_core::proto::etcdserverpb::{self as pb, auth_server::Auth, watch_server::Watch};
 use kv_core::proto::v3electionpb::{self as el, election_server::Election};
 use kv_core::proto::v3lockpb::{self as lk, lock_server::Lock};
 use tonic::{Request, Response, Status, Streaming};
@@ -52,22 +50,6 @@ pending_impl!(Watch, "Watch", {
         Err(not_yet("Watch"))
     }
 });
-
-pending_impl!(Lease, "Lease", {
-    type LeaseKeepAliveStream = BoxStream<pb::LeaseKeepAliveResponse>;
-
-    async fn lease_keep_alive(
-        &self,
-        _: Request<Streaming<pb::LeaseKeepAliveRequest>>,
-    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
-        Err(not_yet("Lease"))
-    }
-}
-    lease_grant(pb::LeaseGrantRequest) -> pb::LeaseGrantResponse;
-    lease_revoke(pb::LeaseRevokeRequest) -> pb::LeaseRevokeResponse;
-    lease_time_to_live(pb::LeaseTimeToLiveRequest) -> pb::LeaseTimeToLiveResponse;
-    lease_leases(pb::LeaseLeasesRequest) -> pb::LeaseLeasesResponse;
-);
 
 pending_impl!(Auth, "Auth", {}
     auth_enable(pb::AuthEnableRequest) -> pb::AuthEnableResponse;
