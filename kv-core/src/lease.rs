@@ -119,7 +119,7 @@ impl LeaseTable {
             NO_LEASE
         };
         match self.attached.get_key_value(key) {
-            Some((_, &old)) if old == lease => return,
+            Some((_, &old)) if old == lease => {}
             Some((shared, &old)) => {
                 let shared = shared.clone();
                 if let Some(l) = self.leases.get_mut(&old) {
@@ -264,7 +264,7 @@ impl Deadlines {
     }
 
     /// The earliest pending deadline, if any (stale heap entries are dropped on the way).
-    pub fn next(&mut self) -> Option<Instant> {
+    pub fn earliest(&mut self) -> Option<Instant> {
         while let Some(Reverse((at, id))) = self.queue.peek().copied() {
             if self.current.get(&id).is_some_and(|d| d.at == at) {
                 return Some(at);
@@ -280,7 +280,7 @@ impl Deadlines {
     pub fn pop_expired(&mut self, now: Instant, retry: Duration, limit: usize) -> Vec<i64> {
         let mut out = Vec::new();
         while out.len() < limit {
-            let Some(at) = self.next() else { break };
+            let Some(at) = self.earliest() else { break };
             if at > now {
                 break;
             }
@@ -368,7 +368,7 @@ mod tests {
         d.set(2, t0 + s);
         d.set(3, t0 + 2 * s);
         assert_eq!(d.renew(3, 5, t0), Renewal::Renewed);
-        assert_eq!(d.next(), Some(t0 + s));
+        assert_eq!(d.earliest(), Some(t0 + s));
         assert_eq!(d.pop_expired(t0 + 3 * s, 10 * s, 100), vec![2, 1]);
         // Expired leases cannot be renewed and report no time left.
         assert_eq!(d.renew(1, 5, t0 + 3 * s), Renewal::Expired);
