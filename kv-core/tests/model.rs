@@ -1,13 +1,15 @@
 //! Property test: the engine against a simple model (a full key map per revision), over random
-//! put / delete / txn / compact / historical-range sequences, on both backends, with restarts.
+//! put / delete / txn / compact / historical-range / lease grant and revoke sequences, on both
+//! backends, with restarts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use kv_core::backend::{Backend, MemoryBackend, RedbBackend};
 use kv_core::proto::etcdserverpb::{
-    CompactionRequest, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
-    TxnRequest, compare::CompareResult, compare::CompareTarget, compare::TargetUnion,
-    request_op::Request as Op, response_op::Response as OpResp,
+    CompactionRequest, Compare, DeleteRangeRequest, LeaseGrantRequest, LeaseRevokeRequest,
+    PutRequest, RangeRequest, RequestOp, TxnRequest, compare::CompareResult,
+    compare::CompareTarget, compare::TargetUnion, request_op::Request as Op,
+    response_op::Response as OpResp,
 };
 use kv_core::proto::kvserverpb::{
     InternalRequest, internal_request::Request, internal_response::Response,
@@ -17,10 +19,15 @@ use kv_core::{KvError, Store, StoreConfig};
 use proptest::prelude::*;
 
 const KEYS: &[&[u8]] = &[b"a", b"b", b"ba", b"c", b"d"];
+/// Lease ids used are 1..=LEASES.
+const LEASES: i64 = 3;
 
 #[derive(Debug, Clone)]
 enum Action {
-    Put(usize, u8),
+    /// Put key k = v, with lease l (0: none).
+    Put(usize, u8, i64),
+    Grant(i64),
+    Revoke(i64),
     Delete(usize, Option<usize>),
     /// If key's version equals v then put(k2) else delete(k3).
     Txn(usize, i64, usize, u8, usize),
@@ -32,7 +39,9 @@ enum Action {
 fn action() -> impl Strategy<Value = Action> {
     let k = 0..KEYS.len();
     prop_oneof![
-        4 => (k.clone(), any::<u8>()).prop_map(|(k, v)| Action::Put(k, v)),
+        4 => (k.clone(), any::<u8>(), 0..=LEASES).prop_map(|(k, v, l)| Action::Put(k, v, l)),
+        1 => (1..=LEASES).prop_map(Action::Grant),
+        1 => (1..=LEASES).prop_map(Action::Revoke),
         2 => (k.clone(), proptest::option::of(0..KEYS.len() + 1)).prop_map(|(k, e)| Action::Delete(k, e)),
         2 => (k.clone(), 0i64..3, k.clone(), any::<u8>(), k.clone()).prop_map(|(a, v, b, x, c)| Action::Txn(a, v, b, x, c)),
         1 => (-2i64..40).prop_map(Action::Compact),
@@ -41,10 +50,11 @@ fn action() -> impl Strategy<Value = Action> {
     ]
 }
 
-/// The model: the full key map as of every revision, and the compaction revision.
+/// The model: the full key map as of every revision, the compaction revision and the leases.
 struct Model {
     states: Vec<BTreeMap<Vec<u8>, KeyValue>>,
     compacted: i64,
+    leases: BTreeSet<i64>,
 }
 
 impl Model {
@@ -53,6 +63,7 @@ impl Model {
         Self {
             states: vec![BTreeMap::new(), BTreeMap::new()],
             compacted: -1,
+            leases: BTreeSet::new(),
         }
     }
     fn current(&self) -> i64 {
@@ -68,14 +79,30 @@ impl Model {
             e => key >= start && key < e,
         }
     }
-    /// Applies a list of writes as one revision (if any changes).
+    /// The live keys attached to `lease`, in key order.
+    fn keys_of(&self, lease: i64) -> Vec<Vec<u8>> {
+        self.latest()
+            .values()
+            .filter(|kv| kv.lease == lease)
+            .map(|kv| kv.key.clone())
+            .collect()
+    }
+    /// Applies a list of writes without leases as one revision (if any changes).
     fn write(&mut self, writes: &[(Vec<u8>, Option<Vec<u8>>)]) {
+        let leased: Vec<_> = writes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().map(|v| (v, 0))))
+            .collect();
+        self.write_leased(&leased);
+    }
+    /// Applies a list of writes (value and lease, or deletion) as one revision (if any changes).
+    fn write_leased(&mut self, writes: &[(Vec<u8>, Option<(Vec<u8>, i64)>)]) {
         let rev = self.current() + 1;
         let mut next = self.latest().clone();
         let mut changed = false;
         for (k, v) in writes {
             match v {
-                Some(v) => {
+                Some((v, lease)) => {
                     let (create, version) = match next.get(k) {
                         Some(old) => (old.create_revision, old.version + 1),
                         None => (rev, 1),
@@ -88,7 +115,7 @@ impl Model {
                             mod_revision: rev,
                             version,
                             value: v.clone(),
-                            lease: 0,
+                            lease: *lease,
                         },
                     );
                     changed = true;
@@ -137,20 +164,59 @@ fn run(actions: Vec<Action>, mut reopen: impl FnMut(Option<Store>) -> Store) {
     let mut index = 0u64;
     for a in actions {
         match a {
-            Action::Put(k, v) => {
+            Action::Put(k, v, lease) => {
                 let r = apply(
                     &store,
                     &mut index,
                     Request::Put(PutRequest {
                         key: KEYS[k].to_vec(),
                         value: vec![v],
+                        lease,
                         ..Default::default()
                     }),
-                )
-                .unwrap();
-                model.write(&[(KEYS[k].to_vec(), Some(vec![v]))]);
-                let Response::Put(p) = r else { panic!() };
+                );
+                if lease != 0 && !model.leases.contains(&lease) {
+                    assert_eq!(r.unwrap_err(), KvError::LeaseNotFound);
+                    continue;
+                }
+                model.write_leased(&[(KEYS[k].to_vec(), Some((vec![v], lease)))]);
+                let Response::Put(p) = r.unwrap() else {
+                    panic!()
+                };
                 assert_eq!(p.header.unwrap().revision, model.current());
+            }
+            Action::Grant(lease) => {
+                let r = apply(
+                    &store,
+                    &mut index,
+                    Request::LeaseGrant(LeaseGrantRequest { ttl: 10, id: lease }),
+                );
+                if model.leases.insert(lease) {
+                    let Response::LeaseGrant(g) = r.unwrap() else {
+                        panic!()
+                    };
+                    assert_eq!((g.id, g.ttl), (lease, 10));
+                } else {
+                    assert_eq!(r.unwrap_err(), KvError::LeaseExists);
+                }
+            }
+            Action::Revoke(lease) => {
+                let r = apply(
+                    &store,
+                    &mut index,
+                    Request::LeaseRevoke(LeaseRevokeRequest { id: lease }),
+                );
+                if model.leases.remove(&lease) {
+                    // Every attached key goes, in one revision.
+                    let doomed = model.keys_of(lease);
+                    model.write_leased(&doomed.into_iter().map(|k| (k, None)).collect::<Vec<_>>());
+                    let Response::LeaseRevoke(rv) = r.unwrap() else {
+                        panic!()
+                    };
+                    assert_eq!(rv.header.unwrap().revision, model.current());
+                } else {
+                    assert_eq!(r.unwrap_err(), KvError::LeaseNotFound);
+                }
             }
             Action::Delete(k, e) => {
                 let end = end_bytes(e);
@@ -290,6 +356,14 @@ fn run(actions: Vec<Action>, mut reopen: impl FnMut(Option<Store>) -> Store) {
                 assert_eq!(store.revision(), model.current());
                 assert_eq!(store.applied_index(), index);
             }
+        }
+        // The lease table and its attachments follow the keys' own lease field.
+        let leases: Vec<i64> = store.leases().into_iter().map(|(id, _)| id).collect();
+        assert_eq!(leases, model.leases.iter().copied().collect::<Vec<_>>());
+        for lease in 1..=LEASES {
+            let got = store.lease(lease).map(|(_, keys)| keys);
+            let want = model.leases.contains(&lease).then(|| model.keys_of(lease));
+            assert_eq!(got, want, "keys of lease {lease}");
         }
     }
 }
