@@ -50,6 +50,9 @@ fn action() -> impl Strategy<Value = Action> {
     ]
 }
 
+/// A key and its new value and lease, or `None` for a deletion.
+type LeasedWrite = (Vec<u8>, Option<(Vec<u8>, i64)>);
+
 /// The model: the full key map as of every revision, the compaction revision and the leases.
 struct Model {
     states: Vec<BTreeMap<Vec<u8>, KeyValue>>,
@@ -96,7 +99,7 @@ impl Model {
         self.write_leased(&leased);
     }
     /// Applies a list of writes (value and lease, or deletion) as one revision (if any changes).
-    fn write_leased(&mut self, writes: &[(Vec<u8>, Option<(Vec<u8>, i64)>)]) {
+    fn write_leased(&mut self, writes: &[LeasedWrite]) {
         let rev = self.current() + 1;
         let mut next = self.latest().clone();
         let mut changed = false;
