@@ -413,3 +413,143 @@ fn spawn_kv_server(
     }
     Proc::spawn(cmd, "ready to serve client requests", None)
 }
+
+/// A multi-member etcd cluster on loopback, to run a cluster test's body against the
+/// reference; its members live in a temporary directory of its own.
+pub struct EtcdCluster {
+    /// The members' processes, in creation order (`None` once killed).
+    pub members: Vec<Option<Proc>>,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    /// Starts `n` etcd members from PATH as a new cluster, or returns why it cannot.
+    pub fn start(n: usize) -> Result<EtcdCluster, String> {
+        let etcd = which("etcd").ok_or("etcd is not installed (apt-get install etcd-server)")?;
+        let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+        let urls: Vec<(String, String)> = (0..n)
+            .map(|_| {
+                (
+                    format!("http://127.0.0.1:{}", free_port()),
+                    format!("http://127.0.0.1:{}", free_port()),
+                )
+            })
+            .collect();
+        let initial = urls
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}={peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        // A member reports ready only once the cluster has a quorum, so every member is
+        // spawned before any is waited for.
+        let starting: Vec<_> = urls
+            .into_iter()
+            .enumerate()
+            .map(|(i, (client, peer))| {
+                let mut cmd = Command::new(&etcd);
+                cmd.arg("--data-dir")
+                    .arg(dir.path().join(format!("m{i}")))
+                    .args(["--name", &format!("m{i}")])
+                    .args(["--listen-client-urls", &client])
+                    .args(["--advertise-client-urls", &client])
+                    .args(["--listen-peer-urls", &peer])
+                    .args(["--initial-advertise-peer-urls", &peer])
+                    .args(["--initial-cluster", &initial])
+                    .args(["--initial-cluster-state", "new"])
+                    .env("ETCD_UNSUPPORTED_ARCH", "amd64");
+                let fallback = client.trim_start_matches("http://").to_string();
+                std::thread::spawn(move || {
+                    Proc::spawn(cmd, "ready to serve client requests", Some(fallback))
+                })
+            })
+            .collect();
+        let mut members = Vec::new();
+        let mut failed = None;
+        for handle in starting {
+            match handle.join() {
+                Ok(p) => members.push(Some(p)),
+                Err(panic) => failed = Some(panic),
+            }
+        }
+        if let Some(panic) = failed {
+            // The members that did start are killed as `members` drops.
+            drop(members);
+            std::panic::resume_unwind(panic);
+        }
+        Ok(EtcdCluster { members, _dir: dir })
+    }
+
+    /// SIGKILLs member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.members[i].take() {
+            p.kill();
+        }
+    }
+}
+
+/// A running cluster as a test sees it, kv-server's or etcd's, so one test body can run
+/// against both.
+pub trait Members {
+    /// Client endpoint of member `i`, if it runs.
+    fn endpoint_of(&self, i: usize) -> Option<String>;
+    /// SIGKILLs member `i`.
+    fn kill_member(&mut self, i: usize);
+}
+
+impl Members for Cluster {
+    fn endpoint_of(&self, i: usize) -> Option<String> {
+        self.members[i].proc.as_ref().map(|p| p.endpoint.clone())
+    }
+    fn kill_member(&mut self, i: usize) {
+        self.kill(i);
+    }
+}
+
+impl Members for EtcdCluster {
+    fn endpoint_of(&self, i: usize) -> Option<String> {
+        self.members[i].as_ref().map(|p| p.endpoint.clone())
+    }
+    fn kill_member(&mut self, i: usize) {
+        self.kill(i);
+    }
+}
+
+/// Index of the running member among `candidates` that reports itself leader
+/// (Maintenance.Status), asked every 50 ms; panics after `within`.
+pub async fn wait_leader_among(
+    members: &impl Members,
+    candidates: &[usize],
+    within: Duration,
+) -> usize {
+    use kv_core::proto::etcdserverpb::{StatusRequest, maintenance_client::MaintenanceClient};
+    let deadline = Instant::now() + within;
+    loop {
+        for &i in candidates {
+            let Some(ep) = members.endpoint_of(i) else {
+                continue;
+            };
+            let Ok(channel) = tonic::transport::Channel::from_shared(format!("http://{ep}")) else {
+                continue;
+            };
+            let channel = channel
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(5))
+                .connect_lazy();
+            if let Ok(s) = MaintenanceClient::new(channel)
+                .status(StatusRequest {})
+                .await
+            {
+                let s = s.into_inner();
+                if s.leader != 0 && s.header.as_ref().is_some_and(|h| h.member_id == s.leader) {
+                    return i;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no leader among {candidates:?} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -9,7 +9,7 @@ use kv_core::proto::etcdserverpb::{
     HashKvRequest, PutRequest, RangeRequest, StatusRequest, kv_client::KvClient,
     maintenance_client::MaintenanceClient,
 };
-use kv_tests::Cluster;
+use kv_tests::{Cluster, wait_leader_among};
 use tonic::transport::Channel;
 
 /// Cluster tests run one at a time: several three-member clusters at once on a 2-core CI
@@ -239,30 +239,6 @@ async fn count(endpoint: &str, prefix: &str, serializable: bool) -> Result<i64, 
     })
     .await
     .map(|r| r.into_inner().count)
-}
-
-/// Index of the member among `candidates` that reports itself leader.
-async fn wait_leader_among(cluster: &Cluster, candidates: &[usize], within: Duration) -> usize {
-    let deadline = Instant::now() + within;
-    loop {
-        for &i in candidates {
-            let Some(p) = &cluster.members[i].proc else {
-                continue;
-            };
-            let mut c = MaintenanceClient::new(channel(&p.endpoint).await);
-            if let Ok(s) = c.status(StatusRequest {}).await {
-                let s = s.into_inner();
-                if s.leader != 0 && s.header.as_ref().is_some_and(|h| h.member_id == s.leader) {
-                    return i;
-                }
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no leader among {candidates:?} within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
