@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
 
 use super::{Backend, BackendError, BackendRead, Durability, Table, WriteBatch, WriteOp};
@@ -19,6 +20,9 @@ fn slot(table: Table) -> usize {
 #[derive(Default)]
 pub struct MemoryBackend {
     tables: RwLock<Tables>,
+    /// Key and value bytes held, kept by commits so that `size` (asked on every apply for the
+    /// quota) does not walk the maps.
+    bytes: AtomicU64,
 }
 
 impl MemoryBackend {
@@ -73,17 +77,31 @@ impl Backend for MemoryBackend {
 
     fn commit(&self, batch: WriteBatch, _durability: Durability) -> Result<(), BackendError> {
         let mut tables = self.tables.write().unwrap_or_else(|e| e.into_inner());
+        let mut bytes = self.bytes.load(Ordering::Relaxed);
         for op in batch.ops {
             match op {
                 WriteOp::Put(t, k, v) => {
-                    tables[slot(t)].insert(k, v);
+                    let (klen, vlen) = (k.len() as u64, v.len() as u64);
+                    match tables[slot(t)].insert(k, v) {
+                        Some(old) => bytes = bytes - old.len() as u64 + vlen,
+                        None => bytes += klen + vlen,
+                    }
                 }
                 WriteOp::Delete(t, k) => {
-                    tables[slot(t)].remove(&k);
+                    if let Some(old) = tables[slot(t)].remove(&k) {
+                        bytes -= (k.len() + old.len()) as u64;
+                    }
                 }
-                WriteOp::Clear(t) => tables[slot(t)].clear(),
+                WriteOp::Clear(t) => {
+                    let table = std::mem::take(&mut tables[slot(t)]);
+                    bytes -= table
+                        .iter()
+                        .map(|(k, v)| (k.len() + v.len()) as u64)
+                        .sum::<u64>();
+                }
             }
         }
+        self.bytes.store(bytes, Ordering::Relaxed);
         Ok(())
     }
 
@@ -96,12 +114,7 @@ impl Backend for MemoryBackend {
     }
 
     fn size_in_use(&self) -> u64 {
-        let tables = self.lock_read();
-        tables
-            .iter()
-            .flat_map(|t| t.iter())
-            .map(|(k, v)| (k.len() + v.len()) as u64)
-            .sum()
+        self.bytes.load(Ordering::Relaxed)
     }
 
     fn defragment(&self) -> Result<(), BackendError> {
@@ -112,6 +125,27 @@ impl Backend for MemoryBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn size_follows_puts_overwrites_deletes_and_clears() {
+        let b = MemoryBackend::new();
+        let mut batch = WriteBatch::default();
+        batch.put(Table::Kv, b"ab".to_vec(), b"123".to_vec());
+        batch.put(Table::Meta, b"m".to_vec(), b"1".to_vec());
+        b.commit(batch, Durability::Relaxed).unwrap();
+        assert_eq!(b.size(), 7);
+        let mut batch = WriteBatch::default();
+        batch.put(Table::Kv, b"ab".to_vec(), b"1".to_vec());
+        batch.delete(Table::Meta, b"m".to_vec());
+        batch.delete(Table::Meta, b"absent".to_vec());
+        b.commit(batch, Durability::Relaxed).unwrap();
+        assert_eq!(b.size(), 3);
+        let mut batch = WriteBatch::default();
+        batch.ops.push(WriteOp::Clear(Table::Kv));
+        batch.put(Table::Kv, b"x".to_vec(), Vec::new());
+        b.commit(batch, Durability::Relaxed).unwrap();
+        assert_eq!(b.size(), 1);
+    }
 
     #[test]
     fn memory_backend_passes_the_suite() {
