@@ -28,6 +28,8 @@ pub mod revision;
 pub mod store;
 #[cfg(feature = "engine")]
 pub mod validation;
+#[cfg(feature = "engine")]
+pub mod watch;
 
 #[cfg(feature = "engine")]
 pub use apply::txn_is_read_only;

@@ -13,7 +13,7 @@ use crate::backend::{BackendRead, Table, WriteBatch};
 use crate::error::{EngineError, Error as Failure, KvError};
 use crate::key_index::{KeyIndex, KeyRange};
 use crate::lease::LeaseTable;
-use crate::proto::mvccpb::KeyValue;
+use crate::proto::mvccpb::{Event, KeyValue, event::EventType};
 use crate::revision::{REVISION_BYTES, Revision};
 
 const RECORD_PUT: u8 = 0;
@@ -60,14 +60,16 @@ impl Record {
 }
 
 /// Uncommitted history writes of the current apply batch, layered over a backend read view.
-/// `None` marks a deletion. (Metadata needs no overlay: apply never reads it back.)
+/// `None` marks a deletion. (Metadata needs no overlay: apply never reads it back.) The
+/// batch's changes are also kept as watch events, in order, for the watch hub.
 #[derive(Debug, Default)]
 pub(crate) struct Overlay {
     pub kv: BTreeMap<[u8; REVISION_BYTES], Option<Vec<u8>>>,
+    pub events: Vec<Event>,
 }
 
 impl Overlay {
-    /// Moves the overlay into a backend batch.
+    /// Moves the overlay into a backend batch (its events stay behind).
     pub fn into_batch(self) -> WriteBatch {
         let mut batch = WriteBatch::default();
         for (k, v) in self.kv {
@@ -317,6 +319,11 @@ impl<'a> WriteTxn<'a> {
         self.overlay
             .kv
             .insert(rev.to_bytes(), Some(record.encode()));
+        self.overlay.events.push(Event {
+            r#type: EventType::Put as i32,
+            kv: Some(record.kv),
+            prev_kv: None,
+        });
         self.mvcc.index.put(key, rev);
         self.mvcc.leases.set_key_lease(key, lease);
         self.changes += 1;
@@ -348,6 +355,11 @@ impl<'a> WriteTxn<'a> {
                 self.overlay
                     .kv
                     .insert(rev.to_bytes(), Some(record.encode()));
+                self.overlay.events.push(Event {
+                    r#type: EventType::Delete as i32,
+                    kv: Some(record.kv),
+                    prev_kv: None,
+                });
                 self.changes += 1;
             }
         }

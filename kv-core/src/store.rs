@@ -27,7 +27,9 @@ use crate::proto::kvserverpb::{
     InternalRequest, InternalResponse, MemberAttributesApplied, internal_request::Request,
     internal_response::Response,
 };
+use crate::proto::mvccpb::{Event, KeyValue, event::EventType};
 use crate::revision::Revision;
+use crate::watch::{self, WatchHub};
 
 const META_APPLIED_INDEX: &[u8] = b"applied_index";
 const META_RAFT: &[u8] = b"raft_meta";
@@ -92,6 +94,8 @@ pub struct Store {
     state: RwLock<State>,
     config: StoreConfig,
     last_sync: Mutex<Instant>,
+    /// The watchers of this member; apply hands it every change after committing it.
+    hub: WatchHub,
 }
 
 fn be_u64(bytes: &[u8]) -> Result<u64, EngineError> {
@@ -117,11 +121,13 @@ impl Store {
     /// Opens the store over `backend`, rebuilding the key index from the stored history.
     pub fn open(backend: Box<dyn Backend>, config: StoreConfig) -> Result<Self, EngineError> {
         let state = Self::load(backend.as_ref())?;
+        let hub = WatchHub::new(state.mvcc.current);
         Ok(Self {
             backend,
             state: RwLock::new(state),
             config,
             last_sync: Mutex::new(Instant::now()),
+            hub,
         })
     }
 
@@ -386,6 +392,7 @@ impl Store {
         }
         state.applied_index = last;
         state.raft_meta = Some(meta.to_vec());
+        let events = std::mem::take(&mut overlay.events);
         let mut batch = overlay.into_batch();
         batch.put(Table::Meta, META_APPLIED_INDEX, last.to_be_bytes().to_vec());
         batch.put(Table::Meta, META_RAFT, meta.to_vec());
@@ -442,7 +449,85 @@ impl Store {
             *state = Self::load(self.backend.as_ref())?;
             return Err(e.into());
         }
+        drop(last_sync);
+        self.notify_watchers(&state, &events)?;
         Ok(outcomes)
+    }
+
+    /// Hands committed events to the watch hub, one revision at a time (a txn's events are
+    /// never split). Runs under the state lock, so watchers see revisions in order.
+    fn notify_watchers(&self, state: &State, events: &[Event]) -> Result<(), EngineError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let read = self.backend.read()?;
+        let src = Source {
+            backend: read.as_ref(),
+            overlay: None,
+        };
+        let prev = |key: &[u8], at: i64| -> Option<KeyValue> {
+            let found = state.mvcc.index.get(key, at)?;
+            src.record(found.modified).ok().map(|r| r.kv)
+        };
+        let mut prev = prev;
+        let mut start = 0;
+        while start < events.len() {
+            let rev = event_revision(&events[start]);
+            let end = events[start..]
+                .iter()
+                .position(|e| event_revision(e) != rev)
+                .map_or(events.len(), |n| start + n);
+            self.hub.notify(rev, &events[start..end], &mut prev);
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// The watchers of this member.
+    pub fn watch_hub(&self) -> &WatchHub {
+        &self.hub
+    }
+
+    /// One catch-up round for unsynced watchers: reads a bounded slice of history (from
+    /// storage, without holding up apply) and hands it to them. Returns true while watchers
+    /// are still behind or victims wait.
+    pub fn sync_watchers(&self) -> Result<bool, EngineError> {
+        let Some(plan) = self.hub.plan_sync() else {
+            return Ok(self.hub.has_backlog());
+        };
+        let (mut events, upto, compacted) = {
+            let read = self.backend.read()?;
+            let compacted = match read.get(Table::Meta, META_COMPACT_REV)? {
+                Some(v) => be_i64(&v)?,
+                None => -1,
+            };
+            let from = plan.from.max(compacted).max(1);
+            let limit = plan
+                .to
+                .min(from.saturating_add(watch::SYNC_MAX_REVISIONS - 1));
+            let (events, upto) = read_history(read.as_ref(), from, limit)?;
+            (events, upto, compacted)
+        };
+        if plan.watchers.iter().any(|w| w.3) {
+            // Previous values come from the index, under the state lock and a fresh view
+            // (lock order: state, then backend). Compacted ones are simply absent, as in etcd.
+            let state = self.read_state();
+            let read = self.backend.read()?;
+            let src = Source {
+                backend: read.as_ref(),
+                overlay: None,
+            };
+            for ev in &mut events {
+                let Some(kv) = &ev.kv else { continue };
+                let create =
+                    ev.r#type == EventType::Put as i32 && kv.create_revision == kv.mod_revision;
+                if !create && let Some(at) = state.mvcc.index.get(&kv.key, kv.mod_revision - 1) {
+                    ev.prev_kv = src.record(at.modified).ok().map(|r| r.kv);
+                }
+            }
+        }
+        self.hub.finish_sync(&plan, &events, upto, compacted);
+        Ok(self.hub.has_backlog())
     }
 
     fn apply_one(
@@ -681,7 +766,65 @@ impl Store {
         }
         self.backend.commit(batch, Durability::Immediate)?;
         *state = Self::load(self.backend.as_ref())?;
+        self.hub.resync_all(state.mvcc.current);
         Ok(())
+    }
+}
+
+fn event_revision(ev: &Event) -> i64 {
+    ev.kv.as_ref().map_or(0, |kv| kv.mod_revision)
+}
+
+/// The events of revisions `from..=to` in revision order, stopping early (at a revision
+/// boundary) after [`watch::SYNC_MAX_RECORDS`] records. Returns them and the last revision
+/// they cover completely.
+fn read_history(
+    read: &dyn crate::backend::BackendRead,
+    from: i64,
+    to: i64,
+) -> Result<(Vec<Event>, i64), EngineError> {
+    if from > to {
+        return Ok((Vec::new(), to));
+    }
+    let start = Revision::new(from, 0).to_bytes();
+    let end = Revision::new(to.saturating_add(1), 0).to_bytes();
+    let mut events = Vec::new();
+    let mut upto = to;
+    let mut failure = None;
+    read.scan(Table::Kv, &start, Some(&end), &mut |k, v| {
+        let Some(rev) = Revision::from_bytes(k) else {
+            failure = Some(EngineError::Corrupt("bad revision key in history".into()));
+            return false;
+        };
+        if events.len() >= watch::SYNC_MAX_RECORDS
+            && events.last().map(event_revision) != Some(rev.main)
+        {
+            upto = rev.main - 1;
+            return false;
+        }
+        match Record::decode(v) {
+            Ok(rec) => {
+                let kind = if rec.tombstone {
+                    EventType::Delete
+                } else {
+                    EventType::Put
+                };
+                events.push(Event {
+                    r#type: kind as i32,
+                    kv: Some(rec.kv),
+                    prev_kv: None,
+                });
+                true
+            }
+            Err(e) => {
+                failure = Some(e);
+                false
+            }
+        }
+    })?;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok((events, upto)),
     }
 }
 

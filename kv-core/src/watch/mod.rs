@@ -1,0 +1,753 @@
+//! The watch hub: every watcher of every stream on this member, and the delivery of the
+//! store's changes to them.
+//!
+//! Watchers are in one of three groups, as in etcd:
+//! * **synced**: caught up with the store; apply hands each new revision's events to the
+//!   watchers whose span they hit ([`SpanIndex`]), one response per watcher and revision.
+//! * **victim**: synced, but its stream's queue was full; its responses wait in a bounded
+//!   buffer of its own and are retried. A victim whose buffer overflows becomes unsynced.
+//! * **unsynced**: behind the store (it started at an old revision, or was a victim too long);
+//!   [`WatchHub`]'s caller reads the history it missed from storage in bounded batches
+//!   ([`Store::sync_watchers`](crate::store::Store::sync_watchers)) until it is caught up.
+//!
+//! Apply never waits for a watcher: queues are bounded and only `try_send` is used, so a slow
+//! consumer costs its own stream, never the writers or other streams.
+
+mod span_index;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::proto::etcdserverpb::{
+    ResponseHeader, WatchCreateRequest, WatchResponse, watch_create_request::FilterType,
+};
+use crate::proto::mvccpb::{Event, KeyValue, event::EventType};
+
+pub use span_index::{Span, SpanIndex};
+
+/// Responses a victim may hold before it is sent back to catch up from storage.
+pub const VICTIM_MAX_EVENTS: usize = 4096;
+/// Revisions one catch-up response covers at most (etcd's `watchBatchMaxRevs`).
+pub const SYNC_MAX_REVISIONS: i64 = 1000;
+/// History records one catch-up round reads at most (it stops at a revision boundary past it).
+pub const SYNC_MAX_RECORDS: usize = 10_000;
+/// Unsynced watchers one catch-up round serves at most (etcd's `maxWatchersPerSync`).
+pub const SYNC_MAX_WATCHERS: usize = 512;
+/// Watchers one stream may hold.
+pub const MAX_WATCHERS_PER_STREAM: usize = 1 << 20;
+
+/// The id etcd clients use for "no particular watcher" (progress, refused creates).
+pub const INVALID_WATCH_ID: i64 = -1;
+
+/// `mvcc: watcher range is empty`.
+pub const ERR_EMPTY_RANGE: &str = "mvcc: watcher range is empty";
+/// `mvcc: duplicate watch ID provided on the WatchStream`.
+pub const ERR_DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
+/// Ours: the stream holds [`MAX_WATCHERS_PER_STREAM`] watchers.
+pub const ERR_TOO_MANY: &str = "kv-server: too many watchers on this stream";
+
+/// A response on its way to a stream, with what the sender needs to know about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    /// The response; its header carries only the revision.
+    pub response: WatchResponse,
+    /// The watcher asked for large responses to be split (`fragment`).
+    pub fragment: bool,
+}
+
+/// One stream's outgoing queue, as the hub sees it.
+pub trait WatchSink: Send + Sync {
+    /// Queues `out` without waiting; false (and `out` dropped) when the queue is full or gone.
+    fn try_send(&self, out: Outgoing) -> bool;
+}
+
+/// A stream's handle in the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamId(u64);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Group {
+    Synced,
+    Victim,
+    Unsynced,
+}
+
+#[derive(Debug)]
+struct Watcher {
+    stream: StreamId,
+    /// The id the client knows (unique within the stream).
+    id: i64,
+    span: Span,
+    no_put: bool,
+    no_delete: bool,
+    prev_kv: bool,
+    fragment: bool,
+    /// `progress_notify`: a periodic empty response when nothing else was sent.
+    progress_notify: bool,
+    /// Nothing was sent since the last progress tick.
+    quiet: bool,
+    group: Group,
+    /// The first revision not yet handed to the stream.
+    next_rev: i64,
+    /// A victim's responses, oldest first.
+    held: Vec<WatchResponse>,
+    held_events: usize,
+}
+
+impl Watcher {
+    fn keeps(&self, ev: &Event) -> bool {
+        let put = ev.r#type == EventType::Put as i32;
+        !(put && self.no_put || !put && self.no_delete)
+    }
+}
+
+struct StreamState {
+    sink: Arc<dyn WatchSink>,
+    /// Client id -> hub key of the stream's watchers.
+    watchers: BTreeMap<i64, u64>,
+    next_client_id: i64,
+    /// A progress request waits for the stream's watchers to be synced.
+    progress_pending: bool,
+}
+
+#[derive(Default)]
+struct HubState {
+    next_key: u64,
+    next_stream: u64,
+    watchers: HashMap<u64, Watcher>,
+    synced: SpanIndex,
+    victims: BTreeSet<u64>,
+    unsynced: BTreeSet<u64>,
+    streams: HashMap<StreamId, StreamState>,
+    /// The newest revision handed to the hub: every event up to it has been offered to the
+    /// synced watchers, and storage holds everything up to it.
+    revision: i64,
+}
+
+/// A watch request, decoded from `WatchCreateRequest` with etcd's conventions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchSpec {
+    /// What to watch.
+    pub span: Span,
+    /// First revision to deliver; 0: the next one.
+    pub start_revision: i64,
+    /// Client-chosen id; 0: the hub picks the lowest free one.
+    pub watch_id: i64,
+    /// Skip PUT events.
+    pub no_put: bool,
+    /// Skip DELETE events.
+    pub no_delete: bool,
+    /// Attach the previous key-value to events.
+    pub prev_kv: bool,
+    /// Split large responses.
+    pub fragment: bool,
+    /// Periodic progress responses.
+    pub progress_notify: bool,
+}
+
+impl WatchSpec {
+    /// Decodes a create request as etcd does: an empty key is `\0`, a range end of `\0` means
+    /// "every key from `key` on", and a range end at or before the key is refused.
+    pub fn from_request(req: &WatchCreateRequest) -> Result<Self, &'static str> {
+        let key = if req.key.is_empty() {
+            vec![0]
+        } else {
+            req.key.clone()
+        };
+        let span = match req.range_end.as_slice() {
+            [] => Span::Key(key),
+            [0] => Span::Range {
+                start: key,
+                end: None,
+            },
+            end if key.as_slice() >= end => return Err(ERR_EMPTY_RANGE),
+            end => Span::Range {
+                start: key,
+                end: Some(end.to_vec()),
+            },
+        };
+        let has = |f: FilterType| req.filters.contains(&(f as i32));
+        Ok(Self {
+            span,
+            start_revision: req.start_revision,
+            watch_id: req.watch_id,
+            no_put: has(FilterType::Noput),
+            no_delete: has(FilterType::Nodelete),
+            prev_kv: req.prev_kv,
+            fragment: req.fragment,
+            progress_notify: req.progress_notify,
+        })
+    }
+}
+
+/// What [`Store::sync_watchers`](crate::store::Store::sync_watchers) needs of the unsynced
+/// watchers for one catch-up round.
+#[derive(Debug, Clone)]
+pub(crate) struct SyncPlan {
+    /// (hub key, next revision, span, wants prev kv).
+    pub watchers: Vec<(u64, i64, Span, bool)>,
+    /// The smallest next revision among them.
+    pub from: i64,
+    /// The hub's revision when planned: read history up to it at most.
+    pub to: i64,
+}
+
+fn header(revision: i64) -> Option<ResponseHeader> {
+    Some(ResponseHeader {
+        revision,
+        ..Default::default()
+    })
+}
+
+/// Counts of watchers per group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HubStats {
+    /// Streams open.
+    pub streams: usize,
+    /// Watchers in all.
+    pub watchers: usize,
+    /// Victims.
+    pub victims: usize,
+    /// Unsynced.
+    pub unsynced: usize,
+}
+
+/// All watchers of this member.
+#[derive(Default)]
+pub struct WatchHub {
+    state: Mutex<HubState>,
+}
+
+impl WatchHub {
+    /// A hub whose store stands at `revision`.
+    pub fn new(revision: i64) -> Self {
+        let hub = Self::default();
+        hub.lock().revision = revision;
+        hub
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HubState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The newest revision the hub was told of.
+    pub fn revision(&self) -> i64 {
+        self.lock().revision
+    }
+
+    /// Watchers per group.
+    pub fn stats(&self) -> HubStats {
+        let s = self.lock();
+        HubStats {
+            streams: s.streams.len(),
+            watchers: s.watchers.len(),
+            victims: s.victims.len(),
+            unsynced: s.unsynced.len(),
+        }
+    }
+
+    /// True when catch-up, victim retries or a pending progress request have work.
+    pub fn has_backlog(&self) -> bool {
+        let s = self.lock();
+        !s.unsynced.is_empty()
+            || !s.victims.is_empty()
+            || s.streams.values().any(|st| st.progress_pending)
+    }
+
+    /// Registers a stream whose responses go to `sink`.
+    pub fn open_stream(&self, sink: Arc<dyn WatchSink>) -> StreamId {
+        let mut s = self.lock();
+        s.next_stream += 1;
+        let id = StreamId(s.next_stream);
+        s.streams.insert(
+            id,
+            StreamState {
+                sink,
+                watchers: BTreeMap::new(),
+                next_client_id: 0,
+                progress_pending: false,
+            },
+        );
+        id
+    }
+
+    /// Drops a stream and every watcher on it.
+    pub fn close_stream(&self, stream: StreamId) {
+        let mut s = self.lock();
+        let Some(st) = s.streams.remove(&stream) else {
+            return;
+        };
+        for key in st.watchers.into_values() {
+            s.drop_watcher(key);
+        }
+        s.shrink();
+    }
+
+    /// Creates a watcher on `stream`. `announce` is called (under the hub's lock, before any
+    /// event of the watcher can be queued) with the `created` response, which is refused
+    /// (canceled, with etcd's reason) when the id is taken. Returns the watcher's id.
+    pub fn create(
+        &self,
+        stream: StreamId,
+        spec: WatchSpec,
+        announce: impl FnOnce(WatchResponse),
+    ) -> Option<i64> {
+        let mut s = self.lock();
+        let revision = s.revision;
+        let refuse = |reason: &str| WatchResponse {
+            header: header(revision),
+            watch_id: INVALID_WATCH_ID,
+            created: true,
+            canceled: true,
+            cancel_reason: reason.to_string(),
+            ..Default::default()
+        };
+        let st = s.streams.get_mut(&stream)?;
+        if st.watchers.len() >= MAX_WATCHERS_PER_STREAM {
+            announce(refuse(ERR_TOO_MANY));
+            return None;
+        }
+        let id = if spec.watch_id == 0 {
+            while st.watchers.contains_key(&st.next_client_id) {
+                st.next_client_id += 1;
+            }
+            st.next_client_id += 1;
+            st.next_client_id - 1
+        } else if st.watchers.contains_key(&spec.watch_id) {
+            announce(refuse(ERR_DUPLICATE_ID));
+            return None;
+        } else {
+            spec.watch_id
+        };
+        s.next_key += 1;
+        let key = s.next_key;
+        if let Some(st) = s.streams.get_mut(&stream) {
+            st.watchers.insert(id, key);
+        }
+        // As etcd: start 0 is "from the next revision"; a start past the store revision is
+        // synced and simply waits for that revision.
+        let start = if spec.start_revision == 0 {
+            revision + 1
+        } else {
+            spec.start_revision
+        };
+        let group = if start > revision {
+            Group::Synced
+        } else {
+            Group::Unsynced
+        };
+        let watcher = Watcher {
+            stream,
+            id,
+            span: spec.span,
+            no_put: spec.no_put,
+            no_delete: spec.no_delete,
+            prev_kv: spec.prev_kv,
+            fragment: spec.fragment,
+            progress_notify: spec.progress_notify,
+            quiet: true,
+            group,
+            next_rev: start,
+            held: Vec::new(),
+            held_events: 0,
+        };
+        announce(WatchResponse {
+            header: header(revision),
+            watch_id: id,
+            created: true,
+            ..Default::default()
+        });
+        match group {
+            Group::Synced => s.synced.insert(key, &watcher.span),
+            _ => {
+                s.unsynced.insert(key);
+            }
+        }
+        s.watchers.insert(key, watcher);
+        Some(id)
+    }
+
+    /// Cancels watcher `id` of `stream`; false if there is no such watcher. Nothing of it is
+    /// queued after this returns.
+    pub fn cancel(&self, stream: StreamId, id: i64) -> bool {
+        let mut s = self.lock();
+        let Some(key) = s
+            .streams
+            .get_mut(&stream)
+            .and_then(|st| st.watchers.remove(&id))
+        else {
+            return false;
+        };
+        s.drop_watcher(key);
+        s.shrink();
+        true
+    }
+
+    /// Answers a progress request: once every watcher of the stream is synced, a response with
+    /// no watch id and the hub's revision is queued after every event up to that revision.
+    /// `reply` queues it now if possible; otherwise the request waits for the next
+    /// [`WatchHub::retry`].
+    pub fn request_progress(&self, stream: StreamId, reply: impl FnOnce(WatchResponse) -> bool) {
+        let mut s = self.lock();
+        let revision = s.revision;
+        let synced = s.stream_synced(stream);
+        let Some(st) = s.streams.get_mut(&stream) else {
+            return;
+        };
+        st.progress_pending = !(synced && reply(progress(INVALID_WATCH_ID, revision)));
+    }
+
+    /// Hands the events of one applied revision to the synced watchers they hit. `prev`
+    /// looks up a key's value before a revision (only called for `prev_kv` watchers).
+    pub fn notify(
+        &self,
+        revision: i64,
+        events: &[Event],
+        mut prev: impl FnMut(&[u8], i64) -> Option<KeyValue>,
+    ) {
+        let mut s = self.lock();
+        s.revision = s.revision.max(revision);
+        if s.watchers.is_empty() || events.is_empty() {
+            return;
+        }
+        let mut hit: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+        for (i, ev) in events.iter().enumerate() {
+            let key = ev.kv.as_ref().map_or(&[][..], |kv| kv.key.as_slice());
+            s.synced.hits(key, |w| hit.entry(w).or_default().push(i));
+        }
+        for (key, idx) in hit {
+            let Some(w) = s.watchers.get(&key) else {
+                continue;
+            };
+            if w.next_rev > revision {
+                continue;
+            }
+            let evs: Vec<Event> = idx
+                .into_iter()
+                .map(|i| &events[i])
+                .filter(|ev| w.keeps(ev))
+                .map(|ev| with_prev(ev, w.prev_kv, &mut prev))
+                .collect();
+            if evs.is_empty() {
+                continue;
+            }
+            let response = WatchResponse {
+                header: header(revision),
+                watch_id: w.id,
+                events: evs,
+                ..Default::default()
+            };
+            s.deliver_live(key, revision, response);
+        }
+    }
+
+    /// Retries victims and pending progress requests, and sends periodic progress responses
+    /// when `progress_tick` is set. Returns true if work remains.
+    pub fn retry(&self, progress_tick: bool) -> bool {
+        let mut s = self.lock();
+        let victims: Vec<u64> = s.victims.iter().copied().collect();
+        for key in victims {
+            s.flush_victim(key);
+        }
+        if progress_tick {
+            s.progress_tick();
+        }
+        let pending: Vec<StreamId> = s
+            .streams
+            .iter()
+            .filter(|(_, st)| st.progress_pending)
+            .map(|(id, _)| *id)
+            .collect();
+        let revision = s.revision;
+        for id in pending {
+            if s.stream_synced(id)
+                && let Some(st) = s.streams.get_mut(&id)
+                && st.sink.try_send(Outgoing {
+                    response: progress(INVALID_WATCH_ID, revision),
+                    fragment: false,
+                })
+            {
+                st.progress_pending = false;
+            }
+        }
+        !s.victims.is_empty() || !s.unsynced.is_empty()
+    }
+
+    /// Moves every watcher back to catching up from storage (the store was replaced by a
+    /// snapshot, so what synced watchers were told may not continue the new state).
+    pub fn resync_all(&self, revision: i64) {
+        let mut s = self.lock();
+        let delivered = s.revision;
+        let keys: Vec<u64> = s.watchers.keys().copied().collect();
+        for key in keys {
+            // A synced watcher has been offered everything up to the old revision.
+            if let Some(w) = s.watchers.get_mut(&key)
+                && w.group == Group::Synced
+            {
+                w.next_rev = w.next_rev.max(delivered + 1);
+            }
+            s.make_unsynced(key);
+        }
+        s.revision = revision;
+    }
+
+    /// Which unsynced watchers to catch up next, or `None` if none.
+    pub(crate) fn plan_sync(&self) -> Option<SyncPlan> {
+        let s = self.lock();
+        let mut watchers = Vec::new();
+        for key in &s.unsynced {
+            let Some(w) = s.watchers.get(key) else {
+                continue;
+            };
+            watchers.push((*key, w.next_rev, w.span.clone(), w.prev_kv));
+            if watchers.len() >= SYNC_MAX_WATCHERS {
+                break;
+            }
+        }
+        let from = watchers.iter().map(|w| w.1).min()?;
+        Some(SyncPlan {
+            watchers,
+            from,
+            to: s.revision,
+        })
+    }
+
+    /// Delivers a catch-up round: `events` are every event of revisions `from..=upto` (in
+    /// revision order, prev kvs filled where asked), `compacted` the compaction revision of
+    /// the storage they were read from. Watchers that reach the hub's revision become synced.
+    pub(crate) fn finish_sync(&self, plan: &SyncPlan, events: &[Event], upto: i64, compacted: i64) {
+        let mut s = self.lock();
+        let revision = s.revision;
+        for (key, next_rev, _, _) in &plan.watchers {
+            let Some(w) = s.watchers.get(key) else {
+                continue;
+            };
+            // Canceled and re-created, or moved on, since the plan.
+            if w.group != Group::Unsynced || w.next_rev != *next_rev {
+                continue;
+            }
+            if *next_rev < compacted {
+                let response = WatchResponse {
+                    header: header(revision),
+                    watch_id: w.id,
+                    canceled: true,
+                    compact_revision: compacted,
+                    ..Default::default()
+                };
+                let stream = w.stream;
+                let id = w.id;
+                if s.send(stream, response, false) {
+                    if let Some(st) = s.streams.get_mut(&stream) {
+                        st.watchers.remove(&id);
+                    }
+                    s.drop_watcher(*key);
+                }
+                continue;
+            }
+            let evs: Vec<Event> = events
+                .iter()
+                .filter(|ev| {
+                    ev.kv
+                        .as_ref()
+                        .is_some_and(|kv| kv.mod_revision >= *next_rev && w.span.contains(&kv.key))
+                        && w.keeps(ev)
+                })
+                .map(|ev| {
+                    let mut ev = ev.clone();
+                    if !w.prev_kv {
+                        ev.prev_kv = None;
+                    }
+                    ev
+                })
+                .collect();
+            if !evs.is_empty() {
+                let response = WatchResponse {
+                    header: header(revision),
+                    watch_id: w.id,
+                    events: evs,
+                    ..Default::default()
+                };
+                let (stream, fragment) = (w.stream, w.fragment);
+                if !s.send(stream, response, fragment) {
+                    continue;
+                }
+            }
+            if let Some(w) = s.watchers.get_mut(key) {
+                w.next_rev = w.next_rev.max(upto + 1);
+                if w.next_rev > revision {
+                    s.unsynced.remove(key);
+                    if let Some(w) = s.watchers.get_mut(key) {
+                        w.group = Group::Synced;
+                    }
+                    let span = s.watchers[key].span.clone();
+                    s.synced.insert(*key, &span);
+                }
+            }
+        }
+    }
+}
+
+fn progress(watch_id: i64, revision: i64) -> WatchResponse {
+    WatchResponse {
+        header: header(revision),
+        watch_id,
+        ..Default::default()
+    }
+}
+
+/// `ev` as a watcher sees it: with the previous key-value when it asked and the event is not
+/// a creation (etcd's `IsCreateEvent` check).
+fn with_prev(
+    ev: &Event,
+    want: bool,
+    prev: &mut impl FnMut(&[u8], i64) -> Option<KeyValue>,
+) -> Event {
+    let mut ev = ev.clone();
+    if want && let Some(kv) = &ev.kv {
+        let create = ev.r#type == EventType::Put as i32 && kv.create_revision == kv.mod_revision;
+        if !create {
+            ev.prev_kv = prev(&kv.key, kv.mod_revision - 1);
+        }
+    }
+    ev
+}
+
+impl HubState {
+    fn send(&mut self, stream: StreamId, response: WatchResponse, fragment: bool) -> bool {
+        let Some(st) = self.streams.get(&stream) else {
+            return false;
+        };
+        st.sink.try_send(Outgoing { response, fragment })
+    }
+
+    fn deliver_live(&mut self, key: u64, revision: i64, response: WatchResponse) {
+        let Some(w) = self.watchers.get(&key) else {
+            return;
+        };
+        let (stream, fragment, group) = (w.stream, w.fragment, w.group);
+        if group == Group::Synced {
+            if self.send(stream, response.clone(), fragment) {
+                if let Some(w) = self.watchers.get_mut(&key) {
+                    w.next_rev = revision + 1;
+                    w.quiet = false;
+                }
+                return;
+            }
+            self.victims.insert(key);
+            if let Some(w) = self.watchers.get_mut(&key) {
+                w.group = Group::Victim;
+            }
+        }
+        let Some(w) = self.watchers.get_mut(&key) else {
+            return;
+        };
+        w.held_events += response.events.len();
+        w.held.push(response);
+        if w.held_events > VICTIM_MAX_EVENTS {
+            // Too far behind to buffer: read it back from storage instead.
+            self.make_unsynced(key);
+        }
+    }
+
+    fn flush_victim(&mut self, key: u64) {
+        loop {
+            let Some(w) = self.watchers.get_mut(&key) else {
+                self.victims.remove(&key);
+                return;
+            };
+            if w.held.is_empty() {
+                w.group = Group::Synced;
+                w.next_rev = self.revision + 1;
+                self.victims.remove(&key);
+                return;
+            }
+            let response = w.held.remove(0);
+            let (stream, fragment) = (w.stream, w.fragment);
+            let revision = response.header.as_ref().map_or(0, |h| h.revision);
+            let events = response.events.len();
+            if !self.send(stream, response.clone(), fragment) {
+                if let Some(w) = self.watchers.get_mut(&key) {
+                    w.held.insert(0, response);
+                }
+                return;
+            }
+            if let Some(w) = self.watchers.get_mut(&key) {
+                w.held_events -= events;
+                w.next_rev = revision + 1;
+                w.quiet = false;
+            }
+        }
+    }
+
+    /// Takes watcher `key` out of the live path; it will catch up from its `next_rev`.
+    fn make_unsynced(&mut self, key: u64) {
+        let Some(w) = self.watchers.get_mut(&key) else {
+            return;
+        };
+        if let Some(first) = w.held.first() {
+            w.next_rev = first.header.as_ref().map_or(w.next_rev, |h| h.revision);
+        }
+        w.held = Vec::new();
+        w.held_events = 0;
+        let was = w.group;
+        w.group = Group::Unsynced;
+        let span = w.span.clone();
+        if was != Group::Unsynced {
+            self.synced.remove(key, &span);
+        }
+        self.victims.remove(&key);
+        self.unsynced.insert(key);
+    }
+
+    fn drop_watcher(&mut self, key: u64) {
+        if let Some(w) = self.watchers.remove(&key) {
+            if w.group != Group::Unsynced {
+                self.synced.remove(key, &w.span);
+            }
+            self.victims.remove(&key);
+            self.unsynced.remove(&key);
+        }
+    }
+
+    fn stream_synced(&self, stream: StreamId) -> bool {
+        self.streams.get(&stream).is_some_and(|st| {
+            st.watchers.values().all(|key| {
+                self.watchers
+                    .get(key)
+                    .is_none_or(|w| w.group == Group::Synced)
+            })
+        })
+    }
+
+    /// etcd's progress ticker: a synced `progress_notify` watcher that was sent nothing since
+    /// the last tick gets an empty response at the current revision.
+    fn progress_tick(&mut self) {
+        let revision = self.revision;
+        let due: Vec<(u64, StreamId, i64)> = self
+            .watchers
+            .iter()
+            .filter(|(_, w)| w.progress_notify)
+            .map(|(k, w)| (*k, w.stream, w.id))
+            .collect();
+        for (key, stream, id) in due {
+            let Some(w) = self.watchers.get_mut(&key) else {
+                continue;
+            };
+            let send = w.quiet && w.group == Group::Synced;
+            w.quiet = true;
+            if send {
+                self.send(stream, progress(id, revision), false);
+            }
+        }
+    }
+
+    /// Gives memory back after many watchers went away.
+    fn shrink(&mut self) {
+        if self.watchers.capacity() > 64 && self.watchers.len() < self.watchers.capacity() / 4 {
+            self.watchers.shrink_to_fit();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
