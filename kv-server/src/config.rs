@@ -95,6 +95,14 @@ pub struct Flags {
     /// Time (in milliseconds) for an election to time out.
     #[arg(long, env = "ETCD_ELECTION_TIMEOUT", default_value_t = 1000)]
     pub election_timeout: u64,
+    /// How often a watcher that asked for `progress_notify` hears the current revision when
+    /// nothing else was sent to it (a duration such as `10m` or `5s`).
+    #[arg(
+        long = "experimental-watch-progress-notify-interval",
+        env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL",
+        default_value = "10m"
+    )]
+    pub watch_progress_notify_interval: String,
     /// Log level: debug, info, warn, error.
     #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -269,6 +277,18 @@ impl Flags {
         })
     }
 
+    /// `--experimental-watch-progress-notify-interval` as a duration.
+    pub fn watch_progress_interval(&self) -> Result<Duration, FlagError> {
+        let v = self.watch_progress_notify_interval.trim();
+        match parse_duration(v) {
+            Some(d) if !d.is_zero() && v.parse::<f64>().is_err() => Ok(d),
+            _ => Err(flag_error(
+                "experimental-watch-progress-notify-interval",
+                format!("{v}: expected a positive duration like 10m or 5s"),
+            )),
+        }
+    }
+
     /// What auto-compaction keeps.
     pub fn retention(&self) -> Result<Retention, FlagError> {
         let v = self.auto_compaction_retention.trim();
@@ -357,6 +377,23 @@ mod tests {
             f.initial_cluster().unwrap(),
             vec![("default".into(), "http://127.0.0.1:2380".into())]
         );
+    }
+
+    #[test]
+    fn watch_progress_interval_is_a_go_duration() {
+        assert_eq!(
+            flags(&[]).watch_progress_interval().unwrap(),
+            Duration::from_secs(600)
+        );
+        let f = flags(&["--experimental-watch-progress-notify-interval", "250ms"]);
+        assert_eq!(
+            f.watch_progress_interval().unwrap(),
+            Duration::from_millis(250)
+        );
+        for bad in ["0s", "5", "soon"] {
+            let f = flags(&["--experimental-watch-progress-notify-interval", bad]);
+            assert!(f.watch_progress_interval().is_err(), "{bad}");
+        }
     }
 
     #[test]

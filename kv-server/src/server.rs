@@ -23,7 +23,7 @@ use crate::raft::network::{MAX_PEER_MESSAGE_BYTES, PeerCall, PeerConnection};
 use crate::raft::{PeerService, RaftConfig, RaftNode};
 use crate::service::{
     cluster::ClusterService, kv::KvService, lease::LeaseService, maintenance::MaintenanceService,
-    pending::Pending,
+    pending::Pending, watch::WatchService,
 };
 use kv_core::proto::kvserverpb::peer_server::PeerServer;
 
@@ -73,6 +73,7 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
     let data_dir = flags.data_dir();
     let initial_cluster = flags.initial_cluster()?;
     let retention = flags.retention()?;
+    let progress_interval = flags.watch_progress_interval()?;
     let timing = flags.raft_timing()?;
     let addrs = flags.client_addrs()?;
     // A member joining an existing cluster learns the cluster id from its peers, as etcd does.
@@ -181,6 +182,13 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
         tracing::info!(address = %bound, "listening for peers");
     }
     tokio::spawn(crate::lessor::run(node.clone(), cancel.clone()));
+    let watch_wake = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(crate::service::watch::run(
+        node.clone(),
+        watch_wake.clone(),
+        progress_interval,
+        cancel.clone(),
+    ));
     tokio::spawn(crate::compaction::run(
         node.clone(),
         retention,
@@ -210,7 +218,10 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
                 ClusterServer::new(ClusterService::new(node.clone()))
                     .max_decoding_message_size(max_decode),
             )
-            .add_service(WatchServer::new(Pending))
+            .add_service(
+                WatchServer::new(WatchService::new(node.clone(), watch_wake.clone()))
+                    .max_decoding_message_size(max_decode),
+            )
             .add_service(
                 LeaseServer::new(LeaseService::new(node.clone()))
                     .max_decoding_message_size(max_decode),

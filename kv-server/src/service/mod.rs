@@ -7,3 +7,4 @@ pub mod kv;
 pub mod lease;
 pub mod maintenance;
 pub mod pending;
+pub mod watch;

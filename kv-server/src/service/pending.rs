@@ -1,14 +1,14 @@
-//! Services whose issue has not landed yet (Watch, Auth, Lock, Election). Every call
+//! Services whose issue has not landed yet (Auth, Lock, Election). Every call
 //! answers `Unimplemented` naming what is missing, so a client gets a clear, immediate error
 //! instead of a hang or a wrong answer.
 
 use std::pin::Pin;
 
 use futures::Stream;
-use kv_core::proto::etcdserverpb::{self as pb, auth_server::Auth, watch_server::Watch};
+use kv_core::proto::etcdserverpb::{self as pb, auth_server::Auth};
 use kv_core::proto::v3electionpb::{self as el, election_server::Election};
 use kv_core::proto::v3lockpb::{self as lk, lock_server::Lock};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 
 /// A boxed server stream.
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -39,17 +39,6 @@ macro_rules! pending_impl {
         }
     };
 }
-
-pending_impl!(Watch, "Watch", {
-    type WatchStream = BoxStream<pb::WatchResponse>;
-
-    async fn watch(
-        &self,
-        _: Request<Streaming<pb::WatchRequest>>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
-        Err(not_yet("Watch"))
-    }
-});
 
 pending_impl!(Auth, "Auth", {}
     auth_enable(pb::AuthEnableRequest) -> pb::AuthEnableResponse;
