@@ -25,8 +25,11 @@ use crate::proto::mvccpb::{Event, KeyValue, event::EventType};
 
 pub use span_index::{Span, SpanIndex};
 
-/// Responses a victim may hold before it is sent back to catch up from storage.
-pub const VICTIM_MAX_EVENTS: usize = 4096;
+/// Events one victim may hold before it is sent back to catch up from storage.
+pub const VICTIM_MAX_EVENTS: usize = 1024;
+/// Events all victims of one stream may hold together; past it, the victim that overflows is
+/// sent back to storage, so a stalled stream costs bounded memory however many watchers it has.
+pub const STREAM_MAX_HELD_EVENTS: usize = 8192;
 /// Revisions one catch-up response covers at most (etcd's `watchBatchMaxRevs`).
 pub const SYNC_MAX_REVISIONS: i64 = 1000;
 /// History records one catch-up round reads at most (it stops at a revision boundary past it).
@@ -108,6 +111,8 @@ struct StreamState {
     next_client_id: i64,
     /// A progress request waits for the stream's watchers to be synced.
     progress_pending: bool,
+    /// Events held by the stream's victims.
+    held_events: usize,
 }
 
 #[derive(Default)]
@@ -210,6 +215,8 @@ pub struct HubStats {
     pub victims: usize,
     /// Unsynced.
     pub unsynced: usize,
+    /// Events held by victims, all streams together.
+    pub held_events: usize,
 }
 
 /// All watchers of this member.
@@ -243,6 +250,7 @@ impl WatchHub {
             watchers: s.watchers.len(),
             victims: s.victims.len(),
             unsynced: s.unsynced.len(),
+            held_events: s.streams.values().map(|st| st.held_events).sum(),
         }
     }
 
@@ -266,6 +274,7 @@ impl WatchHub {
                 watchers: BTreeMap::new(),
                 next_client_id: 0,
                 progress_pending: false,
+                held_events: 0,
             },
         );
         id
@@ -641,9 +650,15 @@ impl HubState {
         let Some(w) = self.watchers.get_mut(&key) else {
             return;
         };
-        w.held_events += response.events.len();
+        let n = response.events.len();
+        w.held_events += n;
         w.held.push(response);
-        if w.held_events > VICTIM_MAX_EVENTS {
+        let own = w.held_events;
+        let stream_held = self.streams.get_mut(&stream).map_or(0, |st| {
+            st.held_events += n;
+            st.held_events
+        });
+        if own > VICTIM_MAX_EVENTS || stream_held > STREAM_MAX_HELD_EVENTS {
             // Too far behind to buffer: read it back from storage instead.
             self.make_unsynced(key);
         }
@@ -676,6 +691,9 @@ impl HubState {
                 w.next_rev = revision + 1;
                 w.quiet = false;
             }
+            if let Some(st) = self.streams.get_mut(&stream) {
+                st.held_events = st.held_events.saturating_sub(events);
+            }
         }
     }
 
@@ -688,7 +706,8 @@ impl HubState {
             w.next_rev = first.header.as_ref().map_or(w.next_rev, |h| h.revision);
         }
         w.held = Vec::new();
-        w.held_events = 0;
+        let released = std::mem::take(&mut w.held_events);
+        let stream = w.stream;
         let was = w.group;
         w.group = Group::Unsynced;
         let span = w.span.clone();
@@ -697,10 +716,16 @@ impl HubState {
         }
         self.victims.remove(&key);
         self.unsynced.insert(key);
+        if let Some(st) = self.streams.get_mut(&stream) {
+            st.held_events = st.held_events.saturating_sub(released);
+        }
     }
 
     fn drop_watcher(&mut self, key: u64) {
         if let Some(w) = self.watchers.remove(&key) {
+            if let Some(st) = self.streams.get_mut(&w.stream) {
+                st.held_events = st.held_events.saturating_sub(w.held_events);
+            }
             if w.group != Group::Unsynced {
                 self.synced.remove(key, &w.span);
             }

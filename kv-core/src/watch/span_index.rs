@@ -44,7 +44,8 @@ impl Span {
 /// Watcher ids by the keys they watch.
 #[derive(Debug, Default)]
 pub struct SpanIndex {
-    keys: HashMap<Vec<u8>, BTreeSet<u64>>,
+    /// Watchers of one key; usually one or a few, so a vector beats a set in memory.
+    keys: HashMap<Vec<u8>, Vec<u64>>,
     /// Segment start -> ranges covering `[start, next start)`. The first boundary is always
     /// the empty key once any range is present.
     segments: BTreeMap<Vec<u8>, BTreeSet<u64>>,
@@ -55,7 +56,10 @@ impl SpanIndex {
     pub fn insert(&mut self, id: u64, span: &Span) {
         match span {
             Span::Key(k) => {
-                self.keys.entry(k.clone()).or_default().insert(id);
+                let ids = self.keys.entry(k.clone()).or_default();
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
             }
             Span::Range { start, end } => {
                 self.split_at(start);
@@ -73,9 +77,9 @@ impl SpanIndex {
     pub fn remove(&mut self, id: u64, span: &Span) {
         match span {
             Span::Key(k) => {
-                if let Some(set) = self.keys.get_mut(k) {
-                    set.remove(&id);
-                    if set.is_empty() {
+                if let Some(ids) = self.keys.get_mut(k) {
+                    ids.retain(|w| *w != id);
+                    if ids.is_empty() {
                         self.keys.remove(k);
                     }
                 }

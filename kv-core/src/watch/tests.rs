@@ -1,5 +1,6 @@
 //! The hub through the store: live delivery, catch-up, victims, compaction, progress.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use super::*;
@@ -303,6 +304,47 @@ fn a_slow_stream_becomes_victim_then_unsynced_and_loses_nothing() {
         (2..writes + 2).collect::<Vec<_>>(),
         "every revision once, in order"
     );
+}
+
+#[test]
+fn a_stalled_stream_holds_bounded_events_however_many_watchers_it_has() {
+    let mut f = Fixture::new();
+    let stalled = Queue::new(1);
+    let s = f.hub().open_stream(stalled.clone());
+    for _ in 0..100 {
+        f.watch(s, create("k", "", 0));
+    }
+    let writes = 200;
+    for i in 0..writes {
+        f.put("k", &i.to_string());
+        assert!(f.hub().stats().held_events <= STREAM_MAX_HELD_EVENTS);
+    }
+    assert!(f.hub().stats().unsynced > 0);
+    // Once the client reads again, every watcher gets every revision exactly once.
+    let mut seen: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+    for _ in 0..100_000 {
+        for r in stalled.take() {
+            if r.created {
+                continue;
+            }
+            let revs = seen.entry(r.watch_id).or_default();
+            revs.extend(r.events.iter().map(|e| e.kv.as_ref().unwrap().mod_revision));
+        }
+        let more = f.store.sync_watchers().unwrap();
+        f.hub().retry(false);
+        if !more && f.hub().stats().unsynced == 0 && f.hub().stats().victims == 0 {
+            break;
+        }
+    }
+    for r in stalled.take() {
+        let revs = seen.entry(r.watch_id).or_default();
+        revs.extend(r.events.iter().map(|e| e.kv.as_ref().unwrap().mod_revision));
+    }
+    assert_eq!(seen.len(), 100);
+    for revs in seen.values() {
+        assert_eq!(revs, &(2..writes + 2).collect::<Vec<_>>());
+    }
+    assert_eq!(f.hub().stats().held_events, 0);
 }
 
 #[test]
