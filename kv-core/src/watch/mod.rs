@@ -73,6 +73,9 @@ enum Group {
     Synced,
     Victim,
     Unsynced,
+    /// Canceled by a compaction: it gets nothing more, but, as in etcd, its id stays taken
+    /// until the client cancels it (the Go client answers the compaction with a cancel).
+    Compacted,
 }
 
 #[derive(Debug)]
@@ -536,20 +539,20 @@ impl WatchHub {
                 continue;
             }
             if *next_rev < compacted {
+                // etcd's compaction response carries no header revision.
                 let response = WatchResponse {
-                    header: header(revision),
+                    header: header(0),
                     watch_id: w.id,
                     canceled: true,
                     compact_revision: compacted,
                     ..Default::default()
                 };
                 let stream = w.stream;
-                let id = w.id;
                 if s.send(stream, response, false) {
-                    if let Some(st) = s.streams.get_mut(&stream) {
-                        st.watchers.remove(&id);
+                    s.unsynced.remove(key);
+                    if let Some(w) = s.watchers.get_mut(key) {
+                        w.group = Group::Compacted;
                     }
-                    s.drop_watcher(*key);
                 }
                 continue;
             }
@@ -709,6 +712,9 @@ impl HubState {
         let released = std::mem::take(&mut w.held_events);
         let stream = w.stream;
         let was = w.group;
+        if was == Group::Compacted {
+            return;
+        }
         w.group = Group::Unsynced;
         let span = w.span.clone();
         if was != Group::Unsynced {
@@ -726,7 +732,7 @@ impl HubState {
             if let Some(st) = self.streams.get_mut(&w.stream) {
                 st.held_events = st.held_events.saturating_sub(w.held_events);
             }
-            if w.group != Group::Unsynced {
+            if matches!(w.group, Group::Synced | Group::Victim) {
                 self.synced.remove(key, &w.span);
             }
             self.victims.remove(&key);
@@ -739,7 +745,7 @@ impl HubState {
             st.watchers.values().all(|key| {
                 self.watchers
                     .get(key)
-                    .is_none_or(|w| w.group == Group::Synced)
+                    .is_none_or(|w| matches!(w.group, Group::Synced | Group::Compacted))
             })
         })
     }

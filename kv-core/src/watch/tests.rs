@@ -264,9 +264,31 @@ fn a_compacted_start_revision_is_canceled_with_the_compaction_revision() {
     let canceled: Vec<_> = got.iter().filter(|r| r.canceled).collect();
     assert_eq!(canceled.len(), 1);
     assert_eq!((canceled[0].watch_id, canceled[0].compact_revision), (0, 6));
+    assert_eq!(canceled[0].header.as_ref().unwrap().revision, 0);
     let revs: Vec<i64> = events(&got).iter().map(|e| e.2).collect();
     assert_eq!(revs, (6..=11).collect::<Vec<_>>());
-    assert_eq!(f.hub().stats().watchers, 1);
+    // The compacted watcher's id stays taken until the client cancels it, as in etcd.
+    let (again, refused) = f.watch(
+        s,
+        WatchCreateRequest {
+            watch_id: 0,
+            ..create("k", "", 0)
+        },
+    );
+    assert_eq!(again, Some(2), "an auto id skips it");
+    let (dup, _) = f.watch(
+        s,
+        WatchCreateRequest {
+            watch_id: 5,
+            ..create("k", "", 0)
+        },
+    );
+    assert_eq!(dup, Some(5));
+    assert!(!refused.canceled);
+    assert!(f.hub().cancel(s, 0));
+    assert_eq!(f.hub().stats().watchers, 3);
+    f.put("k", "after");
+    assert!(q.take().iter().all(|r| r.watch_id != 0));
 }
 
 #[test]

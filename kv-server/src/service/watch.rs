@@ -19,6 +19,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::config::GRPC_OVERHEAD_BYTES;
 use crate::node::Node;
 use crate::service::pending::BoxStream;
 
@@ -84,7 +85,8 @@ impl Stream for Responses {
                 let mut response = out.response;
                 self.node.fill(&mut response.header);
                 if out.fragment {
-                    let limit = self.node.limits.max_request_bytes;
+                    // etcd cuts at the request limit plus gRPC's head-room.
+                    let limit = self.node.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
                     self.ready.extend(fragments(response, limit));
                     Poll::Ready(self.ready.pop_front().map(Ok))
                 } else {
