@@ -62,6 +62,9 @@ pub struct Outgoing {
 pub trait WatchSink: Send + Sync {
     /// Queues `out` without waiting; false (and `out` dropped) when the queue is full or gone.
     fn try_send(&self, out: Outgoing) -> bool;
+    /// Whether the queue has room now (catch-up skips streams that cannot take anything, so
+    /// a stalled client never holds back anyone else's catch-up).
+    fn has_room(&self) -> bool;
 }
 
 /// A stream's handle in the hub.
@@ -511,6 +514,13 @@ impl WatchHub {
             let Some(w) = s.watchers.get(key) else {
                 continue;
             };
+            if !s
+                .streams
+                .get(&w.stream)
+                .is_some_and(|st| st.sink.has_room())
+            {
+                continue;
+            }
             watchers.push((*key, w.next_rev, w.span.clone(), w.prev_kv));
             if watchers.len() >= SYNC_MAX_WATCHERS {
                 break;

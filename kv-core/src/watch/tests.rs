@@ -28,6 +28,10 @@ impl WatchSink for Queue {
         q.push(out);
         true
     }
+
+    fn has_room(&self) -> bool {
+        self.queued.lock().unwrap().len() < self.capacity
+    }
 }
 
 impl Queue {
@@ -367,6 +371,34 @@ fn a_stalled_stream_holds_bounded_events_however_many_watchers_it_has() {
         assert_eq!(revs, &(2..writes + 2).collect::<Vec<_>>());
     }
     assert_eq!(f.hub().stats().held_events, 0);
+}
+
+/// A stalled stream's watcher far behind must not hold back another stream's catch-up.
+#[test]
+fn a_stalled_stream_does_not_starve_other_streams_catch_up() {
+    let mut f = Fixture::new();
+    let stalled = Queue::new(1);
+    let s_stalled = f.hub().open_stream(stalled.clone());
+    f.watch(s_stalled, create("k", "", 1));
+    let total = 3 * SYNC_MAX_REVISIONS;
+    for i in 0..total {
+        f.put("k", &i.to_string());
+    }
+    let live = Queue::new(10_000);
+    let s_live = f.hub().open_stream(live.clone());
+    let start = total - 10;
+    f.watch(s_live, create("k", "", start));
+    for _ in 0..5 {
+        f.store.sync_watchers().unwrap();
+        f.hub().retry(false);
+    }
+    let revs: Vec<i64> = events(&live.take()).iter().map(|e| e.2).collect();
+    assert_eq!(revs, (start..=total + 1).collect::<Vec<_>>());
+    assert_eq!(
+        f.hub().stats().unsynced,
+        1,
+        "only the stalled one is behind"
+    );
 }
 
 #[test]

@@ -37,6 +37,10 @@ impl WatchSink for QueueSink {
     fn try_send(&self, out: Outgoing) -> bool {
         self.0.try_send(out).is_ok()
     }
+
+    fn has_room(&self) -> bool {
+        self.0.capacity() > 0
+    }
 }
 
 /// The Watch service.
