@@ -15,7 +15,7 @@
 
 mod span_index;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::proto::etcdserverpb::{
@@ -60,8 +60,8 @@ pub struct Outgoing {
 
 /// One stream's outgoing queue, as the hub sees it.
 pub trait WatchSink: Send + Sync {
-    /// Queues `out` without waiting; false (and `out` dropped) when the queue is full or gone.
-    fn try_send(&self, out: Outgoing) -> bool;
+    /// Queues `out` without waiting; hands it back when the queue is full or gone.
+    fn try_send(&self, out: Outgoing) -> Result<(), Outgoing>;
     /// Whether the queue has room now (catch-up skips streams that cannot take anything, so
     /// a stalled client never holds back anyone else's catch-up).
     fn has_room(&self) -> bool;
@@ -99,7 +99,7 @@ struct Watcher {
     /// The first revision not yet handed to the stream.
     next_rev: i64,
     /// A victim's responses, oldest first.
-    held: Vec<WatchResponse>,
+    held: VecDeque<WatchResponse>,
     held_events: usize,
 }
 
@@ -363,7 +363,7 @@ impl WatchHub {
             quiet: true,
             group,
             next_rev: start,
-            held: Vec::new(),
+            held: VecDeque::new(),
             held_events: 0,
         };
         announce(WatchResponse {
@@ -477,10 +477,13 @@ impl WatchHub {
         for id in pending {
             if s.stream_synced(id)
                 && let Some(st) = s.streams.get_mut(&id)
-                && st.sink.try_send(Outgoing {
-                    response: progress(INVALID_WATCH_ID, revision),
-                    fragment: false,
-                })
+                && st
+                    .sink
+                    .try_send(Outgoing {
+                        response: progress(INVALID_WATCH_ID, revision),
+                        fragment: false,
+                    })
+                    .is_ok()
             {
                 st.progress_pending = false;
             }
@@ -558,7 +561,7 @@ impl WatchHub {
                     ..Default::default()
                 };
                 let stream = w.stream;
-                if s.send(stream, response, false) {
+                if s.send(stream, response, false).is_ok() {
                     s.unsynced.remove(key);
                     if let Some(w) = s.watchers.get_mut(key) {
                         w.group = Group::Compacted;
@@ -590,7 +593,7 @@ impl WatchHub {
                     ..Default::default()
                 };
                 let (stream, fragment) = (w.stream, w.fragment);
-                if !s.send(stream, response, fragment) {
+                if s.send(stream, response, fragment).is_err() {
                     continue;
                 }
             }
@@ -635,11 +638,19 @@ fn with_prev(
 }
 
 impl HubState {
-    fn send(&mut self, stream: StreamId, response: WatchResponse, fragment: bool) -> bool {
+    /// Queues `response` on `stream`; hands it back if the queue is full (or the stream gone).
+    fn send(
+        &mut self,
+        stream: StreamId,
+        response: WatchResponse,
+        fragment: bool,
+    ) -> Result<(), WatchResponse> {
         let Some(st) = self.streams.get(&stream) else {
-            return false;
+            return Err(response);
         };
-        st.sink.try_send(Outgoing { response, fragment })
+        st.sink
+            .try_send(Outgoing { response, fragment })
+            .map_err(|out| out.response)
     }
 
     fn deliver_live(&mut self, key: u64, revision: i64, response: WatchResponse) {
@@ -647,25 +658,32 @@ impl HubState {
             return;
         };
         let (stream, fragment, group) = (w.stream, w.fragment, w.group);
-        if group == Group::Synced {
-            if self.send(stream, response.clone(), fragment) {
-                if let Some(w) = self.watchers.get_mut(&key) {
-                    w.next_rev = revision + 1;
-                    w.quiet = false;
+        let response = if group == Group::Synced {
+            match self.send(stream, response, fragment) {
+                Ok(()) => {
+                    if let Some(w) = self.watchers.get_mut(&key) {
+                        w.next_rev = revision + 1;
+                        w.quiet = false;
+                    }
+                    return;
                 }
-                return;
+                Err(response) => {
+                    self.victims.insert(key);
+                    if let Some(w) = self.watchers.get_mut(&key) {
+                        w.group = Group::Victim;
+                    }
+                    response
+                }
             }
-            self.victims.insert(key);
-            if let Some(w) = self.watchers.get_mut(&key) {
-                w.group = Group::Victim;
-            }
-        }
+        } else {
+            response
+        };
         let Some(w) = self.watchers.get_mut(&key) else {
             return;
         };
         let n = response.events.len();
         w.held_events += n;
-        w.held.push(response);
+        w.held.push_back(response);
         let own = w.held_events;
         let stream_held = self.streams.get_mut(&stream).map_or(0, |st| {
             st.held_events += n;
@@ -689,13 +707,15 @@ impl HubState {
                 self.victims.remove(&key);
                 return;
             }
-            let response = w.held.remove(0);
+            let Some(response) = w.held.pop_front() else {
+                return;
+            };
             let (stream, fragment) = (w.stream, w.fragment);
             let revision = response.header.as_ref().map_or(0, |h| h.revision);
             let events = response.events.len();
-            if !self.send(stream, response.clone(), fragment) {
+            if let Err(response) = self.send(stream, response, fragment) {
                 if let Some(w) = self.watchers.get_mut(&key) {
-                    w.held.insert(0, response);
+                    w.held.push_front(response);
                 }
                 return;
             }
@@ -715,10 +735,10 @@ impl HubState {
         let Some(w) = self.watchers.get_mut(&key) else {
             return;
         };
-        if let Some(first) = w.held.first() {
+        if let Some(first) = w.held.front() {
             w.next_rev = first.header.as_ref().map_or(w.next_rev, |h| h.revision);
         }
-        w.held = Vec::new();
+        w.held = VecDeque::new();
         let released = std::mem::take(&mut w.held_events);
         let stream = w.stream;
         let was = w.group;
@@ -777,7 +797,8 @@ impl HubState {
             let send = w.quiet && w.group == Group::Synced;
             w.quiet = true;
             if send {
-                self.send(stream, progress(id, revision), false);
+                // A full queue is busy with events: the progress is not needed then.
+                let _ = self.send(stream, progress(id, revision), false);
             }
         }
     }

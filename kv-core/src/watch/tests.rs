@@ -20,13 +20,13 @@ struct Queue {
 }
 
 impl WatchSink for Queue {
-    fn try_send(&self, out: Outgoing) -> bool {
+    fn try_send(&self, out: Outgoing) -> Result<(), Outgoing> {
         let mut q = self.queued.lock().unwrap();
         if q.len() >= self.capacity {
-            return false;
+            return Err(out);
         }
         q.push(out);
-        true
+        Ok(())
     }
 
     fn has_room(&self) -> bool {

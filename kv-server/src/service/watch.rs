@@ -26,6 +26,13 @@ use crate::service::pending::BoxStream;
 /// Responses queued per stream before its watchers become victims (etcd queues 128; a deeper
 /// queue lets one stream carry a thousand watchers of one hot prefix without falling behind).
 pub const STREAM_QUEUE: usize = 4096;
+/// Queued responses looked at together when the client reads slower than they are produced.
+const MERGE_SCAN: usize = STREAM_QUEUE;
+/// A merged response holds at most this many events...
+const MERGE_MAX_EVENTS: usize = 1000;
+/// ...and at most about this many key and value bytes (clients commonly refuse messages over
+/// 4 MiB).
+const MERGE_MAX_BYTES: usize = 1 << 20;
 /// How often the background task works while watchers are behind.
 const BACKLOG_TICK: Duration = Duration::from_millis(10);
 /// How often it looks for work when nobody woke it.
@@ -34,8 +41,8 @@ const IDLE_TICK: Duration = Duration::from_millis(50);
 struct QueueSink(mpsc::Sender<Outgoing>);
 
 impl WatchSink for QueueSink {
-    fn try_send(&self, out: Outgoing) -> bool {
-        self.0.try_send(out).is_ok()
+    fn try_send(&self, out: Outgoing) -> Result<(), Outgoing> {
+        self.0.try_send(out).map_err(|e| e.into_inner())
     }
 
     fn has_room(&self) -> bool {
@@ -84,23 +91,85 @@ impl Stream for Responses {
         if let Some(r) = self.ready.pop_front() {
             return Poll::Ready(Some(Ok(r)));
         }
-        match self.queue.poll_recv(cx) {
-            Poll::Ready(Some(out)) => {
-                let mut response = out.response;
-                self.node.fill(&mut response.header);
-                if out.fragment {
-                    // etcd cuts at the request limit plus gRPC's head-room.
-                    let limit = self.node.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
-                    self.ready.extend(fragments(response, limit));
-                    Poll::Ready(self.ready.pop_front().map(Ok))
-                } else {
-                    Poll::Ready(Some(Ok(response)))
-                }
+        let first = match self.queue.poll_recv(cx) {
+            Poll::Ready(Some(out)) => out,
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        // Whatever else is already queued goes out with it, merged per watcher: under load
+        // fewer, larger messages; when idle, no wait at all.
+        let mut batch = vec![first];
+        while batch.len() < MERGE_SCAN {
+            match self.queue.try_recv() {
+                Ok(out) => batch.push(out),
+                Err(_) => break,
             }
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
         }
+        let limit = self.node.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
+        for out in merge(batch) {
+            let mut response = out.response;
+            self.node.fill(&mut response.header);
+            if out.fragment {
+                // etcd cuts at the request limit plus gRPC's head-room.
+                let pieces = fragments(response, limit);
+                self.ready.extend(pieces);
+            } else {
+                self.ready.push_back(response);
+            }
+        }
+        Poll::Ready(self.ready.pop_front().map(Ok))
     }
+}
+
+fn event_bytes(response: &WatchResponse) -> usize {
+    response
+        .events
+        .iter()
+        .flat_map(|e| e.kv.iter().chain(e.prev_kv.iter()))
+        .map(|kv| kv.key.len() + kv.value.len())
+        .sum()
+}
+
+/// Merges consecutive event responses of the same watcher (later events appended to its
+/// earlier response, which moves them ahead of other watchers' responses only). Anything else
+/// (created, canceled, compacted, progress, fragmenting watchers) is passed through as a
+/// barrier: nothing of that watcher, or of any watcher for a stream-wide progress, is merged
+/// across it.
+fn merge(batch: Vec<Outgoing>) -> Vec<Outgoing> {
+    let mut out: Vec<(Outgoing, usize)> = Vec::with_capacity(batch.len());
+    let mut open: std::collections::HashMap<i64, usize> = Default::default();
+    for o in batch {
+        let r = &o.response;
+        let plain = !r.events.is_empty()
+            && !r.created
+            && !r.canceled
+            && r.compact_revision == 0
+            && !o.fragment;
+        if !plain {
+            if r.watch_id == INVALID_WATCH_ID {
+                open.clear();
+            } else {
+                open.remove(&r.watch_id);
+            }
+            out.push((o, 0));
+            continue;
+        }
+        let bytes = event_bytes(r);
+        if let Some(&i) = open.get(&r.watch_id) {
+            let (target, size) = &mut out[i];
+            if target.response.events.len() + r.events.len() <= MERGE_MAX_EVENTS
+                && *size + bytes <= MERGE_MAX_BYTES
+            {
+                *size += bytes;
+                target.response.header = o.response.header;
+                target.response.events.extend(o.response.events);
+                continue;
+            }
+        }
+        open.insert(r.watch_id, out.len());
+        out.push((o, bytes));
+    }
+    out.into_iter().map(|(o, _)| o).collect()
 }
 
 /// etcd's `sendFragments`: a response over `limit` bytes with more than one event is cut into
@@ -280,6 +349,72 @@ mod tests {
             }),
             prev_kv: None,
         }
+    }
+
+    fn out(watch_id: i64, revision: i64, events: usize) -> Outgoing {
+        Outgoing {
+            response: WatchResponse {
+                header: Some(kv_core::proto::etcdserverpb::ResponseHeader {
+                    revision,
+                    ..Default::default()
+                }),
+                watch_id,
+                events: (0..events).map(|_| event(10)).collect(),
+                ..Default::default()
+            },
+            fragment: false,
+        }
+    }
+
+    #[test]
+    fn merge_joins_a_watchers_responses_but_not_across_barriers() {
+        let created = Outgoing {
+            response: WatchResponse {
+                watch_id: 2,
+                created: true,
+                ..Default::default()
+            },
+            fragment: false,
+        };
+        let progress = out(INVALID_WATCH_ID, 9, 0);
+        let batch = vec![
+            out(1, 3, 1),
+            out(2, 3, 2),
+            out(1, 4, 1),
+            created,
+            out(2, 5, 1),
+            out(1, 5, 3),
+            progress,
+            out(1, 6, 1),
+        ];
+        let merged = merge(batch);
+        let shape: Vec<(i64, i64, usize)> = merged
+            .iter()
+            .map(|o| {
+                let r = &o.response;
+                (
+                    r.watch_id,
+                    r.header.as_ref().map_or(0, |h| h.revision),
+                    r.events.len(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                (1, 5, 5),
+                (2, 3, 2),
+                (2, 0, 0),
+                (2, 5, 1),
+                (-1, 9, 0),
+                (1, 6, 1)
+            ]
+        );
+        // The event cap starts a new response.
+        let big: Vec<Outgoing> = (0..3)
+            .map(|r| out(7, r, MERGE_MAX_EVENTS / 2 - 1))
+            .collect();
+        assert_eq!(merge(big).len(), 2);
     }
 
     #[test]
