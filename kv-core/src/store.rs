@@ -29,6 +29,7 @@ use crate::proto::kvserverpb::{
 };
 use crate::proto::mvccpb::{Event, KeyValue, event::EventType};
 use crate::revision::Revision;
+use crate::watch::feed::{Feed, FeedItem};
 use crate::watch::{self, WatchHub};
 
 const META_APPLIED_INDEX: &[u8] = b"applied_index";
@@ -96,6 +97,8 @@ pub struct Store {
     last_sync: Mutex<Instant>,
     /// The watchers of this member; apply hands it every change after committing it.
     hub: WatchHub,
+    /// The way changes reach `hub`: inline, or through a feeder thread.
+    feed: Feed,
 }
 
 fn be_u64(bytes: &[u8]) -> Result<u64, EngineError> {
@@ -128,6 +131,7 @@ impl Store {
             config,
             last_sync: Mutex::new(Instant::now()),
             hub,
+            feed: Feed::default(),
         })
     }
 
@@ -450,26 +454,35 @@ impl Store {
             return Err(e.into());
         }
         drop(last_sync);
-        self.notify_watchers(&state, &events)?;
+        if events.is_empty() {
+            return Ok(outcomes);
+        }
+        // Apply runs on one thread, so handing over after the lock is released keeps
+        // revisions in order, and a full feed never blocks readers.
+        drop(state);
+        if let Some(FeedItem::Events(events)) = self.feed.offer(FeedItem::Events(events)) {
+            self.notify_inline(&self.read_state(), &events)?;
+        }
         Ok(outcomes)
     }
 
-    /// Hands committed events to the watch hub, one revision at a time (a txn's events are
-    /// never split). Runs under the state lock, so watchers see revisions in order.
-    fn notify_watchers(&self, state: &State, events: &[Event]) -> Result<(), EngineError> {
-        if events.is_empty() {
-            return Ok(());
-        }
+    /// Hands committed events to the watch hub from apply itself, under the state lock.
+    fn notify_inline(&self, state: &State, events: &[Event]) -> Result<(), EngineError> {
         let read = self.backend.read()?;
         let src = Source {
             backend: read.as_ref(),
             overlay: None,
         };
-        let prev = |key: &[u8], at: i64| -> Option<KeyValue> {
+        self.notify_hub(events, |key, at| {
             let found = state.mvcc.index.get(key, at)?;
             src.record(found.modified).ok().map(|r| r.kv)
-        };
-        let mut prev = prev;
+        });
+        Ok(())
+    }
+
+    /// Hands events to the hub one revision at a time (a txn's events are never split).
+    /// `prev` finds a key's value before a revision, for `prev_kv` watchers.
+    fn notify_hub(&self, events: &[Event], mut prev: impl FnMut(&[u8], i64) -> Option<KeyValue>) {
         let mut start = 0;
         while start < events.len() {
             let rev = event_revision(&events[start]);
@@ -480,7 +493,42 @@ impl Store {
             self.hub.notify(rev, &events[start..end], &mut prev);
             start = end;
         }
-        Ok(())
+    }
+
+    /// Runs the watch feeder on the calling thread until [`Store::stop_watch_feed`]: from now
+    /// on apply only queues its events and this thread hands them to the hub. Returns at once
+    /// if a feeder already runs.
+    pub fn run_watch_feed(&self) {
+        if !self.feed.start() {
+            return;
+        }
+        while let Some(item) = self.feed.next() {
+            match item {
+                FeedItem::Events(events) => self.notify_hub(&events, |key, at| {
+                    // Lock order: hub (held by notify), then state, then backend. A value
+                    // compacted away meanwhile is simply absent, as in etcd.
+                    let state = self.read_state();
+                    let found = state.mvcc.index.get(key, at)?;
+                    let read = self.backend.read().ok()?;
+                    let src = Source {
+                        backend: read.as_ref(),
+                        overlay: None,
+                    };
+                    src.record(found.modified).ok().map(|r| r.kv)
+                }),
+                FeedItem::Resync(revision) => self.hub.resync_all(revision),
+            }
+        }
+    }
+
+    /// Whether a watch feeder thread runs.
+    pub fn feed_is_threaded(&self) -> bool {
+        self.feed.is_threaded()
+    }
+
+    /// Stops the watch feeder once it has delivered what is queued.
+    pub fn stop_watch_feed(&self) {
+        self.feed.close();
     }
 
     /// The watchers of this member.
@@ -766,7 +814,11 @@ impl Store {
         }
         self.backend.commit(batch, Durability::Immediate)?;
         *state = Self::load(self.backend.as_ref())?;
-        self.hub.resync_all(state.mvcc.current);
+        let revision = state.mvcc.current;
+        drop(state);
+        if self.feed.offer(FeedItem::Resync(revision)).is_some() {
+            self.hub.resync_all(revision);
+        }
         Ok(())
     }
 }

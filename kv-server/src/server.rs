@@ -112,6 +112,13 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
         )
         .map_err(engine_err)?,
     );
+    // Watch events reach the hub on a thread of their own, off the apply path.
+    {
+        let store = store.clone();
+        std::thread::Builder::new()
+            .name("watch-feed".into())
+            .spawn(move || store.run_watch_feed())?;
+    }
     // Bind the peer port before starting Raft so a taken port fails the start at once.
     let mut peer_listeners = Vec::new();
     for addr in flags.peer_addrs()? {
@@ -299,6 +306,7 @@ impl Running {
             }
         }
         self.node.raft.shutdown().await?;
+        self.node.store.stop_watch_feed();
         let store = self.node.store.clone();
         tokio::task::spawn_blocking(move || store.sync())
             .await

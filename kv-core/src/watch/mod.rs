@@ -13,6 +13,7 @@
 //! Apply never waits for a watcher: queues are bounded and only `try_send` is used, so a slow
 //! consumer costs its own stream, never the writers or other streams.
 
+pub(crate) mod feed;
 mod span_index;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -23,6 +24,7 @@ use crate::proto::etcdserverpb::{
 };
 use crate::proto::mvccpb::{Event, KeyValue, event::EventType};
 
+pub use feed::FEED_MAX_BATCHES;
 pub use span_index::{Span, SpanIndex};
 
 /// Events one victim may hold before it is sent back to catch up from storage.

@@ -52,7 +52,7 @@ impl Queue {
 
 struct Fixture {
     store: Store,
-    index: u64,
+    index: std::cell::Cell<u64>,
 }
 
 impl Fixture {
@@ -65,24 +65,28 @@ impl Fixture {
             },
         )
         .unwrap();
-        Self { store, index: 0 }
+        Self {
+            store,
+            index: Default::default(),
+        }
     }
 
-    fn apply(&mut self, request: Request) {
-        self.index += 1;
+    fn apply(&self, request: Request) {
+        let index = self.index.get() + 1;
+        self.index.set(index);
         let cmd = InternalRequest {
-            id: self.index,
+            id: index,
             request: Some(request),
         };
         self.store
-            .apply_batch(&[(self.index, Some(cmd))], b"m")
+            .apply_batch(&[(index, Some(cmd))], b"m")
             .unwrap()
             .pop()
             .unwrap()
             .unwrap();
     }
 
-    fn put(&mut self, key: &str, value: &str) {
+    fn put(&self, key: &str, value: &str) {
         self.apply(Request::Put(PutRequest {
             key: key.into(),
             value: value.into(),
@@ -90,7 +94,7 @@ impl Fixture {
         }));
     }
 
-    fn delete(&mut self, key: &str) {
+    fn delete(&self, key: &str) {
         self.apply(Request::DeleteRange(DeleteRangeRequest {
             key: key.into(),
             ..Default::default()
@@ -149,7 +153,7 @@ const DELETE: i32 = EventType::Delete as i32;
 
 #[test]
 fn live_events_reach_only_the_watchers_they_hit() {
-    let mut f = Fixture::new();
+    let f = Fixture::new();
     let q = Queue::new(1000);
     let s = f.hub().open_stream(q.clone());
     let (a, created) = f.watch(s, create("a", "", 0));
@@ -182,7 +186,7 @@ fn live_events_reach_only_the_watchers_they_hit() {
 
 #[test]
 fn a_txn_is_one_response_and_filters_and_prev_kv_apply() {
-    let mut f = Fixture::new();
+    let f = Fixture::new();
     f.put("k1", "old");
     let q = Queue::new(1000);
     let s = f.hub().open_stream(q.clone());
@@ -231,7 +235,7 @@ fn a_txn_is_one_response_and_filters_and_prev_kv_apply() {
 
 #[test]
 fn past_start_revisions_catch_up_from_storage_then_go_live() {
-    let mut f = Fixture::new();
+    let f = Fixture::new();
     for i in 0..30 {
         f.put(&format!("k{}", i % 3), &i.to_string());
     }
@@ -250,7 +254,7 @@ fn past_start_revisions_catch_up_from_storage_then_go_live() {
 
 #[test]
 fn a_compacted_start_revision_is_canceled_with_the_compaction_revision() {
-    let mut f = Fixture::new();
+    let f = Fixture::new();
     for i in 0..10 {
         f.put("k", &i.to_string());
     }
@@ -297,7 +301,7 @@ fn a_compacted_start_revision_is_canceled_with_the_compaction_revision() {
 
 #[test]
 fn a_slow_stream_becomes_victim_then_unsynced_and_loses_nothing() {
-    let mut f = Fixture::new();
+    let f = Fixture::new();
     let slow = Queue::new(2);
     let fast = Queue::new(100_000);
     let s_slow = f.hub().open_stream(slow.clone());
@@ -334,7 +338,7 @@ fn a_slow_stream_becomes_victim_then_unsynced_and_loses_nothing() {
 
 #[test]
 fn a_stalled_stream_holds_bounded_events_however_many_watchers_it_has() {
-    let mut f = Fixture::new();
+    let f = Fixture::new();
     let stalled = Queue::new(1);
     let s = f.hub().open_stream(stalled.clone());
     for _ in 0..100 {
@@ -376,7 +380,7 @@ fn a_stalled_stream_holds_bounded_events_however_many_watchers_it_has() {
 /// A stalled stream's watcher far behind must not hold back another stream's catch-up.
 #[test]
 fn a_stalled_stream_does_not_starve_other_streams_catch_up() {
-    let mut f = Fixture::new();
+    let f = Fixture::new();
     let stalled = Queue::new(1);
     let s_stalled = f.hub().open_stream(stalled.clone());
     f.watch(s_stalled, create("k", "", 1));
@@ -402,8 +406,44 @@ fn a_stalled_stream_does_not_starve_other_streams_catch_up() {
 }
 
 #[test]
+fn a_feeder_thread_delivers_every_revision_in_order() {
+    let f = Fixture::new();
+    let q = Queue::new(100_000);
+    let s = f.hub().open_stream(q.clone());
+    let mut req = create("k", "l", 0);
+    req.prev_kv = true;
+    f.watch(s, req);
+    std::thread::scope(|scope| {
+        let store = &f.store;
+        scope.spawn(move || store.run_watch_feed());
+        // Wait until the feeder took over, then write through it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !f.store.feed_is_threaded() {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::yield_now();
+        }
+        for i in 0..500 {
+            f.put(&format!("k{}", i % 7), &i.to_string());
+        }
+        f.store.stop_watch_feed();
+    });
+    let got = q.take();
+    let revs: Vec<i64> = events(&got).iter().map(|e| e.2).collect();
+    assert_eq!(revs, (2..502).collect::<Vec<_>>());
+    // The feeder looked previous values up itself.
+    let with_prev = got
+        .iter()
+        .flat_map(|r| &r.events)
+        .filter(|e| e.prev_kv.is_some());
+    assert_eq!(with_prev.count(), 500 - 7);
+    // Stopped: apply delivers inline again.
+    f.put("k0", "inline");
+    assert_eq!(events(&q.take()).len(), 1);
+}
+
+#[test]
 fn cancel_and_stream_end_free_everything_and_ids_follow_etcd() {
-    let mut f = Fixture::new();
+    let f = Fixture::new();
     let q = Queue::new(100);
     let s = f.hub().open_stream(q.clone());
     f.watch(s, create("a", "", 0));
@@ -440,7 +480,7 @@ fn cancel_and_stream_end_free_everything_and_ids_follow_etcd() {
 
 #[test]
 fn progress_waits_for_the_stream_to_be_synced() {
-    let mut f = Fixture::new();
+    let f = Fixture::new();
     for i in 0..5 {
         f.put("k", &i.to_string());
     }

@@ -12,7 +12,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
-use kv_core::proto::etcdserverpb::{WatchRequest, WatchResponse, watch_request::RequestUnion};
+use kv_core::proto::etcdserverpb::{
+    ResponseHeader, WatchRequest, WatchResponse, watch_request::RequestUnion,
+};
 use kv_core::watch::{INVALID_WATCH_ID, Outgoing, StreamId, WatchSink, WatchSpec};
 use prost::Message;
 use tokio::sync::{Notify, mpsc};
@@ -106,9 +108,12 @@ impl Stream for Responses {
             }
         }
         let limit = self.node.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
+        // One look at Raft's term for the whole batch.
+        let base = self.node.header(0).unwrap_or_default();
         for out in merge(batch) {
             let mut response = out.response;
-            self.node.fill(&mut response.header);
+            let revision = response.header.as_ref().map_or(0, |h| h.revision);
+            response.header = Some(ResponseHeader { revision, ..base });
             if out.fragment {
                 // etcd cuts at the request limit plus gRPC's head-room.
                 let pieces = fragments(response, limit);
