@@ -165,6 +165,11 @@ pub fn start_kv_server(data_dir: &Path, extra: &[&str]) -> Proc {
 
 /// Starts etcd from PATH on free loopback ports, or returns why it cannot.
 pub fn start_etcd(data_dir: &Path) -> Result<Proc, String> {
+    start_etcd_with(data_dir, &[])
+}
+
+/// Starts etcd from PATH on free loopback ports with `extra` flags, or returns why it cannot.
+pub fn start_etcd_with(data_dir: &Path, extra: &[&str]) -> Result<Proc, String> {
     let etcd = which("etcd").ok_or("etcd is not installed (apt-get install etcd-server)")?;
     let client = free_port();
     let peer = free_port();
@@ -179,6 +184,7 @@ pub fn start_etcd(data_dir: &Path) -> Result<Proc, String> {
         .args(["--listen-peer-urls", &peer_url])
         .args(["--initial-advertise-peer-urls", &peer_url])
         .args(["--initial-cluster", &format!("default={peer_url}")])
+        .args(extra)
         .env("ETCD_UNSUPPORTED_ARCH", "amd64");
     Ok(Proc::spawn(
         cmd,
@@ -551,5 +557,51 @@ pub async fn wait_leader_among(
             "no leader among {candidates:?} within {within:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A process's CPU time and memory from `/proc`, for the benchmarks and the memory checks.
+pub mod procfs {
+    /// utime + stime of `pid`, in clock ticks.
+    pub fn cpu_ticks(pid: u32) -> Result<u64, String> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+        // The command name (field 2) is in parentheses and may hold spaces: count from after it.
+        let rest = stat
+            .rsplit_once(") ")
+            .map(|(_, r)| r)
+            .ok_or("unexpected /proc/PID/stat")?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
+        let field = |i: usize| -> Result<u64, String> {
+            fields
+                .get(i)
+                .and_then(|f| f.parse().ok())
+                .ok_or_else(|| format!("/proc/{pid}/stat: no field {}", i + 3))
+        };
+        Ok(field(11)? + field(12)?)
+    }
+
+    /// VmRSS of `pid`, in KiB.
+    pub fn rss_kib(pid: u32) -> Result<u64, String> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("/proc/{pid}/status: no VmRSS"))
+    }
+
+    /// Clock ticks per second (`getconf CLK_TCK`, 100 if unknown).
+    pub fn clock_ticks_per_second() -> u64 {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100)
     }
 }

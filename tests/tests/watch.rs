@@ -16,8 +16,6 @@
 //! iterates a map), so sequences are compared per watcher.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,7 +29,7 @@ use kv_core::proto::etcdserverpb::{
 };
 use kv_core::proto::mvccpb::{Event, KeyValue, event::EventType};
 use kv_tests::{
-    Cluster, EtcdCluster, Members, etcdctl, etcdctl_stdin, free_port, have_etcdctl,
+    Cluster, EtcdCluster, Members, etcdctl, etcdctl_stdin, have_etcdctl, start_etcd_with,
     start_kv_server, wait_leader_among, which,
 };
 use tokio::sync::mpsc;
@@ -50,74 +48,6 @@ const SCENARIO_FLAGS: &[&str] = &[
     "--experimental-watch-progress-notify-interval",
     "1s",
 ];
-
-// ---- etcd with flags -------------------------------------------------------------------------
-
-/// An etcd process with flags of this file's choosing (the harness's `start_etcd` takes none).
-/// Dropping it kills the process, by PID.
-struct Etcd {
-    child: Child,
-    endpoint: String,
-    log: Arc<Mutex<String>>,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts etcd from PATH on free loopback ports with `extra` flags, or returns why it cannot.
-fn start_etcd_with(data_dir: &Path, extra: &[&str]) -> Result<Etcd, String> {
-    let etcd = which("etcd").ok_or("etcd is not installed (apt-get install etcd-server)")?;
-    let client_url = format!("http://127.0.0.1:{}", free_port());
-    let peer_url = format!("http://127.0.0.1:{}", free_port());
-    let mut child = Command::new(etcd)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(["--name", "default"])
-        .args(["--listen-client-urls", &client_url])
-        .args(["--advertise-client-urls", &client_url])
-        .args(["--listen-peer-urls", &peer_url])
-        .args(["--initial-advertise-peer-urls", &peer_url])
-        .args(["--initial-cluster", &format!("default={peer_url}")])
-        .args(extra)
-        .env("ETCD_UNSUPPORTED_ARCH", "amd64")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("spawn etcd: {e}"))?;
-    let stderr = child.stderr.take().expect("piped stderr");
-    let log = Arc::new(Mutex::new(String::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let sink = log.clone();
-    // Drains stderr for the life of the process, so etcd never blocks on its log.
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("ready to serve client requests")
-                && let Some(tx) = tx.take()
-            {
-                let _ = tx.send(());
-            }
-            let mut log = sink.lock().unwrap_or_else(|e| e.into_inner());
-            log.push_str(&line);
-            log.push('\n');
-        }
-    });
-    let etcd = Etcd {
-        child,
-        endpoint: client_url.trim_start_matches("http://").to_string(),
-        log,
-    };
-    if rx.recv_timeout(kv_tests::START_TIMEOUT).is_err() {
-        let log = etcd.log.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        panic!("etcd did not become ready; its log:\n{log}");
-    }
-    Ok(etcd)
-}
 
 // ---- clients -----------------------------------------------------------------------------------
 

@@ -174,14 +174,9 @@ async fn wait_until(within: Duration, mut done: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// Resident memory of process `pid`, in bytes.
+/// Resident memory of process `pid`, in bytes (0 if unreadable).
 fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+    kv_tests::procfs::rss_kib(pid).map_or(0, |kib| kib * 1024)
 }
 
 fn mib(bytes: u64) -> f64 {
