@@ -1,0 +1,226 @@
+//! The connection: endpoints, failover, retries and deadlines, shared by every sub-client.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use kv_core::proto::etcdserverpb::{StatusRequest, maintenance_client::MaintenanceClient};
+use tonic::Status;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{Effect, Error, Result};
+use crate::kv::Kv;
+
+/// How a [`Client`] connects and how long it tries.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Time to establish a connection to one endpoint.
+    pub connect_timeout: Duration,
+    /// Deadline of one call, retries included.
+    pub request_timeout: Duration,
+    /// First pause between retries; it doubles (with jitter) up to `max_backoff`.
+    pub min_backoff: Duration,
+    /// Longest pause between retries.
+    pub max_backoff: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(10),
+            min_backoff: Duration::from_millis(25),
+            max_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Whether a request may be sent again after a failure that left its effect unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Idempotence {
+    /// Reads, and writes guarded so that a second application changes nothing.
+    Safe,
+    /// Writes: resent only when the failure proves the first attempt was not applied.
+    Unsafe,
+}
+
+struct Inner {
+    /// (URL, lazily connected channel) per endpoint.
+    endpoints: Vec<(String, Channel)>,
+    /// The endpoint calls go to until it fails.
+    current: AtomicUsize,
+    options: ClientOptions,
+}
+
+/// A client of an etcd-v3 cluster (kv-server or etcd). Cheap to clone; clones share the
+/// connections.
+///
+/// Calls go to one endpoint at a time; when it is unreachable or has no leader, the call moves
+/// to the next endpoint after a short backoff. Reads are retried until the call's deadline;
+/// writes are retried only when the failure proves they were not applied, and otherwise fail
+/// with [`Error::OutcomeUnknown`].
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+    namespace: Arc<[u8]>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field(
+                "endpoints",
+                &self
+                    .inner
+                    .endpoints
+                    .iter()
+                    .map(|e| &e.0)
+                    .collect::<Vec<_>>(),
+            )
+            .field("namespace", &String::from_utf8_lossy(&self.namespace))
+            .finish()
+    }
+}
+
+fn normalize(endpoint: &str) -> String {
+    if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    }
+}
+
+impl Client {
+    /// Connects to a cluster given its members' client URLs (`http://host:port` or
+    /// `host:port`), and checks that at least one answers within the connect timeout.
+    pub async fn connect<I, S>(endpoints: I, options: ClientOptions) -> Result<Client>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut list = Vec::new();
+        for e in endpoints {
+            let url = normalize(e.as_ref());
+            let channel = Endpoint::from_shared(url.clone())
+                .map_err(|_| Error::InvalidEndpoint(url.clone()))?
+                .connect_timeout(options.connect_timeout)
+                .tcp_nodelay(true)
+                .connect_lazy();
+            list.push((url, channel));
+        }
+        if list.is_empty() {
+            return Err(Error::InvalidEndpoint("no endpoint given".into()));
+        }
+        let client = Client {
+            inner: Arc::new(Inner {
+                endpoints: list,
+                current: AtomicUsize::new(0),
+                options,
+            }),
+            namespace: Arc::from(&b""[..]),
+        };
+        client
+            .call(Idempotence::Safe, |channel| async move {
+                MaintenanceClient::new(channel)
+                    .status(StatusRequest {})
+                    .await
+                    .map(|_| ())
+            })
+            .await?;
+        Ok(client)
+    }
+
+    /// A view of this client whose keys all live under `prefix`: it is added to every key and
+    /// range sent, and taken off every key received.
+    pub fn with_namespace(&self, prefix: impl AsRef<[u8]>) -> Client {
+        let mut namespace = self.namespace.to_vec();
+        namespace.extend_from_slice(prefix.as_ref());
+        Client {
+            inner: self.inner.clone(),
+            namespace: Arc::from(namespace),
+        }
+    }
+
+    /// The key-value API.
+    pub fn kv(&self) -> Kv {
+        Kv::new(self.clone())
+    }
+
+    /// The options the client was built with.
+    pub fn options(&self) -> &ClientOptions {
+        &self.inner.options
+    }
+
+    /// The URL calls currently go to.
+    pub fn current_endpoint(&self) -> &str {
+        let i = self.inner.current.load(Ordering::Relaxed) % self.inner.endpoints.len();
+        &self.inner.endpoints[i].0
+    }
+
+    pub(crate) fn namespace(&self) -> &[u8] {
+        &self.namespace
+    }
+
+    /// Runs `attempt` against the current endpoint until it succeeds, fails for good, or the
+    /// deadline passes; moves to the next endpoint after each retryable failure.
+    pub(crate) async fn call<T, F, Fut>(&self, idempotence: Idempotence, attempt: F) -> Result<T>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: Future<Output = std::result::Result<T, Status>>,
+    {
+        let options = &self.inner.options;
+        let deadline = tokio::time::Instant::now() + options.request_timeout;
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(options.min_backoff)
+            .with_max_delay(options.max_backoff)
+            .with_jitter()
+            .without_max_times()
+            .build();
+        loop {
+            let n = self.inner.endpoints.len();
+            let index = self.inner.current.load(Ordering::Relaxed) % n;
+            let channel = self.inner.endpoints[index].1.clone();
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let status = match tokio::time::timeout(remaining, attempt(channel)).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(status)) => status,
+                Err(_) => {
+                    let what = format!("no answer within {:?}", options.request_timeout);
+                    return Err(match idempotence {
+                        Idempotence::Safe => Error::DeadlineExceeded(what),
+                        Idempotence::Unsafe => Error::OutcomeUnknown(what),
+                    });
+                }
+            };
+            let (error, effect) = Error::from_status(&status);
+            let retry = match effect {
+                Effect::None => true,
+                Effect::Unknown => idempotence == Idempotence::Safe,
+                Effect::Refused => false,
+            };
+            if !retry {
+                return Err(error);
+            }
+            // Next time, try another member.
+            let _ = self.inner.current.compare_exchange(
+                index,
+                (index + 1) % n,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            let pause = delays.next().unwrap_or(options.max_backoff);
+            let now = tokio::time::Instant::now();
+            if now + pause >= deadline {
+                return Err(match error {
+                    Error::OutcomeUnknown(m) if idempotence == Idempotence::Safe => {
+                        Error::DeadlineExceeded(m)
+                    }
+                    e => e,
+                });
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
