@@ -1,8 +1,10 @@
 //! The connection: endpoints, failover, retries and deadlines, shared by every sub-client.
 
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -12,6 +14,8 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Effect, Error, Result};
 use crate::kv::Kv;
+use crate::lease::Lease;
+use crate::watch::Watch;
 
 /// How a [`Client`] connects and how long it tries.
 #[derive(Debug, Clone)]
@@ -52,6 +56,9 @@ struct Inner {
     /// The endpoint calls go to until it fails.
     current: AtomicUsize,
     options: ClientOptions,
+    /// State shared by every clone of the client, one value per type: the watch stream and
+    /// the keep-alive stream live here.
+    shared: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
 }
 
 /// A client of an etcd-v3 cluster (kv-server or etcd). Cheap to clone; clones share the
@@ -118,6 +125,7 @@ impl Client {
                 endpoints: list,
                 current: AtomicUsize::new(0),
                 options,
+                shared: Mutex::new(HashMap::new()),
             }),
             namespace: Arc::from(&b""[..]),
         };
@@ -148,6 +156,57 @@ impl Client {
         Kv::new(self.clone())
     }
 
+    /// The lease API.
+    pub fn lease(&self) -> Lease {
+        Lease::new(self.clone())
+    }
+
+    /// The watch API.
+    pub fn watch(&self) -> Watch {
+        Watch::new(self.clone())
+    }
+
+    /// The client-wide value of type `T` (created on first use), shared by every clone and
+    /// namespace view of this client.
+    pub(crate) fn shared<T: Default + Send + Sync + 'static>(&self) -> Arc<T> {
+        let mut map = self.inner.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = map
+            .entry(TypeId::of::<T>())
+            .or_insert_with(|| Arc::new(T::default()));
+        entry
+            .clone()
+            .downcast::<T>()
+            .unwrap_or_else(|_| unreachable!("the map is keyed by type"))
+    }
+
+    /// The endpoint to open a stream on: its index and channel.
+    pub(crate) fn channel(&self) -> (usize, Channel) {
+        let i = self.inner.current.load(Ordering::Relaxed) % self.inner.endpoints.len();
+        (i, self.inner.endpoints[i].1.clone())
+    }
+
+    /// Endpoint `index` failed: later calls and streams go to the next one.
+    pub(crate) fn endpoint_failed(&self, index: usize) {
+        let n = self.inner.endpoints.len();
+        let _ = self.inner.current.compare_exchange(
+            index,
+            (index + 1) % n,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// A backoff schedule with the client's bounds (for reconnect loops).
+    pub(crate) fn backoff(&self) -> impl Iterator<Item = Duration> + Send + use<> {
+        let options = &self.inner.options;
+        ExponentialBuilder::default()
+            .with_min_delay(options.min_backoff)
+            .with_max_delay(options.max_backoff)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
     /// The options the client was built with.
     pub fn options(&self) -> &ClientOptions {
         &self.inner.options
@@ -172,12 +231,7 @@ impl Client {
     {
         let options = &self.inner.options;
         let deadline = tokio::time::Instant::now() + options.request_timeout;
-        let mut delays = ExponentialBuilder::default()
-            .with_min_delay(options.min_backoff)
-            .with_max_delay(options.max_backoff)
-            .with_jitter()
-            .without_max_times()
-            .build();
+        let mut delays = self.backoff();
         loop {
             let n = self.inner.endpoints.len();
             let index = self.inner.current.load(Ordering::Relaxed) % n;
@@ -204,12 +258,7 @@ impl Client {
                 return Err(error);
             }
             // Next time, try another member.
-            let _ = self.inner.current.compare_exchange(
-                index,
-                (index + 1) % n,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
+            self.endpoint_failed(index);
             let pause = delays.next().unwrap_or(options.max_backoff);
             let now = tokio::time::Instant::now();
             if now + pause >= deadline {

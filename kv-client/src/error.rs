@@ -9,6 +9,18 @@ pub enum Error {
     /// The revision asked for was compacted away.
     #[error("etcdserver: mvcc: required revision has been compacted")]
     Compacted,
+    /// A watch's start revision (or the point it resumed from) was compacted away: the
+    /// events before `compact_revision` are gone, so the watch ended instead of skipping them.
+    #[error(
+        "watch canceled: required revision has been compacted (compacted at {compact_revision})"
+    )]
+    WatchCompacted {
+        /// The server's compaction revision.
+        compact_revision: i64,
+    },
+    /// The server refused or canceled a watch, for the reason it gave.
+    #[error("watch canceled: {0}")]
+    WatchCanceled(String),
     /// The revision asked for is not written yet.
     #[error("etcdserver: mvcc: required revision is a future revision")]
     FutureRevision,

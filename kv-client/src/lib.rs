@@ -25,6 +25,25 @@
 //! # }
 //! ```
 //!
+//! Watches share one stream per client and resume by themselves after a member fails or the
+//! connection drops, from the last revision they delivered, so no event is lost or repeated:
+//!
+//! ```no_run
+//! use futures::StreamExt;
+//! use kv_client::{Client, ClientOptions, WatchOptions};
+//!
+//! # async fn demo() -> kv_client::Result<()> {
+//! let client = Client::connect(["127.0.0.1:2379"], ClientOptions::default()).await?;
+//! let mut updates = client.watch().watch("service/", WatchOptions::new().prefix());
+//! while let Some(update) = updates.next().await {
+//!     for event in update?.events {
+//!         println!("{:?} {}", event.kind, String::from_utf8_lossy(&event.kv.key));
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Errors ([`Error`]) say what the caller can do: [`Error::is_retryable`] failures were not
 //! applied; [`Error::OutcomeUnknown`] means a write may or may not have happened (the client
 //! never resends such a write by itself); the rest are the server's refusals, with etcd's
@@ -33,7 +52,9 @@
 mod client;
 mod error;
 mod kv;
+mod lease;
 mod txn;
+mod watch;
 
 pub use client::{Client, ClientOptions};
 pub use error::{Error, Result};
@@ -42,4 +63,6 @@ pub use kv::{
 };
 pub use kv_core::proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 pub use kv_core::proto::mvccpb::KeyValue;
+pub use lease::Lease;
 pub use txn::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse, TxnResponse};
+pub use watch::{Event, EventKind, Watch, WatchOptions, WatchStream, WatchUpdate};

@@ -407,10 +407,12 @@ fn spawn_kv_server(
     envs: &[(&str, &std::ffi::OsStr)],
 ) -> Proc {
     let mut cmd = Command::new(kv_server_bin());
-    cmd.arg("--data-dir")
-        .arg(data_dir)
-        .args(["--listen-client-urls", "http://127.0.0.1:0"])
-        .args(["--listen-peer-urls", peer_url])
+    cmd.arg("--data-dir").arg(data_dir);
+    // A port of the kernel's choosing unless the caller fixed one (to restart on it).
+    if !extra.contains(&"--listen-client-urls") {
+        cmd.args(["--listen-client-urls", "http://127.0.0.1:0"]);
+    }
+    cmd.args(["--listen-peer-urls", peer_url])
         .args(["--initial-advertise-peer-urls", peer_url])
         .args(["--log-level", "info"])
         .args(extra);
