@@ -63,6 +63,6 @@ pub use kv::{
 };
 pub use kv_core::proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 pub use kv_core::proto::mvccpb::KeyValue;
-pub use lease::Lease;
+pub use lease::{KeepAlive, Lease, LeaseGrant, LeaseLost, TimeToLive};
 pub use txn::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse, TxnResponse};
 pub use watch::{Event, EventKind, Watch, WatchOptions, WatchStream, WatchUpdate};
