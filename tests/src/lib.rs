@@ -44,11 +44,35 @@ pub fn which(name: &str) -> Option<PathBuf> {
 }
 
 /// A loopback port that was free a moment ago.
+///
+/// Ports come from below Linux's ephemeral range (32768 and up), so the outgoing connections
+/// of parallel tests, which take their local ports from that range, cannot grab one between
+/// this call and the server's bind. A port is handed out at most once per test process, so a
+/// test restarting a server on its port never finds it given to another test meanwhile.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral loopback port")
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    // A small xorshift walk over the span, seeded by the clock and the process id.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut x = (nanos ^ std::process::id().rotate_left(16)) | 1;
+    for _ in 0..SPAN {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        let port = (FIRST + x % SPAN) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no free loopback port between {FIRST} and {}", FIRST + SPAN);
 }
 
 /// A process this harness started. Dropping it kills the process (SIGKILL, by PID).
