@@ -12,9 +12,11 @@ use kv_core::proto::etcdserverpb::{StatusRequest, maintenance_client::Maintenanc
 use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::cluster::Cluster;
 use crate::error::{Effect, Error, Result};
 use crate::kv::Kv;
 use crate::lease::Lease;
+use crate::maintenance::Maintenance;
 use crate::watch::Watch;
 
 /// How a [`Client`] connects and how long it tries.
@@ -154,6 +156,16 @@ impl Client {
     /// The key-value API.
     pub fn kv(&self) -> Kv {
         Kv::new(self.clone())
+    }
+
+    /// The membership API.
+    pub fn cluster(&self) -> Cluster {
+        Cluster::new(self.clone())
+    }
+
+    /// The maintenance API.
+    pub fn maintenance(&self) -> Maintenance {
+        Maintenance::new(self.clone())
     }
 
     /// The lease API.

@@ -50,13 +50,16 @@
 //! kinds (compacted, lease not found, ...) as variants.
 
 mod client;
+mod cluster;
 mod error;
 mod kv;
 mod lease;
+mod maintenance;
 mod txn;
 mod watch;
 
 pub use client::{Client, ClientOptions};
+pub use cluster::{Cluster, Member};
 pub use error::{Error, Result};
 pub use kv::{
     DeleteOptions, DeleteResponse, GetOptions, GetResponse, Kv, PutOptions, PutResponse, prefix_end,
@@ -64,5 +67,6 @@ pub use kv::{
 pub use kv_core::proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 pub use kv_core::proto::mvccpb::KeyValue;
 pub use lease::{KeepAlive, Lease, LeaseGrant, LeaseLost, TimeToLive};
+pub use maintenance::{Alarm, Maintenance, Status};
 pub use txn::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse, TxnResponse};
 pub use watch::{Event, EventKind, Watch, WatchOptions, WatchStream, WatchUpdate};

@@ -165,10 +165,25 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
     ));
 
     let cancel = CancellationToken::new();
-    tokio::spawn(crate::service::cluster::publish_attributes(
-        node.clone(),
-        cancel.clone(),
-    ));
+    let publish = crate::service::cluster::publish_attributes(node.clone(), cancel.clone());
+    if initial_cluster.len() == 1 {
+        // As etcd, a member serves clients once its name and client URLs are published, so a
+        // client's first member list shows them. Alone it is leader already, so this is one
+        // local commit; members of a larger cluster publish in the background instead, since
+        // their quorum may not be up yet.
+        if tokio::time::timeout(Duration::from_secs(5), publish)
+            .await
+            .is_err()
+        {
+            tracing::warn!("member attributes not published yet; continuing in the background");
+            tokio::spawn(crate::service::cluster::publish_attributes(
+                node.clone(),
+                cancel.clone(),
+            ));
+        }
+    } else {
+        tokio::spawn(publish);
+    }
     let mut serving = tokio::task::JoinSet::new();
     for listener in peer_listeners {
         let bound = listener.local_addr()?;
