@@ -67,6 +67,33 @@ pub(crate) fn strip(namespace: &[u8], kv: &mut KeyValue) {
     }
 }
 
+/// Adds the builder methods that choose which keys a request covers.
+macro_rules! extent_builders {
+    ($options:ty) => {
+        impl $options {
+            /// Every key starting with the key.
+            pub fn prefix(mut self) -> Self {
+                self.extent = Extent::Prefix;
+                self
+            }
+            /// Every key from the key on.
+            pub fn from_key(mut self) -> Self {
+                self.extent = Extent::FromKey;
+                self
+            }
+            /// Keys from the key up to `end` (exclusive).
+            pub fn range_end(mut self, end: impl Into<Vec<u8>>) -> Self {
+                self.extent = Extent::Until(end.into());
+                self
+            }
+        }
+    };
+}
+pub(crate) use extent_builders;
+
+extent_builders!(GetOptions);
+extent_builders!(DeleteOptions);
+
 /// Options of [`Kv::get`].
 #[derive(Debug, Clone, Default)]
 pub struct GetOptions {
@@ -83,21 +110,6 @@ impl GetOptions {
     /// The key alone, linearizable, at the current revision.
     pub fn new() -> Self {
         Self::default()
-    }
-    /// Every key starting with the key.
-    pub fn prefix(mut self) -> Self {
-        self.extent = Extent::Prefix;
-        self
-    }
-    /// Every key from the key on.
-    pub fn from_key(mut self) -> Self {
-        self.extent = Extent::FromKey;
-        self
-    }
-    /// Keys from the key up to `end` (exclusive).
-    pub fn range_end(mut self, end: impl Into<Vec<u8>>) -> Self {
-        self.extent = Extent::Until(end.into());
-        self
     }
     /// At most `n` key-values (`more` says whether there were others).
     pub fn limit(mut self, n: i64) -> Self {
@@ -208,21 +220,6 @@ impl DeleteOptions {
     /// The key alone.
     pub fn new() -> Self {
         Self::default()
-    }
-    /// Every key starting with the key.
-    pub fn prefix(mut self) -> Self {
-        self.extent = Extent::Prefix;
-        self
-    }
-    /// Every key from the key on.
-    pub fn from_key(mut self) -> Self {
-        self.extent = Extent::FromKey;
-        self
-    }
-    /// Keys from the key up to `end` (exclusive).
-    pub fn range_end(mut self, end: impl Into<Vec<u8>>) -> Self {
-        self.extent = Extent::Until(end.into());
-        self
     }
     /// Return the deleted key-values.
     pub fn prev_kv(mut self) -> Self {

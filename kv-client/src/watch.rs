@@ -22,7 +22,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::client::Client;
 use crate::error::{Error, Result};
-use crate::kv::{Extent, strip};
+use crate::kv::{Extent, extent_builders, strip};
 
 /// Options of [`Watch::watch`].
 #[derive(Debug, Clone, Default)]
@@ -39,21 +39,6 @@ impl WatchOptions {
     /// The key alone, from the next revision.
     pub fn new() -> Self {
         Self::default()
-    }
-    /// Every key starting with the key.
-    pub fn prefix(mut self) -> Self {
-        self.extent = Extent::Prefix;
-        self
-    }
-    /// Every key from the key on.
-    pub fn from_key(mut self) -> Self {
-        self.extent = Extent::FromKey;
-        self
-    }
-    /// Keys from the key up to `end` (exclusive).
-    pub fn range_end(mut self, end: impl Into<Vec<u8>>) -> Self {
-        self.extent = Extent::Until(end.into());
-        self
     }
     /// Start at revision `rev` (history first, then live).
     pub fn start_revision(mut self, rev: i64) -> Self {
@@ -81,6 +66,8 @@ impl WatchOptions {
         self
     }
 }
+
+extent_builders!(WatchOptions);
 
 /// What happened to a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -469,14 +469,7 @@ impl Store {
     /// Hands committed events to the watch hub from apply itself, under the state lock.
     fn notify_inline(&self, state: &State, events: &[Event]) -> Result<(), EngineError> {
         let read = self.backend.read()?;
-        let src = Source {
-            backend: read.as_ref(),
-            overlay: None,
-        };
-        self.notify_hub(events, |key, at| {
-            let found = state.mvcc.index.get(key, at)?;
-            src.record(found.modified).ok().map(|r| r.kv)
-        });
+        self.notify_hub(events, |key, at| value_at(state, read.as_ref(), key, at));
         Ok(())
     }
 
@@ -508,13 +501,8 @@ impl Store {
                     // Lock order: hub (held by notify), then state, then backend. A value
                     // compacted away meanwhile is simply absent, as in etcd.
                     let state = self.read_state();
-                    let found = state.mvcc.index.get(key, at)?;
                     let read = self.backend.read().ok()?;
-                    let src = Source {
-                        backend: read.as_ref(),
-                        overlay: None,
-                    };
-                    src.record(found.modified).ok().map(|r| r.kv)
+                    value_at(&state, read.as_ref(), key, at)
                 }),
                 FeedItem::Resync(revision) => self.hub.resync_all(revision),
             }
@@ -561,16 +549,9 @@ impl Store {
             // (lock order: state, then backend). Compacted ones are simply absent, as in etcd.
             let state = self.read_state();
             let read = self.backend.read()?;
-            let src = Source {
-                backend: read.as_ref(),
-                overlay: None,
-            };
             for ev in &mut events {
-                let Some(kv) = &ev.kv else { continue };
-                let create =
-                    ev.r#type == EventType::Put as i32 && kv.create_revision == kv.mod_revision;
-                if !create && let Some(at) = state.mvcc.index.get(&kv.key, kv.mod_revision - 1) {
-                    ev.prev_kv = src.record(at.modified).ok().map(|r| r.kv);
+                if let (false, Some(kv)) = (watch::is_create(ev), &ev.kv) {
+                    ev.prev_kv = value_at(&state, read.as_ref(), &kv.key, kv.mod_revision - 1);
                 }
             }
         }
@@ -821,6 +802,22 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// `key`'s value as of revision `at` (a watcher's `prev_kv`): `None` if it did not exist
+/// then, or that version was compacted away (as in etcd).
+fn value_at(
+    state: &State,
+    read: &dyn crate::backend::BackendRead,
+    key: &[u8],
+    at: i64,
+) -> Option<KeyValue> {
+    let found = state.mvcc.index.get(key, at)?;
+    let src = Source {
+        backend: read,
+        overlay: None,
+    };
+    src.record(found.modified).ok().map(|r| r.kv)
 }
 
 fn event_revision(ev: &Event) -> i64 {

@@ -70,16 +70,6 @@ impl LeaseClock {
         self.lock().deadlines.remove(id);
     }
 
-    /// Number of leases with a running clock (0 on a follower).
-    pub fn len(&self) -> usize {
-        self.lock().deadlines.len()
-    }
-
-    /// True when no lease has a running clock.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// This member became leader: every lease gets its full TTL plus `extend`. Primary is set
     /// before the table is read, so a grant applied meanwhile starts its own clock.
     fn promote(&self, store: &Store, extend: Duration) {
@@ -224,11 +214,6 @@ impl Lessor {
     /// A lease id for a grant that did not name one.
     pub fn next_id(&self) -> i64 {
         self.ids.next()
-    }
-
-    /// The clock (tests and status).
-    pub fn clock(&self) -> &LeaseClock {
-        &self.clock
     }
 
     /// Restarts lease `id`'s clock; answers the TTL it was renewed for, or `None` when the

@@ -427,6 +427,7 @@ impl WatchHub {
         if s.watchers.is_empty() || events.is_empty() {
             return;
         }
+        let mut prevs: Vec<Option<Option<KeyValue>>> = vec![None; events.len()];
         let mut hit: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
         for (i, ev) in events.iter().enumerate() {
             let key = ev.kv.as_ref().map_or(&[][..], |kv| kv.key.as_slice());
@@ -441,9 +442,20 @@ impl WatchHub {
             }
             let evs: Vec<Event> = idx
                 .into_iter()
-                .map(|i| &events[i])
-                .filter(|ev| w.keeps(ev))
-                .map(|ev| with_prev(ev, w.prev_kv, &mut prev))
+                .filter(|i| w.keeps(&events[*i]))
+                .map(|i| {
+                    let mut ev = events[i].clone();
+                    if w.prev_kv
+                        && !is_create(&ev)
+                        && let Some(kv) = &ev.kv
+                    {
+                        // Looked up once per event, however many watchers want it.
+                        ev.prev_kv = prevs[i]
+                            .get_or_insert_with(|| prev(&kv.key, kv.mod_revision - 1))
+                            .clone();
+                    }
+                    ev
+                })
                 .collect();
             if evs.is_empty() {
                 continue;
@@ -622,21 +634,13 @@ fn progress(watch_id: i64, revision: i64) -> WatchResponse {
     }
 }
 
-/// `ev` as a watcher sees it: with the previous key-value when it asked and the event is not
-/// a creation (etcd's `IsCreateEvent` check).
-fn with_prev(
-    ev: &Event,
-    want: bool,
-    prev: &mut impl FnMut(&[u8], i64) -> Option<KeyValue>,
-) -> Event {
-    let mut ev = ev.clone();
-    if want && let Some(kv) = &ev.kv {
-        let create = ev.r#type == EventType::Put as i32 && kv.create_revision == kv.mod_revision;
-        if !create {
-            ev.prev_kv = prev(&kv.key, kv.mod_revision - 1);
-        }
-    }
-    ev
+/// A put that created its key (etcd's `IsCreateEvent`): it has no previous value.
+pub(crate) fn is_create(ev: &Event) -> bool {
+    ev.r#type == EventType::Put as i32
+        && ev
+            .kv
+            .as_ref()
+            .is_some_and(|kv| kv.create_revision == kv.mod_revision)
 }
 
 impl HubState {
