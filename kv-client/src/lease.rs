@@ -75,23 +75,7 @@ pub enum LeaseLost {
     DeadlinePassed,
 }
 
-/// The lease API of a [`Client`].
-///
-/// ```no_run
-/// use kv_client::{Client, ClientOptions, PutOptions};
-///
-/// # async fn demo() -> kv_client::Result<()> {
-/// let client = Client::connect(["127.0.0.1:2379"], ClientOptions::default()).await?;
-/// let lease = client.lease();
-/// let grant = lease.grant(10, None).await?;
-/// client.kv().put("me", "here", PutOptions::new().lease(grant.id)).await?;
-/// let kept = lease.keep_alive(grant.id).await?;
-/// // ... work while `kept` renews the lease in the background ...
-/// let why = kept.lost().await; // resolves only if the lease is lost
-/// eprintln!("lost the lease: {why}");
-/// # Ok(())
-/// # }
-/// ```
+/// The lease API of a [`Client`]; the crate docs show a kept-alive lease end to end.
 #[derive(Debug, Clone)]
 pub struct Lease {
     client: Client,

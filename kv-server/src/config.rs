@@ -188,6 +188,28 @@ pub fn url_list(value: &str) -> Vec<String> {
 }
 
 impl Flags {
+    /// Flags for a single member kept in `data_dir` that listens on loopback ports the OS
+    /// picks (read them from [`crate::server::Running::client_addrs`]): a server embedded in a
+    /// test, a doctest or an application, with every other flag at its default.
+    pub fn local(data_dir: &std::path::Path) -> Result<Flags, FlagError> {
+        let any_port = "http://127.0.0.1:0";
+        let args = [
+            "kv-server".as_ref(),
+            "--data-dir".as_ref(),
+            data_dir.as_os_str(),
+            "--listen-client-urls".as_ref(),
+            any_port.as_ref(),
+            "--advertise-client-urls".as_ref(),
+            any_port.as_ref(),
+            "--listen-peer-urls".as_ref(),
+            any_port.as_ref(),
+            "--initial-advertise-peer-urls".as_ref(),
+            any_port.as_ref(),
+        ];
+        Flags::try_parse_from::<_, &std::ffi::OsStr>(args)
+            .map_err(|e| flag_error("local", e.to_string()))
+    }
+
     /// The data dir, defaulting to `./<name>.kv` as etcd defaults to `./<name>.etcd`.
     pub fn data_dir(&self) -> PathBuf {
         self.data_dir
@@ -358,6 +380,16 @@ mod tests {
         let mut all = vec!["kv-server"];
         all.extend_from_slice(args);
         Flags::try_parse_from(all).unwrap()
+    }
+
+    #[test]
+    fn local_flags_use_the_dir_and_os_chosen_loopback_ports() {
+        let f = Flags::local(std::path::Path::new("/tmp/some dir")).unwrap();
+        assert_eq!(f.data_dir(), PathBuf::from("/tmp/some dir"));
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        assert_eq!(f.client_addrs().unwrap(), vec![any]);
+        assert_eq!(f.peer_addrs().unwrap(), vec![any]);
+        assert_eq!(f.initial_cluster().unwrap().len(), 1);
     }
 
     #[test]
