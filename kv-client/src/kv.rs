@@ -104,6 +104,10 @@ pub struct GetOptions {
     pub(crate) keys_only: bool,
     pub(crate) count_only: bool,
     pub(crate) sort: Option<(SortTarget, SortOrder)>,
+    pub(crate) min_create_revision: i64,
+    pub(crate) max_create_revision: i64,
+    pub(crate) min_mod_revision: i64,
+    pub(crate) max_mod_revision: i64,
 }
 
 impl GetOptions {
@@ -141,6 +145,27 @@ impl GetOptions {
         self.sort = Some((target, order));
         self
     }
+    /// Only keys created at or after revision `rev`.
+    pub fn min_create_revision(mut self, rev: i64) -> Self {
+        self.min_create_revision = rev;
+        self
+    }
+    /// Only keys created at or before revision `rev` (with a sort and `limit(1)`: the newest
+    /// key older than some revision, as lock waiters look up their predecessor).
+    pub fn max_create_revision(mut self, rev: i64) -> Self {
+        self.max_create_revision = rev;
+        self
+    }
+    /// Only keys last modified at or after revision `rev`.
+    pub fn min_mod_revision(mut self, rev: i64) -> Self {
+        self.min_mod_revision = rev;
+        self
+    }
+    /// Only keys last modified at or before revision `rev`.
+    pub fn max_mod_revision(mut self, rev: i64) -> Self {
+        self.max_mod_revision = rev;
+        self
+    }
 
     pub(crate) fn request(&self, namespace: &[u8], key: &[u8]) -> RangeRequest {
         let (key, range_end) = self.extent.encode(namespace, key);
@@ -155,7 +180,10 @@ impl GetOptions {
             serializable: self.serializable,
             keys_only: self.keys_only,
             count_only: self.count_only,
-            ..Default::default()
+            min_create_revision: self.min_create_revision,
+            max_create_revision: self.max_create_revision,
+            min_mod_revision: self.min_mod_revision,
+            max_mod_revision: self.max_mod_revision,
         }
     }
 }

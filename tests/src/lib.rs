@@ -631,3 +631,37 @@ pub mod procfs {
             .unwrap_or(100)
     }
 }
+
+/// Re-exported for [`on_both_servers!`].
+pub use tempfile;
+
+/// Declares two tests running the async fn `$scenario(endpoint: &str)`: `$ours` against a
+/// fresh kv-server, `$etcd` against a fresh etcd 3.4 (skipped, with the reason printed, when
+/// etcd is not installed). Each is bounded by `$secs` seconds.
+#[macro_export]
+macro_rules! on_both_servers {
+    ($scenario:ident, $ours:ident, $etcd:ident, $secs:expr) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $ours() {
+            let dir = $crate::tempfile::tempdir().unwrap();
+            let server = $crate::start_kv_server(&dir.path().join("data"), &[]);
+            let limit = std::time::Duration::from_secs($secs);
+            tokio::time::timeout(limit, $scenario(&server.endpoint))
+                .await
+                .expect("test timed out");
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $etcd() {
+            let dir = $crate::tempfile::tempdir().unwrap();
+            let etcd = match $crate::start_etcd(&dir.path().join("etcd")) {
+                Ok(p) => p,
+                Err(why) => return eprintln!("SKIP {}: {why}", stringify!($etcd)),
+            };
+            let limit = std::time::Duration::from_secs($secs);
+            tokio::time::timeout(limit, $scenario(&etcd.endpoint))
+                .await
+                .expect("test timed out");
+        }
+    };
+}

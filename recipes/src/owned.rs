@@ -1,0 +1,321 @@
+//! Keys a session owns: how they are created exactly once, what fences them, how their loss is
+//! noticed, and how they are released (also when the owner is dropped mid-wait).
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use kv_client::{
+    Client, Compare, CompareOp, EventKind, GetOptions, GetResponse, KeyValue, LeaseLost,
+    PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
+};
+
+use crate::error::{Error, Result};
+use crate::session::Session;
+
+/// How many times a guarded write is sent again after an unknown outcome.
+const RESENDS: usize = 3;
+
+/// A fencing token: the held key and its create revision. Tokens of successive holders of the
+/// same lock (or leaders of the same election) are strictly increasing, so a resource that
+/// remembers the highest token it saw can refuse a stale holder. Ordered by revision.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fence {
+    /// The create revision of the key: the token proper.
+    pub revision: i64,
+    /// The key that holds the lock or leadership.
+    pub key: Vec<u8>,
+}
+
+/// Why something held ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Loss {
+    /// The session's lease ended.
+    #[error("session lost: {0}")]
+    SessionEnded(LeaseLost),
+    /// The key was deleted: by the lease's expiry or by another client.
+    #[error("the key was deleted")]
+    KeyDeleted,
+}
+
+/// Sends a transaction whose compares make a second application a no-op (it then takes the
+/// failure branch), again after an unknown outcome: its answer is right either way.
+pub(crate) async fn send_guarded(client: &Client, txn: Txn) -> Result<TxnResponse> {
+    let mut resends = 0;
+    loop {
+        match client.kv().txn(txn.clone()).await {
+            Err(kv_client::Error::OutcomeUnknown(_)) if resends < RESENDS => resends += 1,
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// The `n`th answer of a transaction, which the caller made a read.
+pub(crate) fn read_answer(resp: &TxnResponse, n: usize) -> Result<&GetResponse> {
+    match resp.responses.get(n) {
+        Some(TxnOpResponse::Get(got)) => Ok(got),
+        _ => Err(Error::Protocol(format!(
+            "transaction answer {n} is not a read"
+        ))),
+    }
+}
+
+/// The outcome of [`claim`].
+pub(crate) struct Claim {
+    /// The key, now owned.
+    pub owned: OwnedKey,
+    /// The key's value if it existed before (this session had it already).
+    pub existing: Option<KeyValue>,
+    /// The answers of the extra reads, run in the same transaction.
+    pub reads: Vec<GetResponse>,
+}
+
+/// Creates `key` with `value` on the session's lease unless it exists, and runs `reads` in the
+/// same transaction. The key's create revision orders the claimant among its rivals.
+pub(crate) async fn claim(
+    session: &Session,
+    key: &[u8],
+    value: &[u8],
+    reads: Vec<TxnOp>,
+) -> Result<Claim> {
+    session.check()?;
+    let put = TxnOp::put(key, value, PutOptions::new().lease(session.lease()));
+    let txn = Txn::new()
+        .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+        .and_then(std::iter::once(put).chain(reads.iter().cloned()))
+        .or_else(std::iter::once(TxnOp::get(key, GetOptions::new())).chain(reads.iter().cloned()));
+    let resp = send_guarded(session.client(), txn).await?;
+    let (revision, existing, first_read) = if resp.succeeded {
+        (resp.revision, None, 1)
+    } else {
+        let kv = read_answer(&resp, 0)?
+            .kvs
+            .first()
+            .cloned()
+            .ok_or_else(|| Error::KeyDeleted(String::from_utf8_lossy(key).into_owned()))?;
+        (kv.create_revision, Some(kv), 1)
+    };
+    let reads = (first_read..resp.responses.len())
+        .map(|i| read_answer(&resp, i).cloned())
+        .collect::<Result<_>>()?;
+    Ok(Claim {
+        owned: OwnedKey {
+            session: session.clone(),
+            key: key.to_vec(),
+            revision,
+            armed: true,
+        },
+        existing,
+        reads,
+    })
+}
+
+/// A key of a session, identified by its create revision. Dropped while still armed (a wait
+/// abandoned, a guard not released), it deletes itself in the background.
+pub(crate) struct OwnedKey {
+    session: Session,
+    key: Vec<u8>,
+    revision: i64,
+    armed: bool,
+}
+
+impl OwnedKey {
+    /// Names a key owned earlier (for example by another process of the same session).
+    pub(crate) fn resume(session: &Session, key: Vec<u8>, revision: i64) -> OwnedKey {
+        OwnedKey {
+            session: session.clone(),
+            key,
+            revision,
+            armed: true,
+        }
+    }
+
+    pub(crate) fn key(&self) -> &[u8] {
+        &self.key
+    }
+
+    pub(crate) fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    pub(crate) fn session(&self) -> &Session {
+        &self.session
+    }
+
+    pub(crate) fn fence(&self) -> Fence {
+        Fence {
+            revision: self.revision,
+            key: self.key.clone(),
+        }
+    }
+
+    /// True while the key is this one (not deleted, not re-created).
+    pub(crate) fn is_owner(&self) -> Compare {
+        Compare::create_revision(self.key.clone(), CompareOp::Equal, self.revision)
+    }
+
+    /// Fails unless the session lives and the key is still ours.
+    pub(crate) async fn check(&self) -> Result<()> {
+        self.session.check()?;
+        let got = self
+            .session
+            .client()
+            .kv()
+            .get(&self.key, GetOptions::new())
+            .await?;
+        match got.kvs.first() {
+            Some(kv) if kv.create_revision == self.revision => Ok(()),
+            _ => Err(Error::KeyDeleted(
+                String::from_utf8_lossy(&self.key).into_owned(),
+            )),
+        }
+    }
+
+    /// Resolves when the session ends or the key is deleted.
+    pub(crate) async fn lost(&self) -> Loss {
+        tokio::select! {
+            why = self.session.lost() => Loss::SessionEnded(why),
+            () = deleted(self.session.client(), &self.key, self.revision) => Loss::KeyDeleted,
+        }
+    }
+
+    /// Deletes the key if it is still ours; true if it was.
+    pub(crate) async fn release(mut self) -> Result<bool> {
+        self.armed = false;
+        delete_if_owned(self.session.client(), &self.key, self.revision).await
+    }
+
+    /// Stops caring for the key: it stays until deleted or its lease ends.
+    pub(crate) fn detach(mut self) -> Fence {
+        self.armed = false;
+        self.fence()
+    }
+}
+
+impl std::fmt::Debug for OwnedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnedKey")
+            .field("key", &String::from_utf8_lossy(self.key()))
+            .field("revision", &self.revision())
+            .finish()
+    }
+}
+
+impl Drop for OwnedKey {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let client = self.session.client().clone();
+            let key = std::mem::take(&mut self.key);
+            let revision = self.revision;
+            runtime.spawn(async move {
+                let _ = delete_if_owned(&client, &key, revision).await;
+            });
+        }
+        // Without a runtime the key lives until its lease ends.
+    }
+}
+
+async fn delete_if_owned(client: &Client, key: &[u8], revision: i64) -> Result<bool> {
+    let txn = Txn::new()
+        .when([Compare::create_revision(key, CompareOp::Equal, revision)])
+        .and_then([TxnOp::delete(key, Default::default())]);
+    Ok(send_guarded(client, txn).await?.succeeded)
+}
+
+/// Waits for a delete of `key` after revision `after`. Also returns when the watch cannot
+/// tell (history compacted): callers re-read before trusting it.
+pub(crate) async fn wait_deleted(client: &Client, key: &[u8], after: i64) -> Result<()> {
+    let mut updates = client
+        .watch()
+        .watch(key, WatchOptions::new().start_revision(after + 1).no_put());
+    while let Some(update) = updates.next().await {
+        match update {
+            Ok(u) if u.events.iter().any(|e| e.kind == EventKind::Delete) => return Ok(()),
+            Ok(_) => {}
+            Err(kv_client::Error::WatchCompacted { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Resolves once `key` with create revision `revision` no longer exists.
+async fn deleted(client: &Client, key: &[u8], revision: i64) {
+    let mut after = revision;
+    loop {
+        if wait_deleted(client, key, after).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Confirm by reading, and watch on from there if the key is still ours.
+        loop {
+            match client.kv().get(key, GetOptions::new()).await {
+                Ok(got) => {
+                    if got.kvs.first().map(|kv| kv.create_revision) != Some(revision) {
+                        return;
+                    }
+                    after = got.revision;
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+}
+
+/// A lock, read or write lock, or semaphore permit this session holds. Dropping it releases
+/// it in the background; [`Guard::unlock`] releases it and says whether it was still held.
+#[derive(Debug)]
+pub struct Guard {
+    owned: OwnedKey,
+}
+
+impl Guard {
+    pub(crate) fn new(owned: OwnedKey) -> Guard {
+        Guard { owned }
+    }
+
+    /// The key that holds it.
+    pub fn key(&self) -> &[u8] {
+        self.owned.key()
+    }
+
+    /// The fencing token: increases from one holder to the next.
+    pub fn fence(&self) -> Fence {
+        self.owned.fence()
+    }
+
+    /// A compare that holds only while this guard's key is in place: add it to your own
+    /// transactions so a write from a holder that lost the lock is refused.
+    pub fn is_owner(&self) -> Compare {
+        self.owned.is_owner()
+    }
+
+    /// A transaction that runs its success branch only while this guard still holds.
+    pub fn txn(&self) -> Txn {
+        Txn::new().when([self.is_owner()])
+    }
+
+    /// Resolves when the hold ends without [`Guard::unlock`]: the session ended or the key
+    /// was deleted. Pending while held.
+    pub async fn lost(&self) -> Loss {
+        self.owned.lost().await
+    }
+
+    /// Fails unless the session lives and the key is still in place (one read).
+    pub async fn check(&self) -> Result<()> {
+        self.owned.check().await
+    }
+
+    /// Releases the hold. Ok(false) if it had already been lost.
+    pub async fn unlock(self) -> Result<bool> {
+        self.owned.release().await
+    }
+
+    /// Gives up the guard without releasing: the key stays until deleted or its lease ends
+    /// (what the server-side Lock service hands to its callers).
+    pub fn detach(self) -> Fence {
+        self.owned.detach()
+    }
+}
