@@ -282,6 +282,9 @@ pub struct Member {
     pub data_dir: PathBuf,
     /// Peer URL (fixed across restarts, as a member's identity depends on it).
     pub peer_url: String,
+    /// Client URL, fixed across restarts so a client given every member's endpoint can
+    /// come back to a restarted one.
+    pub client_url: String,
     /// While this file exists the member is cut off from its peers (kv-server's
     /// `KV_FAILPOINT_ISOLATE_FILE` failpoint).
     pub isolate_file: PathBuf,
@@ -334,6 +337,7 @@ impl Cluster {
             name: name.to_string(),
             data_dir: self.dir.path().join(name),
             peer_url: format!("http://127.0.0.1:{}", free_port()),
+            client_url: format!("http://127.0.0.1:{}", free_port()),
             isolate_file: self.dir.path().join(format!("{name}.isolate")),
             initial_cluster: initial_cluster.to_string(),
             state,
@@ -372,6 +376,10 @@ impl Cluster {
             &m.initial_cluster,
             "--initial-cluster-state",
             m.state,
+            "--listen-client-urls",
+            &m.client_url,
+            "--advertise-client-urls",
+            &m.client_url,
         ];
         args.extend(self.extra.iter().map(String::as_str));
         let proc = spawn_kv_server(
