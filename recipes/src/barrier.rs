@@ -161,12 +161,8 @@ impl DoubleBarrier {
                 .put(self.ready.clone(), "", PutOptions::new())
                 .await?;
         } else {
-            tokio::select! {
-                waited = self.wait_ready(owned.revision()) => waited?,
-                why = self.session.lost() => return Err(Error::SessionLost(why)),
-            }
+            owned.wait_turn(self.wait_ready(owned.revision())).await?;
         }
-        owned.check().await?;
         Ok(Entered {
             barrier: self.clone(),
             owned,

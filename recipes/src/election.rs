@@ -53,11 +53,8 @@ impl Election {
             leadership.proclaim(value).await?;
         }
         let client = session.client();
-        tokio::select! {
-            waited = wait_older_gone(client, &self.prefix, leadership.revision() - 1) => waited?,
-            why = session.lost() => return Err(Error::SessionLost(why)),
-        }
-        leadership.owned.check().await?;
+        let older_gone = wait_older_gone(client, &self.prefix, leadership.revision() - 1);
+        leadership.owned.wait_turn(older_gone).await?;
         Ok(leadership)
     }
 

@@ -53,15 +53,14 @@ impl Mutex {
     /// ends while waiting. Dropping the future gives up the place in the queue.
     pub async fn lock(&self) -> Result<Guard> {
         let (owned, first) = self.enqueue().await?;
-        if !first {
+        if first {
+            // The claim itself found us oldest; the session is checked locally.
+            self.session.check()?;
+        } else {
             let client = self.session.client();
-            tokio::select! {
-                waited = wait_older_gone(client, &self.prefix, owned.revision() - 1) => waited?,
-                why = self.session.lost() => return Err(Error::SessionLost(why)),
-            }
+            let older_gone = wait_older_gone(client, &self.prefix, owned.revision() - 1);
+            owned.wait_turn(older_gone).await?;
         }
-        // Our key may have gone while we waited (lease expiry, an external delete).
-        owned.check().await?;
         Ok(Guard::new(owned))
     }
 

@@ -1,6 +1,7 @@
 //! Keys a session owns: how they are created exactly once, what fences them, how their loss is
 //! noticed, and how they are released (also when the owner is dropped mid-wait).
 
+use std::future::Future;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -176,6 +177,33 @@ impl OwnedKey {
             why = self.session.lost() => Loss::SessionEnded(why),
             () = deleted(self.session.client(), &self.key, self.revision) => Loss::KeyDeleted,
         }
+    }
+
+    /// Runs `wait` (a wait for our turn), then confirms the key and session are still ours.
+    /// Stops early with [`Error::SessionLost`] or [`Error::KeyDeleted`] when either goes
+    /// meanwhile: the key's deletion is seen at once through a watch, not at the next renewal.
+    pub(crate) async fn wait_turn(&self, wait: impl Future<Output = Result<()>>) -> Result<()> {
+        let loss = tokio::select! {
+            waited = wait => {
+                waited?;
+                return self.check().await;
+            }
+            loss = self.lost() => loss,
+        };
+        Err(match loss {
+            Loss::SessionEnded(why) => Error::SessionLost(why),
+            // A deletion by the lease's end is a session loss; say so.
+            Loss::KeyDeleted => match self
+                .session
+                .client()
+                .lease()
+                .time_to_live(self.session.lease(), false)
+                .await
+            {
+                Ok(None) => Error::SessionLost(LeaseLost::NotFound),
+                _ => Error::KeyDeleted(String::from_utf8_lossy(&self.key).into_owned()),
+            },
+        })
     }
 
     /// Deletes the key if it is still ours; true if it was.

@@ -6,7 +6,7 @@
 //! gone; a writer waits until every key (reader or writer) created before its own is gone.
 //! A reader that arrives after a waiting writer therefore queues behind it.
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::owned::{Guard, claim};
 use crate::predecessor::wait_older_gone;
 use crate::session::Session;
@@ -50,11 +50,9 @@ impl RwLock {
     async fn acquire(&self, key: Vec<u8>, blockers: Vec<u8>) -> Result<Guard> {
         let owned = claim(&self.session, &key, b"", vec![]).await?.owned;
         let client = self.session.client();
-        tokio::select! {
-            waited = wait_older_gone(client, &blockers, owned.revision() - 1) => waited?,
-            why = self.session.lost() => return Err(Error::SessionLost(why)),
-        }
-        owned.check().await?;
+        owned
+            .wait_turn(wait_older_gone(client, &blockers, owned.revision() - 1))
+            .await?;
         Ok(Guard::new(owned))
     }
 }

@@ -57,11 +57,8 @@ impl Semaphore {
     pub async fn acquire(&self) -> Result<Guard> {
         let owned = self.enqueue().await?;
         let client = self.session.client();
-        tokio::select! {
-            waited = wait_for_permit(client, &self.prefix, owned.revision(), self.permits) => waited?,
-            why = self.session.lost() => return Err(Error::SessionLost(why)),
-        }
-        owned.check().await?;
+        let permit = wait_for_permit(client, &self.prefix, owned.revision(), self.permits);
+        owned.wait_turn(permit).await?;
         Ok(Guard::new(owned))
     }
 
