@@ -347,3 +347,22 @@ impl Guard {
         self.owned.detach()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fences_order_by_revision_whatever_the_key() {
+        let older = Fence {
+            revision: 7,
+            key: b"lock/ff".to_vec(),
+        };
+        let newer = Fence {
+            revision: 12,
+            key: b"lock/01".to_vec(),
+        };
+        assert!(older < newer);
+        assert_eq!([newer.clone(), older.clone()].iter().max(), Some(&newer));
+    }
+}

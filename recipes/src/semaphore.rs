@@ -140,3 +140,14 @@ async fn wait_for_permit(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acquisition_suffixes_do_not_repeat() {
+        let seen: HashSet<u64> = (0..10_000).map(|_| nonce()).collect();
+        assert_eq!(seen.len(), 10_000);
+    }
+}
