@@ -1,4 +1,5 @@
-//! The one table that turns engine and Raft errors into etcd's gRPC codes and exact messages.
+//! The one table that turns engine, Raft and recipe errors into etcd's gRPC codes and exact
+//! messages.
 
 use kv_core::{EngineError, Error, KvError};
 use tonic::{Code, Status};
@@ -61,6 +62,46 @@ pub fn raft_status(e: &RaftError) -> Status {
     }
 }
 
+/// Status for a request cut short because the member is stopping.
+pub fn stopped_status() -> Status {
+    Status::new(Code::Unavailable, "etcdserver: server stopped")
+}
+
+/// Election: `Proclaim` or `Resign` without a leader key (etcd's
+/// `ErrMissingLeaderKey`, quotes included).
+pub const MISSING_LEADER_KEY: &str = r#""leader" field must be provided"#;
+
+/// Election: `Leader` of an election nobody leads (etcd's `ErrElectionNoLeader`).
+pub const NO_LEADER: &str = "election: no leader";
+
+/// Status for a failed Lock or Election call. etcd serves both services over an in-process
+/// client and returns that client's error as it is, which gRPC sends as code Unknown with the
+/// error's text (the server's own message). So every failure of these services is Unknown.
+pub fn recipe_status(e: &recipes::Error) -> Status {
+    match e {
+        recipes::Error::Client(e) => client_status(e),
+        // NotLeader's text is etcd's `ErrElectionNotLeader`; the others have no etcd twin.
+        other => Status::unknown(other.to_string()),
+    }
+}
+
+/// Status for a failed call of the Lock or Election services' own client (see
+/// [`recipe_status`]).
+pub fn client_status(e: &kv_client::Error) -> Status {
+    use kv_client::Error as E;
+    let message = match e {
+        // The server's words, without the client's classification in front, as etcd's client
+        // would pass them on.
+        E::Server { message, .. }
+        | E::OutcomeUnknown(message)
+        | E::Unavailable(message)
+        | E::DeadlineExceeded(message) => message.clone(),
+        // The rest display as etcd's message.
+        other => other.to_string(),
+    };
+    Status::unknown(message)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,5 +127,31 @@ mod tests {
             kv_status(&KvError::EmptyKey).message(),
             "etcdserver: key is not provided"
         );
+    }
+
+    #[test]
+    fn lock_and_election_errors_are_unknown_with_etcds_text() {
+        let cases = [
+            (
+                recipes::Error::Client(kv_client::Error::LeaseNotFound),
+                "etcdserver: requested lease not found",
+            ),
+            (
+                recipes::Error::Client(kv_client::Error::EmptyKey),
+                "etcdserver: key is not provided",
+            ),
+            (
+                recipes::Error::Client(kv_client::Error::OutcomeUnknown(
+                    "etcdserver: request timed out".into(),
+                )),
+                "etcdserver: request timed out",
+            ),
+            (recipes::Error::NotLeader, "election: not leader"),
+        ];
+        for (e, message) in cases {
+            let s = recipe_status(&e);
+            assert_eq!((s.code(), s.message()), (Code::Unknown, message), "{e:?}");
+        }
+        assert_eq!(MISSING_LEADER_KEY, "\"leader\" field must be provided");
     }
 }

@@ -22,8 +22,9 @@ use crate::node::{EngineApplier, Limits, Node};
 use crate::raft::network::{MAX_PEER_MESSAGE_BYTES, PeerCall, PeerConnection};
 use crate::raft::{PeerService, RaftConfig, RaftNode};
 use crate::service::{
-    cluster::ClusterService, kv::KvService, lease::LeaseService, maintenance::MaintenanceService,
-    pending::Pending, watch::WatchService,
+    cluster::ClusterService, election::ElectionService, kv::KvService, lease::LeaseService,
+    lock::LockService, loopback::Loopback, maintenance::MaintenanceService, pending::Pending,
+    watch::WatchService,
 };
 use kv_core::proto::kvserverpb::peer_server::PeerServer;
 
@@ -222,11 +223,18 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let mut client_addrs = Vec::new();
+    // Every client listener is bound before any serves: the Lock and Election services dial
+    // them (through `Loopback`), so they need the ports the kernel chose.
+    let mut listeners = Vec::new();
     for addr in addrs {
-        let listener = TcpListener::bind(addr).await?;
-        let bound = listener.local_addr()?;
-        client_addrs.push(bound);
+        listeners.push(TcpListener::bind(addr).await?);
+    }
+    let client_addrs = listeners
+        .iter()
+        .map(TcpListener::local_addr)
+        .collect::<Result<Vec<_>, _>>()?;
+    let loopback = Loopback::new(&client_addrs, cancel.clone());
+    for (listener, bound) in listeners.into_iter().zip(client_addrs.iter().copied()) {
         let router = tonic::transport::Server::builder()
             .layer(crate::oversize::OversizeStatusLayer)
             .add_service(
@@ -249,8 +257,14 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
                     .max_decoding_message_size(max_decode),
             )
             .add_service(AuthServer::new(Pending))
-            .add_service(LockServer::new(Pending))
-            .add_service(ElectionServer::new(Pending))
+            .add_service(
+                LockServer::new(LockService::new(node.clone(), loopback.clone()))
+                    .max_decoding_message_size(max_decode),
+            )
+            .add_service(
+                ElectionServer::new(ElectionService::new(node.clone(), loopback.clone()))
+                    .max_decoding_message_size(max_decode),
+            )
             .add_service(health_service.clone());
         let stop = cancel.clone();
         // Small request/response exchanges must not wait for Nagle + delayed ACK (~40 ms).
@@ -268,6 +282,9 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
         cancel,
     })
 }
+
+/// How long a stopping member lets open client calls finish before it closes them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// How long a joining member keeps asking its peers for the cluster id.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -313,12 +330,26 @@ impl Running {
                 self.cancel.cancel();
             }
         }
-        while let Some(done) = self.serving.join_next().await {
-            if let Ok(Err(e)) = done
-                && result.is_ok()
-            {
-                result = Err(e.into());
+        // Open calls get a grace period to finish; streams a client keeps open (a watch, a
+        // keep-alive) would otherwise hold the stop forever. etcd also stops gracefully on a
+        // deadline, then hard.
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while let Some(done) = self.serving.join_next().await {
+                if let Ok(Err(e)) = done
+                    && result.is_ok()
+                {
+                    result = Err(e.into());
+                }
             }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::info!(
+                grace = ?SHUTDOWN_GRACE,
+                "closing the client calls still open after the grace period"
+            );
+            self.serving.abort_all();
+            while self.serving.join_next().await.is_some() {}
         }
         self.node.raft.shutdown().await?;
         self.node.store.stop_watch_feed();

@@ -240,7 +240,8 @@ pub struct Leadership {
 impl Leadership {
     /// Takes back a leadership known by its key and create revision (as the Election service's
     /// callers hold it). Nothing is checked: a stale one fails its next call with
-    /// [`Error::NotLeader`].
+    /// [`Error::NotLeader`]. Dropping the handle does not resign (only [`Leadership::resign`]
+    /// does), so a call cancelled halfway cannot end a leadership it was only borrowing.
     pub fn resume(session: &Session, key: impl Into<Vec<u8>>, revision: i64) -> Leadership {
         Leadership {
             owned: OwnedKey::resume(session, key.into(), revision),

@@ -120,13 +120,14 @@ pub(crate) struct OwnedKey {
 }
 
 impl OwnedKey {
-    /// Names a key owned earlier (for example by another process of the same session).
+    /// Names a key owned earlier (for example by another process of the same session). It
+    /// is not armed: dropping it leaves the key alone, since whoever made it decides its end.
     pub(crate) fn resume(session: &Session, key: Vec<u8>, revision: i64) -> OwnedKey {
         OwnedKey {
             session: session.clone(),
             key,
             revision,
-            armed: true,
+            armed: false,
         }
     }
 

@@ -2139,3 +2139,49 @@ fn etcdctl_watch_session_matches_etcd() {
         differ.join("\n")
     );
 }
+
+/// SIGTERM while a client keeps a watch stream open: the member stops by itself within its
+/// grace period (open streams are closed after it) instead of waiting on the client forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_stops_while_a_client_keeps_a_watch_open() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut server = start_kv_server(&dir.path().join("data"), &[]);
+    let channel = Channel::from_shared(format!("http://{}", server.endpoint))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect");
+    let (tx, rx) = mpsc::channel(4);
+    let mut responses = WatchClient::new(channel)
+        .watch(ReceiverStream::new(rx))
+        .await
+        .expect("watch stream")
+        .into_inner();
+    tx.send(WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: b"k".to_vec(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let created = tokio::time::timeout(Duration::from_secs(10), responses.message())
+        .await
+        .expect("created in time")
+        .expect("created");
+    assert!(created.is_some_and(|r| r.created));
+    let stopping = tokio::task::spawn_blocking(move || {
+        let stopped = server.terminate(Duration::from_secs(10));
+        (server, stopped)
+    });
+    let (server, stopped) = tokio::time::timeout(Duration::from_secs(20), stopping)
+        .await
+        .expect("test timed out")
+        .expect("terminate task");
+    assert!(
+        stopped,
+        "kv-server did not stop by itself:\n{}",
+        server.log_text()
+    );
+    drop(tx);
+}

@@ -3,8 +3,11 @@
 //! [`Node`]: crate::node::Node
 
 pub mod cluster;
+pub mod election;
 pub mod kv;
 pub mod lease;
+pub mod lock;
+pub mod loopback;
 pub mod maintenance;
 pub mod pending;
 pub mod watch;

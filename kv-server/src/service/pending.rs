@@ -1,4 +1,4 @@
-//! Services whose issue has not landed yet (Auth, Lock, Election). Every call
+//! Services whose issue has not landed yet (Auth). Every call
 //! answers `Unimplemented` naming what is missing, so a client gets a clear, immediate error
 //! instead of a hang or a wrong answer.
 
@@ -6,8 +6,6 @@ use std::pin::Pin;
 
 use futures::Stream;
 use kv_core::proto::etcdserverpb::{self as pb, auth_server::Auth};
-use kv_core::proto::v3electionpb::{self as el, election_server::Election};
-use kv_core::proto::v3lockpb::{self as lk, lock_server::Lock};
 use tonic::{Request, Response, Status};
 
 /// A boxed server stream.
@@ -58,25 +56,4 @@ pending_impl!(Auth, "Auth", {}
     role_delete(pb::AuthRoleDeleteRequest) -> pb::AuthRoleDeleteResponse;
     role_grant_permission(pb::AuthRoleGrantPermissionRequest) -> pb::AuthRoleGrantPermissionResponse;
     role_revoke_permission(pb::AuthRoleRevokePermissionRequest) -> pb::AuthRoleRevokePermissionResponse;
-);
-
-pending_impl!(Lock, "Lock", {}
-    lock(lk::LockRequest) -> lk::LockResponse;
-    unlock(lk::UnlockRequest) -> lk::UnlockResponse;
-);
-
-pending_impl!(Election, "Election", {
-    type ObserveStream = BoxStream<el::LeaderResponse>;
-
-    async fn observe(
-        &self,
-        _: Request<el::LeaderRequest>,
-    ) -> Result<Response<Self::ObserveStream>, Status> {
-        Err(not_yet("Election"))
-    }
-}
-    campaign(el::CampaignRequest) -> el::CampaignResponse;
-    proclaim(el::ProclaimRequest) -> el::ProclaimResponse;
-    leader(el::LeaderRequest) -> el::LeaderResponse;
-    resign(el::ResignRequest) -> el::ResignResponse;
 );
