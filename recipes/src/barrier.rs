@@ -162,6 +162,7 @@ impl DoubleBarrier {
                 .await?;
         } else {
             owned.wait_turn(self.wait_ready(owned.revision())).await?;
+            owned.check().await?;
         }
         Ok(Entered {
             barrier: self.clone(),

@@ -53,7 +53,7 @@ impl Election {
             leadership.proclaim(value).await?;
         }
         let client = session.client();
-        let older_gone = wait_older_gone(client, &self.prefix, leadership.revision() - 1);
+        let older_gone = wait_older_gone(client, &self.prefix, &leadership.owned);
         leadership.owned.wait_turn(older_gone).await?;
         Ok(leadership)
     }

@@ -58,7 +58,7 @@ impl Mutex {
             self.session.check()?;
         } else {
             let client = self.session.client();
-            let older_gone = wait_older_gone(client, &self.prefix, owned.revision() - 1);
+            let older_gone = wait_older_gone(client, &self.prefix, &owned);
             owned.wait_turn(older_gone).await?;
         }
         Ok(Guard::new(owned))

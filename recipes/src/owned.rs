@@ -180,15 +180,16 @@ impl OwnedKey {
         }
     }
 
-    /// Runs `wait` (a wait for our turn), then confirms the key and session are still ours.
-    /// Stops early with [`Error::SessionLost`] or [`Error::KeyDeleted`] when either goes
+    /// Runs `wait` (a wait for our turn; the caller confirms the key afterwards unless the
+    /// wait did), then checks the session. Stops early with [`Error::SessionLost`] or [`Error::KeyDeleted`] when either goes
     /// meanwhile: the key's deletion is seen at once through a watch, not at the next renewal.
     pub(crate) async fn wait_turn(&self, wait: impl Future<Output = Result<()>>) -> Result<()> {
         let loss = tokio::select! {
-            waited = wait => {
-                waited?;
-                return self.check().await;
-            }
+            waited = wait => match waited {
+                Ok(()) => return self.session.check(),
+                Err(Error::KeyDeleted(_)) => Loss::KeyDeleted,
+                Err(e) => return Err(e),
+            },
             loss = self.lost() => loss,
         };
         Err(match loss {

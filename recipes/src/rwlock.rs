@@ -51,7 +51,7 @@ impl RwLock {
         let owned = claim(&self.session, &key, b"", vec![]).await?.owned;
         let client = self.session.client();
         owned
-            .wait_turn(wait_older_gone(client, &blockers, owned.revision() - 1))
+            .wait_turn(wait_older_gone(client, &blockers, &owned))
             .await?;
         Ok(Guard::new(owned))
     }

@@ -59,6 +59,7 @@ impl Semaphore {
         let client = self.session.client();
         let permit = wait_for_permit(client, &self.prefix, owned.revision(), self.permits);
         owned.wait_turn(permit).await?;
+        owned.check().await?;
         Ok(Guard::new(owned))
     }
 
