@@ -29,6 +29,16 @@ pub enum Error {
     /// A double barrier's `hold` found the barrier key present.
     #[error("barrier: already held")]
     BarrierHeld,
+    /// A queue with a capacity is full (`try_enqueue`).
+    #[error("queue: full")]
+    QueueFull,
+    /// A queue claim ended (its session was lost, or it was acked or nacked already), so the
+    /// item may be with another consumer now.
+    #[error("queue: claim lost")]
+    ClaimLost,
+    /// An item or stored value could not be encoded or decoded.
+    #[error("codec: {0}")]
+    Codec(String),
     /// The server answered in a shape the recipe cannot use.
     #[error("unexpected answer: {0}")]
     Protocol(String),

@@ -16,6 +16,7 @@
 //! | [`Election`] (etcd `concurrency.Election` layout) | `<name>/<lease hex>` = value |
 //! | [`Barrier`] | `<name>` |
 //! | [`DoubleBarrier`] | `<name>/waiters/<lease hex>_<random hex>`, `<name>/ready` |
+//! | [`Queue`] | `<name>/items/...`, `<name>/claims/...`, `<name>/dead/...`, `<name>/slots/<n>` (see [`Queue`]'s module) |
 //!
 //! The example runs as a test against a kv-server embedded in the test process (the hidden
 //! lines start it); `endpoint` is its `host:port`.
@@ -58,20 +59,25 @@
 //! ```
 
 mod barrier;
+mod condition;
+pub mod config;
 mod election;
 mod error;
 mod mutex;
 mod owned;
 mod predecessor;
+mod queue;
 mod rwlock;
 mod semaphore;
 mod session;
 
 pub use barrier::{Barrier, DoubleBarrier, Entered};
+pub use condition::Condition;
 pub use election::{Election, Leadership, Observation, Observer};
 pub use error::{Error, Result};
 pub use mutex::Mutex;
 pub use owned::{Fence, Guard, Loss};
+pub use queue::{Claimed, EnqueueOptions, PriorityQueue, Queue, QueueOptions};
 pub use rwlock::RwLock;
 pub use semaphore::Semaphore;
 pub use session::{DEFAULT_TTL, Session};

@@ -131,6 +131,16 @@ impl OwnedKey {
         }
     }
 
+    /// Names a key this session just created (a claim): dropped while armed, it is deleted.
+    pub(crate) fn created(session: &Session, key: Vec<u8>, revision: i64) -> OwnedKey {
+        OwnedKey {
+            session: session.clone(),
+            key,
+            revision,
+            armed: true,
+        }
+    }
+
     pub(crate) fn key(&self) -> &[u8] {
         &self.key
     }

@@ -118,7 +118,17 @@ async fn crash_rounds(members: usize) {
                     }
                 }));
             }
-            // Let the burst run, then kill every member mid-flight.
+            // Let the burst run, then kill every member mid-flight. The burst first has to get
+            // going: on a loaded machine the first acknowledgement can take longer than the
+            // burst itself.
+            let going = Instant::now() + Duration::from_secs(30);
+            while acked.lock().unwrap().len() == before.len() {
+                assert!(
+                    Instant::now() < going,
+                    "round {round}: no write acknowledged in 30 s"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             tokio::time::sleep(Duration::from_millis(600 + 150 * round as u64)).await;
             for i in 0..members {
                 cluster.kill(i);

@@ -1,0 +1,234 @@
+//! Queues on one server, against our server and etcd 3.4 with the same bodies: order,
+//! priorities, delays, acks and redelivery, dead letters, capacity, and condition gates.
+
+use std::time::{Duration, Instant};
+
+use kv_client::{Client, ClientOptions, PutOptions};
+use kv_tests::on_both_servers;
+use recipes::{Condition, EnqueueOptions, Error, Queue, QueueOptions, Session};
+
+async fn connect(endpoint: &str) -> (Client, Session) {
+    let client = Client::connect([endpoint], ClientOptions::default())
+        .await
+        .expect("connect");
+    let session = Session::with_ttl(&client, 5).await.expect("session");
+    (client, session)
+}
+
+/// `fut`'s output, which must come within 10 s.
+async fn soon<F: std::future::Future>(fut: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .expect("did not finish within 10 s")
+}
+
+/// True if `fut` has not finished after a moment (it is waiting).
+async fn still_waiting<F: std::future::Future>(fut: &mut std::pin::Pin<Box<F>>) -> bool {
+    tokio::time::timeout(Duration::from_millis(300), fut.as_mut())
+        .await
+        .is_err()
+}
+
+async fn next(queue: &Queue<u32>, session: &Session) -> recipes::Claimed<u32> {
+    soon(queue.dequeue(session)).await.expect("dequeue")
+}
+
+async fn queue_scenario(endpoint: &str) {
+    let (client, session) = connect(endpoint).await;
+    let options = QueueOptions {
+        max_attempts: 2,
+        ..Default::default()
+    };
+    let queue: Queue<u32> = Queue::with_options(&client, "jobs", options);
+
+    // FIFO, batch enqueue.
+    let items: Vec<u32> = (0..100).collect();
+    queue.enqueue_all(&items).await.unwrap();
+    assert_eq!(queue.len().await.unwrap(), 100);
+    let mut fences = Vec::new();
+    for expected in 0..100 {
+        let claimed = next(&queue, &session).await;
+        assert_eq!((claimed.item, claimed.attempts()), (expected, 1));
+        fences.push(claimed.fence().revision);
+        claimed.ack().await.unwrap();
+    }
+    assert!(fences.windows(2).all(|w| w[0] < w[1]));
+    assert!(queue.is_empty().await.unwrap());
+    assert!(queue.try_dequeue(&session).await.unwrap().is_none());
+
+    // A consumer waits for the next item.
+    let mut waiting = Box::pin(queue.dequeue(&session));
+    assert!(still_waiting(&mut waiting).await);
+    queue.enqueue(&7).await.unwrap();
+    let claimed = soon(waiting).await.unwrap();
+    assert_eq!(claimed.item, 7);
+    assert_eq!(queue.in_flight().await.unwrap(), 1);
+    // Claimed items are not delivered twice.
+    assert!(queue.try_dequeue(&session).await.unwrap().is_none());
+
+    // nack: delivered again; after max_attempts it goes to the dead letters.
+    claimed.nack().await.unwrap();
+    let again = next(&queue, &session).await;
+    assert_eq!((again.item, again.attempts()), (7, 2));
+    let stale_owner = again.is_owner();
+    again.nack().await.unwrap();
+    assert!(queue.try_dequeue(&session).await.unwrap().is_none());
+    let dead = queue.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0].1, dead[0].2), (7, 2));
+    // The nacked claim's compare no longer holds.
+    let stale = client
+        .kv()
+        .txn(kv_client::Txn::new().when([stale_owner]))
+        .await
+        .unwrap();
+    assert!(!stale.succeeded);
+
+    // A dropped claim is released; a consumer whose session ends loses its item to another.
+    let queue: Queue<u32> = Queue::new(&client, "jobs2");
+    queue.enqueue(&8).await.unwrap();
+    drop(next(&queue, &session).await);
+    let claimed = next(&queue, &session).await;
+    assert_eq!((claimed.item, claimed.attempts()), (8, 2));
+    let other = Session::with_ttl(&client, 5).await.unwrap();
+    client.lease().revoke(session.lease()).await.unwrap();
+    let redelivered = next(&queue, &other).await;
+    assert_eq!(redelivered.item, 8);
+    assert!(matches!(claimed.ack().await, Err(Error::ClaimLost)));
+    redelivered.ack().await.unwrap();
+    assert!(queue.is_empty().await.unwrap());
+
+    // Priorities: lower first, FIFO within one; delayed items wait.
+    for (item, priority) in [(1, 5), (2, 1), (3, 5), (4, 1), (5, 0)] {
+        let options = EnqueueOptions::new().priority(priority);
+        queue.enqueue_with(&item, options).await.unwrap();
+    }
+    let delayed = EnqueueOptions::new().delay(Duration::from_millis(800));
+    queue.enqueue_with(&6, delayed).await.unwrap();
+    let enqueued = Instant::now();
+    let mut order = Vec::new();
+    for _ in 0..6 {
+        let claimed = next(&queue, &other).await;
+        order.push(claimed.item);
+        claimed.ack().await.unwrap();
+    }
+    assert_eq!(order, [5, 2, 4, 1, 3, 6]);
+    assert!(enqueued.elapsed() >= Duration::from_millis(800));
+}
+on_both_servers!(queue_scenario, queue_on_our_server, queue_on_etcd, 60);
+
+async fn capacity_scenario(endpoint: &str) {
+    let (client, session) = connect(endpoint).await;
+    let options = QueueOptions {
+        capacity: Some(2),
+        ..Default::default()
+    };
+    let queue: Queue<u32> = Queue::with_options(&client, "bounded", options);
+    queue.enqueue(&1).await.unwrap();
+    queue.enqueue(&2).await.unwrap();
+    assert!(matches!(
+        queue.try_enqueue_with(&3, EnqueueOptions::new()).await,
+        Err(Error::QueueFull)
+    ));
+    let mut blocked = Box::pin(queue.enqueue(&3));
+    assert!(still_waiting(&mut blocked).await);
+    // A claimed item still takes room; its ack frees it.
+    let first = next(&queue, &session).await;
+    assert!(still_waiting(&mut blocked).await);
+    first.ack().await.unwrap();
+    soon(blocked).await.unwrap();
+    assert_eq!(queue.len().await.unwrap(), 2);
+    for expected in [2, 3] {
+        let claimed = next(&queue, &session).await;
+        assert_eq!(claimed.item, expected);
+        claimed.ack().await.unwrap();
+    }
+    // Concurrent producers never overfill it.
+    let producers: Vec<_> = (0..6)
+        .map(|i| {
+            let queue = queue.clone();
+            tokio::spawn(async move { queue.try_enqueue_with(&i, EnqueueOptions::new()).await })
+        })
+        .collect();
+    let mut accepted = 0;
+    for p in producers {
+        match p.await.unwrap() {
+            Ok(_) => accepted += 1,
+            Err(Error::QueueFull) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(accepted, 2);
+    assert_eq!(queue.len().await.unwrap(), 2);
+}
+on_both_servers!(
+    capacity_scenario,
+    capacity_on_our_server,
+    capacity_on_etcd,
+    60
+);
+
+async fn condition_scenario(endpoint: &str) {
+    let (client, session) = connect(endpoint).await;
+    let kv = client.kv();
+    let queue: Queue<u32> = Queue::new(&client, "gated");
+    let ready = EnqueueOptions::new().when(Condition::value_is("dataset", "ready"));
+    queue.enqueue_with(&1, ready.clone()).await.unwrap();
+    queue.enqueue(&2).await.unwrap();
+    // The gated item does not block the ones behind it.
+    let free = next(&queue, &session).await;
+    assert_eq!(free.item, 2);
+    free.ack().await.unwrap();
+    assert!(queue.try_dequeue(&session).await.unwrap().is_none());
+    let mut waiting = Box::pin(queue.dequeue(&session));
+    assert!(still_waiting(&mut waiting).await);
+    kv.put("dataset", "loading", PutOptions::new())
+        .await
+        .unwrap();
+    assert!(still_waiting(&mut waiting).await);
+    kv.put("dataset", "ready", PutOptions::new()).await.unwrap();
+    let claimed = soon(waiting).await.unwrap();
+    assert_eq!(claimed.item, 1);
+    claimed.ack().await.unwrap();
+
+    // The condition turns false again before the claim: no claim.
+    queue.enqueue_with(&3, ready).await.unwrap();
+    kv.put("dataset", "stale", PutOptions::new()).await.unwrap();
+    assert!(queue.try_dequeue(&session).await.unwrap().is_none());
+
+    // N of M parts, a prerequisite, and a blocker, all of them.
+    let parts = EnqueueOptions::new()
+        .when(Condition::count_at_least("parts/", 3))
+        .when(Condition::exists("schema"))
+        .when(Condition::absent("maintenance"));
+    queue.enqueue_with(&4, parts).await.unwrap();
+    kv.put("maintenance", "on", PutOptions::new())
+        .await
+        .unwrap();
+    for part in ["parts/a", "parts/b", "parts/c"] {
+        kv.put(part, "", PutOptions::new()).await.unwrap();
+    }
+    kv.put("schema", "v1", PutOptions::new()).await.unwrap();
+    assert!(queue.try_dequeue(&session).await.unwrap().is_none());
+    let mut waiting = Box::pin(queue.dequeue(&session));
+    assert!(still_waiting(&mut waiting).await);
+    kv.delete("maintenance", Default::default()).await.unwrap();
+    let claimed = soon(waiting).await.unwrap();
+    assert_eq!(claimed.item, 4);
+    claimed.ack().await.unwrap();
+
+    // A gate on the whole queue.
+    let gated = Queue::<u32>::new(&client, "gated2").gated([Condition::exists("open")]);
+    gated.enqueue(&5).await.unwrap();
+    assert!(gated.try_dequeue(&session).await.unwrap().is_none());
+    let mut waiting = Box::pin(gated.dequeue(&session));
+    assert!(still_waiting(&mut waiting).await);
+    kv.put("open", "", PutOptions::new()).await.unwrap();
+    assert_eq!(soon(waiting).await.unwrap().item, 5);
+}
+on_both_servers!(
+    condition_scenario,
+    conditions_on_our_server,
+    conditions_on_etcd,
+    60
+);
