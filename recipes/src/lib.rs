@@ -61,6 +61,7 @@
 mod barrier;
 mod condition;
 pub mod config;
+pub mod discovery;
 mod election;
 mod error;
 mod mutex;
