@@ -219,3 +219,29 @@ async fn reads_and_writes_fail_over_when_the_member_in_use_dies() {
     .await
     .expect("test timed out");
 }
+
+/// A write made only inside a nested transaction (in the failure branch) answers with that
+/// write's revision, as a top-level write does: recipes use it as the new key's create
+/// revision (a fence).
+async fn nested_write_revision_scenario(endpoint: &str) {
+    let client = Client::connect([endpoint], ClientOptions::default())
+        .await
+        .expect("connect");
+    let kv = client.kv();
+    kv.put("n/a", "1", PutOptions::new()).await.unwrap();
+    let inner = Txn::new().and_then([TxnOp::put("n/b", "2", PutOptions::new())]);
+    let outer = Txn::new()
+        .when([Compare::value("n/a", CompareOp::Equal, "other")])
+        .or_else([TxnOp::txn(inner)]);
+    let resp = kv.txn(outer).await.unwrap();
+    assert!(!resp.succeeded);
+    let b = kv.get("n/b", GetOptions::new()).await.unwrap();
+    assert_eq!(resp.revision, b.kvs[0].create_revision);
+    assert_eq!(resp.revision, b.revision);
+}
+kv_tests::on_both_servers!(
+    nested_write_revision_scenario,
+    nested_write_revision_on_our_server,
+    nested_write_revision_on_etcd,
+    30
+);
