@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kv_client::{Client, ClientOptions, PutOptions};
+use kv_tests::bench::{percentiles, unique};
 use recipes::discovery::{InstanceChange, InstanceInfo, RegisterOptions, Service, ServiceCache};
 
 type Result<T> = std::result::Result<T, Box<dyn Error + Send + Sync>>;
@@ -31,25 +32,6 @@ const IN_FLIGHT: usize = 256;
 const CHANGES: usize = 200;
 /// Bound of every wait, so a broken server fails the run instead of hanging it.
 const WAIT: Duration = Duration::from_secs(120);
-
-/// A service name unique to the run, so one server can serve several runs.
-fn unique() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("bench/discovery/{nanos:x}")
-}
-
-/// p50 and p99 of `samples` (sorted in place), in microseconds.
-fn percentiles(samples: &mut [Duration]) -> (f64, f64) {
-    samples.sort_unstable();
-    let at = |q: f64| {
-        let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
-        samples[i].as_secs_f64() * 1e6
-    };
-    (at(0.5), at(0.99))
-}
 
 async fn connect(endpoint: &str) -> Result<Client> {
     Ok(Client::connect([endpoint], ClientOptions::default()).await?)
@@ -69,7 +51,7 @@ async fn until_listed(cache: &ServiceCache, n: usize) -> Result<()> {
 }
 
 async fn run(endpoint: &str, n: usize) -> Result<()> {
-    let name = unique();
+    let name = unique("discovery");
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
         clients.push(connect(endpoint).await?);

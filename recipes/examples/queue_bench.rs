@@ -13,27 +13,17 @@
 use std::error::Error;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use kv_client::{Client, ClientOptions};
+use kv_tests::bench::{percentiles, unique};
 use recipes::{Queue, Session};
 
 type Result<T> = std::result::Result<T, Box<dyn Error + Send + Sync>>;
 
-fn p(samples: &mut [Duration], q: f64) -> f64 {
-    samples.sort_unstable();
-    let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
-    samples[i].as_secs_f64() * 1e6
-}
-
 async fn run(endpoint: &str, items: u32, workers: usize) -> Result<()> {
     let client = Client::connect([endpoint], ClientOptions::default()).await?;
-    let name = format!(
-        "bench/queue/{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_nanos()
-    );
+    let name = unique("queue");
     let queue: Queue<u32> = Queue::new(&client, &name);
     let start = Instant::now();
     for i in 0..items {
@@ -92,11 +82,10 @@ async fn run(endpoint: &str, items: u32, workers: usize) -> Result<()> {
         return Err("items were lost, repeated or delivered out of order".into());
     }
     let mut lat = latencies.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let (p50, p99) = percentiles(&mut lat);
     println!(
-        "drain with {workers} workers: {:.0} items/s end to end; claim p50 {:.0} µs, p99 {:.0} µs",
+        "drain with {workers} workers: {:.0} items/s end to end; claim p50 {p50:.0} µs, p99 {p99:.0} µs",
         total as f64 / drained.as_secs_f64(),
-        p(&mut lat, 0.5),
-        p(&mut lat, 0.99)
     );
     Ok(())
 }

@@ -24,31 +24,13 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use kv_client::{Client, ClientOptions};
+use kv_tests::bench::{percentiles, unique};
 use recipes::{Election, Mutex, Session};
 
 type Result<T> = std::result::Result<T, Box<dyn Error + Send + Sync>>;
 
 const USAGE: &str = "usage: recipes_bench lock ENDPOINT SECONDS\n       \
                      recipes_bench handover|failover ENDPOINT ROUNDS";
-
-/// A name unique to the run, so one server can serve several runs.
-fn unique(what: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("bench/{what}/{nanos:x}")
-}
-
-/// p50 and p99 of `samples` (sorted in place), in microseconds.
-fn percentiles(samples: &mut [Duration]) -> (f64, f64) {
-    samples.sort_unstable();
-    let at = |q: f64| {
-        let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
-        samples[i].as_secs_f64() * 1e6
-    };
-    (at(0.5), at(0.99))
-}
 
 async fn connect(endpoint: &str) -> Result<Client> {
     Ok(Client::connect([endpoint], ClientOptions::default()).await?)

@@ -673,3 +673,46 @@ macro_rules! on_both_servers {
         }
     };
 }
+
+/// SIGTERMs `server` from a blocking task and asserts that it stops by itself within
+/// `within` (a test of clean shutdown); panics with its log otherwise.
+pub async fn assert_stops_on_sigterm(mut server: Proc, within: Duration) {
+    let stopping = tokio::task::spawn_blocking(move || {
+        let stopped = server.terminate(within);
+        (server, stopped)
+    });
+    let (server, stopped) = tokio::time::timeout(within * 2, stopping)
+        .await
+        .expect("test timed out")
+        .expect("terminate task");
+    assert!(
+        stopped,
+        "kv-server did not stop by itself:\n{}",
+        server.log_text()
+    );
+}
+
+/// Helpers shared by the benchmark programs.
+pub mod bench {
+    use std::time::Duration;
+
+    /// A key prefix unique to the run (`bench/<what>/<ns hex>`), so one server can serve
+    /// several runs.
+    pub fn unique(what: &str) -> String {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        format!("bench/{what}/{nanos:x}")
+    }
+
+    /// p50 and p99 of `samples` (sorted in place), in microseconds.
+    pub fn percentiles(samples: &mut [Duration]) -> (f64, f64) {
+        samples.sort_unstable();
+        let at = |q: f64| {
+            let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+            samples[i].as_secs_f64() * 1e6
+        };
+        (at(0.5), at(0.99))
+    }
+}

@@ -612,7 +612,7 @@ async fn lock_and_election_on_a_follower() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn member_stops_while_lock_and_observe_wait() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut server = start_kv_server(&dir.path().join("data"), &[]);
+    let server = start_kv_server(&dir.path().join("data"), &[]);
     let waiting = tokio::time::timeout(Duration::from_secs(20), async {
         let mut c = clients(&server.endpoint);
         let (a, b) = (c.grant().await, c.grant().await);
@@ -627,19 +627,7 @@ async fn member_stops_while_lock_and_observe_wait() {
     .await
     .expect("test timed out");
     let (lock, mut observing) = waiting;
-    let server = tokio::task::spawn_blocking(move || {
-        let stopped = server.terminate(Duration::from_secs(10));
-        (server, stopped)
-    });
-    let (server, stopped) = tokio::time::timeout(Duration::from_secs(20), server)
-        .await
-        .expect("test timed out")
-        .expect("terminate task");
-    assert!(
-        stopped,
-        "kv-server did not stop by itself:\n{}",
-        server.log_text()
-    );
+    kv_tests::assert_stops_on_sigterm(server, Duration::from_secs(10)).await;
     let ended = tokio::time::timeout(ANSWER, lock)
         .await
         .expect("the waiting lock ended")

@@ -2145,7 +2145,7 @@ fn etcdctl_watch_session_matches_etcd() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_stops_while_a_client_keeps_a_watch_open() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut server = start_kv_server(&dir.path().join("data"), &[]);
+    let server = start_kv_server(&dir.path().join("data"), &[]);
     let channel = Channel::from_shared(format!("http://{}", server.endpoint))
         .unwrap()
         .connect()
@@ -2170,18 +2170,6 @@ async fn a_member_stops_while_a_client_keeps_a_watch_open() {
         .expect("created in time")
         .expect("created");
     assert!(created.is_some_and(|r| r.created));
-    let stopping = tokio::task::spawn_blocking(move || {
-        let stopped = server.terminate(Duration::from_secs(10));
-        (server, stopped)
-    });
-    let (server, stopped) = tokio::time::timeout(Duration::from_secs(20), stopping)
-        .await
-        .expect("test timed out")
-        .expect("terminate task");
-    assert!(
-        stopped,
-        "kv-server did not stop by itself:\n{}",
-        server.log_text()
-    );
+    kv_tests::assert_stops_on_sigterm(server, Duration::from_secs(10)).await;
     drop(tx);
 }
