@@ -12,18 +12,7 @@ use crate::client::{Client, Idempotence};
 use crate::error::Result;
 use crate::txn::{Txn, TxnResponse};
 
-/// The smallest key past every key starting with `prefix` (etcd's `GetPrefixRangeEnd`); `\0`
-/// (every key) for an empty or all-`0xff` prefix.
-pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
+pub use kv_core::proto::prefix_end;
 
 /// Which keys a request covers, before the client's namespace is applied.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -440,10 +429,6 @@ mod tests {
 
     #[test]
     fn extents_under_a_namespace_stay_inside_it() {
-        assert_eq!(prefix_end(b"a"), b"b");
-        assert_eq!(prefix_end(b"a\xff"), b"b");
-        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
-        assert_eq!(prefix_end(b""), vec![0]);
         assert_eq!(Extent::Key.encode(b"ns/", b"k"), (b"ns/k".to_vec(), vec![]));
         assert_eq!(
             Extent::Prefix.encode(b"ns/", b"k"),

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use kv_client::{Client, ClientOptions, PutOptions};
-use kv_tests::{Cluster, free_port, start_etcd, start_kv_server};
+use kv_tests::{Cluster, free_port};
 
 async fn admin_scenario(endpoint: &str) {
     let client = Client::connect([endpoint], ClientOptions::default())
@@ -33,26 +33,7 @@ async fn admin_scenario(endpoint: &str) {
     client.maintenance().defragment().await.unwrap();
 }
 
-#[tokio::test]
-async fn admin_on_our_server() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_kv_server(&dir.path().join("data"), &[]);
-    tokio::time::timeout(Duration::from_secs(30), admin_scenario(&server.endpoint))
-        .await
-        .expect("test timed out");
-}
-
-#[tokio::test]
-async fn admin_on_etcd() {
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = match start_etcd(&dir.path().join("etcd")) {
-        Ok(p) => p,
-        Err(why) => return eprintln!("SKIP admin_on_etcd: {why}"),
-    };
-    tokio::time::timeout(Duration::from_secs(30), admin_scenario(&etcd.endpoint))
-        .await
-        .expect("test timed out");
-}
+kv_tests::on_both_servers!(admin_scenario, admin_on_our_server, admin_on_etcd, 30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_and_leader_transfer_on_three_members() {

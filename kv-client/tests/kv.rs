@@ -7,7 +7,7 @@ use kv_client::{
     Client, ClientOptions, Compare, CompareOp, DeleteOptions, Error, GetOptions, PutOptions,
     SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
 };
-use kv_tests::{Cluster, free_port, start_etcd, start_kv_server};
+use kv_tests::{Cluster, free_port, start_kv_server};
 
 fn keys(kvs: &[kv_client::KeyValue]) -> Vec<String> {
     kvs.iter()
@@ -139,26 +139,7 @@ async fn kv_scenario(endpoint: &str) {
     assert_eq!(kv.get("c", GetOptions::new()).await.unwrap().kvs.len(), 1);
 }
 
-#[tokio::test]
-async fn kv_on_our_server() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_kv_server(&dir.path().join("data"), &[]);
-    tokio::time::timeout(Duration::from_secs(60), kv_scenario(&server.endpoint))
-        .await
-        .expect("test timed out");
-}
-
-#[tokio::test]
-async fn kv_on_etcd() {
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = match start_etcd(&dir.path().join("etcd")) {
-        Ok(p) => p,
-        Err(why) => return eprintln!("SKIP kv_on_etcd: {why}"),
-    };
-    tokio::time::timeout(Duration::from_secs(60), kv_scenario(&etcd.endpoint))
-        .await
-        .expect("test timed out");
-}
+kv_tests::on_both_servers!(kv_scenario, kv_on_our_server, kv_on_etcd, 60);
 
 #[tokio::test]
 async fn connect_skips_a_dead_endpoint_and_refuses_when_none_answers() {

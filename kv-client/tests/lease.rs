@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use kv_client::{Client, ClientOptions, Error, GetOptions, LeaseLost, PutOptions};
-use kv_tests::{Cluster, start_etcd, start_kv_server, start_kv_server_with, wait_leader_among};
+use kv_tests::{Cluster, start_kv_server, start_kv_server_with, wait_leader_among};
 
 /// An id nobody grants.
 const UNKNOWN: i64 = 0x0bad_1ea5e;
@@ -110,26 +110,7 @@ async fn lease_scenario(endpoint: &str) {
     assert_eq!(lease.leases().await.unwrap(), [chosen.id]);
 }
 
-#[tokio::test]
-async fn lease_on_our_server() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_kv_server(&dir.path().join("data"), &[]);
-    tokio::time::timeout(Duration::from_secs(30), lease_scenario(&server.endpoint))
-        .await
-        .expect("test timed out");
-}
-
-#[tokio::test]
-async fn lease_on_etcd() {
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = match start_etcd(&dir.path().join("etcd")) {
-        Ok(p) => p,
-        Err(why) => return eprintln!("SKIP lease_on_etcd: {why}"),
-    };
-    tokio::time::timeout(Duration::from_secs(30), lease_scenario(&etcd.endpoint))
-        .await
-        .expect("test timed out");
-}
+kv_tests::on_both_servers!(lease_scenario, lease_on_our_server, lease_on_etcd, 30);
 
 /// A TTL-2 lease kept alive (by two handles, from two views of the client) keeps its key for
 /// 6 s; one handle dropped changes nothing; the last one dropped lets it expire.
@@ -172,32 +153,12 @@ async fn keep_alive_until_dropped(endpoint: &str) {
     assert!(!exists(&client, "held").await);
 }
 
-#[tokio::test]
-async fn keep_alive_holds_a_lease_until_the_last_handle_drops() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_kv_server(&dir.path().join("data"), &[]);
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        keep_alive_until_dropped(&server.endpoint),
-    )
-    .await
-    .expect("test timed out");
-}
-
-#[tokio::test]
-async fn keep_alive_holds_a_lease_until_the_last_handle_drops_on_etcd() {
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = match start_etcd(&dir.path().join("etcd")) {
-        Ok(p) => p,
-        Err(why) => return eprintln!("SKIP keep_alive_..._on_etcd: {why}"),
-    };
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        keep_alive_until_dropped(&etcd.endpoint),
-    )
-    .await
-    .expect("test timed out");
-}
+kv_tests::on_both_servers!(
+    keep_alive_until_dropped,
+    keep_alive_holds_a_lease_until_the_last_handle_drops,
+    keep_alive_holds_a_lease_until_the_last_handle_drops_on_etcd,
+    30
+);
 
 /// A revoke by another client is reported at the next renewal, to every handle; a later
 /// keep-alive of the id is refused.
@@ -224,26 +185,12 @@ async fn loss_on_revoke(endpoint: &str) {
     );
 }
 
-#[tokio::test]
-async fn lost_fires_after_an_external_revoke() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_kv_server(&dir.path().join("data"), &[]);
-    tokio::time::timeout(Duration::from_secs(30), loss_on_revoke(&server.endpoint))
-        .await
-        .expect("test timed out");
-}
-
-#[tokio::test]
-async fn lost_fires_after_an_external_revoke_on_etcd() {
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = match start_etcd(&dir.path().join("etcd")) {
-        Ok(p) => p,
-        Err(why) => return eprintln!("SKIP lost_fires_..._on_etcd: {why}"),
-    };
-    tokio::time::timeout(Duration::from_secs(30), loss_on_revoke(&etcd.endpoint))
-        .await
-        .expect("test timed out");
-}
+kv_tests::on_both_servers!(
+    loss_on_revoke,
+    lost_fires_after_an_external_revoke,
+    lost_fires_after_an_external_revoke_on_etcd,
+    30
+);
 
 /// With the server gone, the lease is reported lost at its deadline: not before, and soon
 /// after.

@@ -8,7 +8,7 @@ use kv_client::{
     Client, ClientOptions, DeleteOptions, Error, EventKind, PutOptions, Txn, TxnOp, WatchOptions,
     WatchStream, WatchUpdate,
 };
-use kv_tests::{Cluster, start_etcd, start_kv_server, start_kv_server_with};
+use kv_tests::{Cluster, start_kv_server_with};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -107,26 +107,7 @@ async fn watch_scenario(endpoint: &str) {
     assert_eq!(shape(&next(&mut all).await)[0].1, "w/c");
 }
 
-#[tokio::test]
-async fn watch_on_our_server() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_kv_server(&dir.path().join("data"), &[]);
-    tokio::time::timeout(Duration::from_secs(60), watch_scenario(&server.endpoint))
-        .await
-        .expect("test timed out");
-}
-
-#[tokio::test]
-async fn watch_on_etcd() {
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = match start_etcd(&dir.path().join("etcd")) {
-        Ok(p) => p,
-        Err(why) => return eprintln!("SKIP watch_on_etcd: {why}"),
-    };
-    tokio::time::timeout(Duration::from_secs(60), watch_scenario(&etcd.endpoint))
-        .await
-        .expect("test timed out");
-}
+kv_tests::on_both_servers!(watch_scenario, watch_on_our_server, watch_on_etcd, 60);
 
 /// Collects the values of `key`'s put events until `last` is seen; they must be exactly
 /// `0..=last` in order: nothing lost, nothing repeated.

@@ -75,8 +75,31 @@ pub mod kvserverpb {
     tonic::include_proto!("kvserverpb");
 }
 
+/// The smallest key past every key starting with `prefix` (etcd's `GetPrefixRangeEnd`): the
+/// `range_end` of a prefix request; `\0` (every key) for an empty or all-`0xff` prefix.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn prefix_ends_match_etcds() {
+        use super::prefix_end;
+        assert_eq!(prefix_end(b"a"), b"b");
+        assert_eq!(prefix_end(b"p/"), b"p0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+        assert_eq!(prefix_end(b""), vec![0]);
+    }
+
     use super::etcdserverpb::{
         self, CompactionRequest, DeleteRangeRequest, PutRequest, RangeRequest, TxnRequest,
         kv_client::KvClient,

@@ -28,6 +28,7 @@ use kv_core::proto::etcdserverpb::{
     watch_client::WatchClient, watch_create_request::FilterType, watch_request::RequestUnion,
 };
 use kv_core::proto::mvccpb::{Event, KeyValue, event::EventType};
+use kv_core::proto::prefix_end;
 use kv_tests::{
     Cluster, EtcdCluster, Members, etcdctl, etcdctl_stdin, have_etcdctl, start_etcd_with,
     start_kv_server, wait_leader_among, which,
@@ -96,14 +97,6 @@ fn delete_op(key: &str) -> RequestOp {
     }
 }
 
-/// The end of the range of keys starting with `prefix`.
-fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    let last = end.last_mut().expect("a non-empty prefix");
-    *last += 1;
-    end
-}
-
 impl Client {
     /// Puts `key` (with `lease`, 0: none); returns the revision.
     async fn put_with(&mut self, key: &str, value: &[u8], lease: i64) -> i64 {
@@ -137,7 +130,11 @@ impl Client {
             .kv
             .delete_range(DeleteRangeRequest {
                 key: key.into(),
-                range_end: if prefix { prefix_end(key) } else { vec![] },
+                range_end: if prefix {
+                    prefix_end(key.as_bytes())
+                } else {
+                    vec![]
+                },
                 ..Default::default()
             })
             .await
@@ -336,7 +333,7 @@ fn watch_key(key: &str) -> WatchCreateRequest {
 fn watch_prefix(prefix: &str) -> WatchCreateRequest {
     WatchCreateRequest {
         key: prefix.into(),
-        range_end: prefix_end(prefix),
+        range_end: prefix_end(prefix.as_bytes()),
         ..Default::default()
     }
 }
@@ -1402,7 +1399,7 @@ fn model_events(writes: &[Write], prev_kv: bool) -> Vec<(i64, Vec<String>)> {
                 }
                 Op::Delete(key) => delete(&mut state, key, &mut events),
                 Op::DeletePrefix(prefix) => {
-                    let end = String::from_utf8(prefix_end(prefix)).expect("ASCII keys");
+                    let end = String::from_utf8(prefix_end(prefix.as_bytes())).expect("ASCII keys");
                     let keys: Vec<String> = state
                         .range(prefix.clone()..end)
                         .map(|(k, _)| k.clone())

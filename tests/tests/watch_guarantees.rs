@@ -43,6 +43,7 @@ use kv_core::proto::etcdserverpb::{
     watch_create_request::FilterType, watch_request::RequestUnion,
 };
 use kv_core::proto::mvccpb::{Event, KeyValue, event::EventType};
+use kv_core::proto::prefix_end;
 use kv_tests::{
     Cluster, EtcdCluster, Members, Proc, start_etcd, start_kv_server, wait_leader_among,
 };
@@ -107,14 +108,6 @@ fn channel(endpoint: &str) -> Channel {
         .expect("endpoint URL")
         .connect_timeout(Duration::from_secs(1))
         .connect_lazy()
-}
-
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    if let Some(last) = end.last_mut() {
-        *last += 1;
-    }
-    end
 }
 
 fn wkey(i: usize) -> Vec<u8> {

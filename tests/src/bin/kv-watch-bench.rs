@@ -37,6 +37,7 @@ use kv_core::proto::etcdserverpb::{
     kv_client::KvClient, request_op, watch_client::WatchClient, watch_request::RequestUnion,
 };
 use kv_core::proto::mvccpb::event::EventType;
+use kv_core::proto::prefix_end;
 use kv_tests::procfs::{clock_ticks_per_second, cpu_ticks, rss_kib};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -107,18 +108,6 @@ async fn connect(endpoint: &str, n: usize) -> Result<Vec<Channel>> {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-/// The end of the range of every key starting with `prefix` (etcd's `GetPrefixRangeEnd`).
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
 }
 
 /// A put's value: its sequence number and send time, padded to `VALUE_BYTES`.
@@ -958,7 +947,5 @@ mod tests {
         let keys = Arc::new(vec![b"p/0".to_vec(), b"p/1".to_vec()]);
         let expect = Expect::Every(keys);
         assert_eq!(expect.key(5, 3), b"p/1");
-        assert_eq!(prefix_end(b"p/"), b"p0");
-        assert_eq!(prefix_end(b"a\xff"), b"b");
     }
 }
