@@ -249,6 +249,9 @@ enum Look<T> {
         wake_at_ms: Option<u64>,
         watched: Vec<(String, bool)>,
     },
+    /// A claim failed on items that may still be claimable (changed, or its outcome was
+    /// lost): look again from the head, on a fresh read.
+    Again,
 }
 
 impl<T: Serialize + DeserializeOwned> Queue<T> {
@@ -441,6 +444,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
         loop {
             match self.look(session).await? {
                 Look::Claimed(claimed) => return Ok(*claimed),
+                Look::Again => {}
                 Look::Wait {
                     revision,
                     wake_at_ms,
@@ -457,9 +461,12 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
 
     /// Claims the next deliverable item if there is one now.
     pub async fn try_dequeue(&self, session: &Session) -> Result<Option<Claimed<T>>> {
-        match self.look(session).await? {
-            Look::Claimed(claimed) => Ok(Some(*claimed)),
-            Look::Wait { .. } => Ok(None),
+        loop {
+            match self.look(session).await? {
+                Look::Claimed(claimed) => return Ok(Some(*claimed)),
+                Look::Again => {}
+                Look::Wait { .. } => return Ok(None),
+            }
         }
     }
 
@@ -497,18 +504,28 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
         };
         let mut since: Option<i64> = None;
         loop {
-            let page = GetOptions::new().range_end(to.clone()).limit(limit);
-            let snapshot = self
-                .client
-                .kv()
-                .txn(Txn::new().and_then([
-                    TxnOp::get(from.clone(), page),
-                    TxnOp::get(self.layout.claims.clone(), self.claims_read()),
-                ]))
-                .await?;
+            // Every page of one look reads the revision of its first: an item committed
+            // between two pages could otherwise be missed behind the first (its id was made
+            // before another producer's that the first page held) while a later one from the
+            // same transaction is claimed from the second.
+            let at = |options: GetOptions| match since {
+                Some(revision) => options.revision(revision),
+                None => options,
+            };
+            let page = at(GetOptions::new().range_end(to.clone()).limit(limit));
+            let read = Txn::new().and_then([
+                TxnOp::get(from.clone(), page),
+                TxnOp::get(self.layout.claims.clone(), at(self.claims_read())),
+            ]);
+            let snapshot = match self.client.kv().txn(read).await {
+                Ok(snapshot) => snapshot,
+                // Compacted past the look's revision: start over on a fresh one.
+                Err(kv_client::Error::Compacted) if since.is_some() => return Ok(Look::Again),
+                Err(e) => return Err(e.into()),
+            };
             since.get_or_insert(snapshot.revision);
             let items = read_answer(&snapshot, 0)?;
-            let mut claimed = self.claimed_ids(read_answer(&snapshot, 1)?);
+            let claimed = self.claimed_ids(read_answer(&snapshot, 1)?);
             let mut chain: Vec<Candidate> = Vec::new();
             for kv in &items.kvs {
                 let id_bytes = &kv.key[self.layout.items.len()..];
@@ -543,24 +560,18 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                     proof,
                 });
                 if chain.len() == CHAIN {
-                    let tried = std::mem::take(&mut chain);
-                    if let Some(claimed) = self.claim_first(session, tried, &gate).await? {
-                        return Ok(Look::Claimed(Box::new(claimed)));
-                    }
-                    // Rivals took all of them: learn which others are taken, cheaply.
-                    let claims = self
-                        .client
-                        .kv()
-                        .get(self.layout.claims.clone(), self.claims_read())
-                        .await?;
-                    claimed = self.claimed_ids(&claims);
+                    break;
                 }
             }
             if !chain.is_empty() {
-                let tried = std::mem::take(&mut chain);
-                if let Some(claimed) = self.claim_first(session, tried, &gate).await? {
-                    return Ok(Look::Claimed(Box::new(claimed)));
-                }
+                // Going on past a failed chain would break the queue's order: its items
+                // fail not only when rivals took them all but also when one changed (a
+                // rival's claim released) or the claim's outcome was lost and it was not
+                // applied, and those are still due before anything after them.
+                return Ok(match self.claim_first(session, chain, &gate).await? {
+                    Some(claimed) => Look::Claimed(Box::new(claimed)),
+                    None => Look::Again,
+                });
             }
             let page_end = items.kvs.last().map(|last| [&last.key[..], b"\0"].concat());
             if limit == 0 {

@@ -232,3 +232,131 @@ on_both_servers!(
     conditions_on_etcd,
     60
 );
+
+/// Producers whose enqueue transactions commit in another order than their ids were made
+/// (as concurrent producers' always can), drained by consumers that page two items at a
+/// time: first claims still keep each producer's order, and no item is claimed twice.
+async fn concurrent_order_scenario(endpoint: &str) {
+    const PRODUCERS: u32 = 2;
+    const PER_PRODUCER: u32 = 400;
+    const CHUNK: usize = 20;
+    let (client, _) = connect(endpoint).await;
+    let options = QueueOptions {
+        batch: 2,
+        ..Default::default()
+    };
+    let start = tokio::time::Instant::now();
+    let producers: Vec<_> = (0..PRODUCERS)
+        .map(|producer| {
+            let queue: Queue<(u32, u32)> = Queue::with_options(&client, "order", options.clone());
+            tokio::spawn(async move {
+                let items: Vec<(u32, u32)> = (0..PER_PRODUCER).map(|seq| (producer, seq)).collect();
+                // Producers enqueue on the same ticks, so their ids interleave and the
+                // consumers have drained the queue in between.
+                for (tick, chunk) in items.chunks(CHUNK).enumerate() {
+                    tokio::time::sleep_until(start + Duration::from_millis(100) * tick as u32)
+                        .await;
+                    queue.enqueue_all(chunk).await.expect("enqueue");
+                }
+            })
+        })
+        .collect();
+    let total = (PRODUCERS * PER_PRODUCER) as usize;
+    let claims = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let consumers: Vec<_> = (0..4)
+        .map(|_| {
+            // A handle each, as separate processes would have.
+            let queue: Queue<(u32, u32)> = Queue::with_options(&client, "order", options.clone());
+            let client = client.clone();
+            let claims = claims.clone();
+            tokio::spawn(async move {
+                let session = Session::with_ttl(&client, 10).await.expect("session");
+                loop {
+                    if claims.lock().unwrap().len() >= total {
+                        return;
+                    }
+                    let claimed = match tokio::time::timeout(
+                        Duration::from_millis(500),
+                        queue.dequeue(&session),
+                    )
+                    .await
+                    {
+                        Ok(claimed) => claimed.expect("dequeue"),
+                        Err(_) => continue,
+                    };
+                    claims
+                        .lock()
+                        .unwrap()
+                        .push((claimed.fence().revision, claimed.item));
+                    claimed.ack().await.expect("ack");
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        p.await.unwrap();
+    }
+    for c in consumers {
+        soon(c).await.unwrap();
+    }
+    let mut claims = claims.lock().unwrap().clone();
+    assert_eq!(claims.len(), total);
+    claims.sort();
+    let mut next = vec![0; PRODUCERS as usize];
+    for (fence, (producer, seq)) in claims {
+        assert_eq!(
+            seq, next[producer as usize],
+            "producer {producer}: item {seq} claimed (fence {fence}) before item {}",
+            next[producer as usize]
+        );
+        next[producer as usize] += 1;
+    }
+}
+on_both_servers!(
+    concurrent_order_scenario,
+    concurrent_order_on_our_server,
+    concurrent_order_on_etcd,
+    60
+);
+
+/// A consumer's claim that reaches the server late, after a rival took the items it tried
+/// and gave one of them back: that returned item is next in line, and the late consumer gets
+/// it, not an item behind it.
+async fn late_claim_scenario(endpoint: &str) {
+    let (client, rival) = connect(endpoint).await;
+    let proxy = kv_tests::proxy::DelayProxy::start(endpoint).await;
+    let (late_client, late_session) = connect(&proxy.endpoint).await;
+    let queue: Queue<u32> = Queue::new(&client, "late");
+    let late: Queue<u32> = Queue::new(&late_client, "late");
+    queue
+        .enqueue_all(&(0..12).collect::<Vec<u32>>())
+        .await
+        .unwrap();
+
+    // The late consumer's read reaches the server at about 1 s, its claim at about 2 s.
+    proxy.set_delay(Duration::from_secs(1));
+    let claiming = tokio::spawn(async move { late.dequeue(&late_session).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Between the two, a rival claims the first eight items and returns item 3.
+    let mut held = Vec::new();
+    for expected in 0..8 {
+        let claimed = next(&queue, &rival).await;
+        assert_eq!(claimed.item, expected);
+        held.push(claimed);
+    }
+    held.remove(3).nack().await.unwrap();
+    assert!(
+        !claiming.is_finished(),
+        "the late claim came too early to test anything"
+    );
+    proxy.set_delay(Duration::ZERO);
+
+    let claimed = soon(claiming).await.unwrap().expect("late dequeue");
+    assert_eq!((claimed.item, claimed.attempts()), (3, 2));
+}
+on_both_servers!(
+    late_claim_scenario,
+    late_claim_on_our_server,
+    late_claim_on_etcd,
+    30
+);

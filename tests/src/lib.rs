@@ -643,6 +643,8 @@ pub mod procfs {
 /// Re-exported for [`on_both_servers!`].
 pub use tempfile;
 
+pub mod proxy;
+
 /// Declares two tests running the async fn `$scenario(endpoint: &str)`: `$ours` against a
 /// fresh kv-server, `$etcd` against a fresh etcd 3.4 (skipped, with the reason printed, when
 /// etcd is not installed). Each is bounded by `$secs` seconds.
