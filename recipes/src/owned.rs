@@ -50,6 +50,64 @@ pub(crate) async fn send_guarded(client: &Client, txn: Txn) -> Result<TxnRespons
     }
 }
 
+/// What to do with a result nobody is waiting for any more.
+type Undo<T> = Box<dyn FnOnce(T) -> futures::future::BoxFuture<'static, ()> + Send>;
+
+/// A result on its way to a caller that may have gone: dropped undelivered, it is undone.
+struct Delivery<T: Send + 'static> {
+    result: Option<T>,
+    undo: Option<Undo<T>>,
+}
+
+impl<T: Send + 'static> Delivery<T> {
+    fn accept(mut self) -> Option<T> {
+        self.undo = None;
+        self.result.take()
+    }
+}
+
+impl<T: Send + 'static> Drop for Delivery<T> {
+    fn drop(&mut self) {
+        if let (Some(result), Some(undo)) = (self.result.take(), self.undo.take()) {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(undo(result));
+            }
+            // Without a runtime what was taken lives until its lease ends.
+        }
+    }
+}
+
+/// Runs `work` (a write that takes something: a key, a queue item) on a task of its own and
+/// returns its result; if the caller's future is dropped first (a timeout, a `select!`), the
+/// work still finishes and `undo` gives back what it took, instead of leaving it held until
+/// the session ends. Delivery is covered too: a result that reached the channel but not the
+/// caller is undone as well.
+pub(crate) async fn take_or_give_back<T, W, U, F>(work: W, undo: U) -> Result<T>
+where
+    T: Send + 'static,
+    W: Future<Output = Result<T>> + Send + 'static,
+    U: FnOnce(T) -> F + Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let (deliver, delivered) = tokio::sync::oneshot::channel::<Result<Delivery<T>>>();
+    tokio::spawn(async move {
+        let result = work.await.map(|taken| Delivery {
+            result: Some(taken),
+            undo: Some(Box::new(move |t| Box::pin(undo(t)))),
+        });
+        // Refused (the caller is gone): dropping the delivery undoes it.
+        let _ = deliver.send(result);
+    });
+    match delivered.await {
+        Ok(result) => result?
+            .accept()
+            .ok_or_else(|| Error::Protocol("a delivery without a result".into())),
+        Err(_) => Err(Error::Protocol(
+            "the claim's task ended without an answer".into(),
+        )),
+    }
+}
+
 /// The `n`th answer of a transaction, which the caller made a read.
 pub(crate) fn read_answer(resp: &TxnResponse, n: usize) -> Result<&GetResponse> {
     match resp.responses.get(n) {
@@ -84,7 +142,19 @@ pub(crate) async fn claim(
         .when([Compare::create_revision(key, CompareOp::Equal, 0)])
         .and_then(std::iter::once(put).chain(reads.iter().cloned()))
         .or_else(std::iter::once(TxnOp::get(key, GetOptions::new())).chain(reads.iter().cloned()));
-    let resp = send_guarded(session.client(), txn).await?;
+    let client = session.client().clone();
+    let undo_client = client.clone();
+    let owned_key = key.to_vec();
+    let resp = take_or_give_back(
+        async move { send_guarded(&client, txn).await },
+        move |resp: TxnResponse| async move {
+            // Only a key this very send created is given back.
+            if resp.succeeded {
+                let _ = delete_if_owned(&undo_client, &owned_key, resp.revision).await;
+            }
+        },
+    )
+    .await?;
     let (revision, existing, first_read) = if resp.succeeded {
         (resp.revision, None, 1)
     } else {

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::condition::{Condition, evaluate};
 use crate::error::{Error, Result};
-use crate::owned::{Fence, Loss, OwnedKey, read_answer, send_guarded};
+use crate::owned::{Fence, Loss, OwnedKey, read_answer, send_guarded, take_or_give_back};
 use crate::semaphore::nonce;
 use crate::session::Session;
 
@@ -650,42 +650,82 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
         let Some(txn) = nested else {
             return Ok(None);
         };
-        let won = match self.client.kv().txn(txn).await {
-            Ok(resp) => {
-                let revision = resp.revision;
-                let mut level = &resp;
-                let mut index = 0;
-                loop {
-                    if level.succeeded {
-                        break Some((index, revision));
-                    }
-                    match level.responses.first() {
-                        Some(TxnOpResponse::Txn(inner)) => {
-                            level = inner;
-                            index += 1;
+        // Everything a give-back needs, should the caller be gone when the claim lands: the
+        // item as it was before (attempts not counted), and whose claim to remove.
+        let mut before = Vec::with_capacity(chain.len());
+        for candidate in &chain {
+            before.push((
+                self.layout.item(&candidate.id),
+                self.layout.claim(&candidate.id),
+                serde_json::to_vec(&candidate.envelope).map_err(codec)?,
+            ));
+        }
+        let client = self.client.clone();
+        let undo_client = self.client.clone();
+        let claims_prefix = self.layout.claims.clone();
+        let claim_keys: Vec<Vec<u8>> = before.iter().map(|(_, claim, _)| claim.clone()).collect();
+        let lease = session.lease();
+        let claim = async move {
+            match client.kv().txn(txn).await {
+                Ok(resp) => {
+                    let revision = resp.revision;
+                    let mut level = &resp;
+                    let mut index = 0;
+                    loop {
+                        if level.succeeded {
+                            break Ok(Some((index, revision)));
                         }
-                        _ => break None,
+                        match level.responses.first() {
+                            Some(TxnOpResponse::Txn(inner)) => {
+                                level = inner;
+                                index += 1;
+                            }
+                            _ => break Ok(None),
+                        }
                     }
                 }
+                // Did we claim one? Our claim key says so, but a plain read cannot tell yet:
+                // the claim may sit in the log uncommitted (the server timed out waiting for
+                // it) and land after the read, held by us and known to nobody until our
+                // session ends. So the claims are read by a transaction that goes through the
+                // log itself, after the claim: its delete (of the never-written key
+                // `<q>/claims/`) makes it a write, and changes nothing.
+                Err(kv_client::Error::OutcomeUnknown(_)) => {
+                    let through_log = Txn::new().and_then([
+                        TxnOp::get(claims_prefix.clone(), GetOptions::new().prefix()),
+                        TxnOp::delete(claims_prefix, Default::default()),
+                    ]);
+                    let resp = send_guarded(&client, through_log).await?;
+                    let claims = read_answer(&resp, 0)?;
+                    Ok(claim_keys.iter().enumerate().find_map(|(i, key)| {
+                        claims
+                            .kvs
+                            .iter()
+                            .find(|kv| &kv.key == key && kv.lease == lease)
+                            .map(|kv| (i, kv.create_revision))
+                    }))
+                }
+                Err(e) => Err(e.into()),
             }
-            // Did we claim one? Our claim key says so.
-            Err(kv_client::Error::OutcomeUnknown(_)) => {
-                let claims = self
-                    .client
-                    .kv()
-                    .get(self.layout.claims.clone(), GetOptions::new().prefix())
-                    .await?;
-                chain.iter().enumerate().find_map(|(i, c)| {
-                    let key = self.layout.claim(&c.id);
-                    claims
-                        .kvs
-                        .iter()
-                        .find(|kv| kv.key == key && kv.lease == session.lease())
-                        .map(|kv| (i, kv.create_revision))
-                })
-            }
-            Err(e) => return Err(e.into()),
         };
+        let give_back = move |won: Option<(usize, i64)>| async move {
+            let Some((item, claim, value)) = won.and_then(|(i, _)| before.get(i).cloned()) else {
+                return;
+            };
+            let revision = won.map_or(0, |(_, revision)| revision);
+            let txn = Txn::new()
+                .when([Compare::create_revision(
+                    claim.clone(),
+                    CompareOp::Equal,
+                    revision,
+                )])
+                .and_then([
+                    TxnOp::delete(claim, Default::default()),
+                    TxnOp::put(item, value, PutOptions::new()),
+                ]);
+            let _ = send_guarded(&undo_client, txn).await;
+        };
+        let won = take_or_give_back(claim, give_back).await?;
         let Some((index, revision)) = won else {
             return Ok(None);
         };

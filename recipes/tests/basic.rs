@@ -384,3 +384,45 @@ on_both_servers!(
     double_barrier_on_etcd,
     60
 );
+
+/// A lock attempt given up (its future dropped by a timeout) while its claim is still on the
+/// way to the server: the claim lands anyway, and is given back at once rather than holding
+/// the lock until the session ends.
+async fn abandoned_claim_scenario(endpoint: &str) {
+    let client = connect(endpoint).await;
+    let proxy = kv_tests::proxy::DelayProxy::start(endpoint).await;
+    let slow = connect(&proxy.endpoint).await;
+    let slow_session = session(&slow).await;
+    let rival = session(&client).await;
+
+    // The slow client's claim reaches the server at about 1 s; it gives up at 0.3 s.
+    proxy.set_delay(Duration::from_secs(1));
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        Mutex::new(&slow_session, "abandoned").lock(),
+    )
+    .await;
+    assert!(
+        gave_up.is_err(),
+        "the lock came before the claim could land"
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    proxy.set_delay(Duration::ZERO);
+
+    // The rival gets the lock well before the slow session (TTL 5 s) could end.
+    let guard = tokio::time::timeout(
+        Duration::from_secs(3),
+        Mutex::new(&rival, "abandoned").lock(),
+    )
+    .await
+    .expect("the abandoned claim still holds the lock")
+    .unwrap();
+    assert!(slow_session.try_lost().is_none());
+    guard.unlock().await.unwrap();
+}
+on_both_servers!(
+    abandoned_claim_scenario,
+    abandoned_claim_on_our_server,
+    abandoned_claim_on_etcd,
+    30
+);

@@ -360,3 +360,45 @@ on_both_servers!(
     late_claim_on_etcd,
     30
 );
+
+/// A dequeue given up (its future dropped by a timeout) while its claim is on the way to the
+/// server: the item is given back as it was, not held until the session ends, and its
+/// attempt is not counted.
+async fn abandoned_dequeue_scenario(endpoint: &str) {
+    let (client, session) = connect(endpoint).await;
+    let proxy = kv_tests::proxy::DelayProxy::start(endpoint).await;
+    let (slow_client, slow_session) = connect(&proxy.endpoint).await;
+    let queue: Queue<u32> = Queue::new(&client, "abandoned");
+    let slow: Queue<u32> = Queue::new(&slow_client, "abandoned");
+    queue.enqueue(&7).await.unwrap();
+
+    // Its read reaches the server at about 1 s and its claim at about 2 s; it gives up at 1.5 s.
+    proxy.set_delay(Duration::from_secs(1));
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(1500), slow.dequeue(&slow_session)).await;
+    assert!(
+        gave_up.is_err(),
+        "the dequeue finished before it could be abandoned"
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    proxy.set_delay(Duration::ZERO);
+
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while queue.in_flight().await.unwrap() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned claim still holds the item"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let claimed = next(&queue, &session).await;
+    assert_eq!((claimed.item, claimed.attempts()), (7, 1));
+    claimed.ack().await.unwrap();
+    assert!(slow_session.try_lost().is_none());
+}
+on_both_servers!(
+    abandoned_dequeue_scenario,
+    abandoned_dequeue_on_our_server,
+    abandoned_dequeue_on_etcd,
+    30
+);

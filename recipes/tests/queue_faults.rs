@@ -211,7 +211,28 @@ async fn queue_survives_worker_and_member_kills() {
             if !producing && remaining == 0 {
                 break;
             }
-            assert!(started.elapsed() < Duration::from_secs(240), "{remaining} items left");
+            if started.elapsed() > Duration::from_secs(240) {
+                let left = client
+                    .kv()
+                    .get(format!("{QUEUE}/"), GetOptions::new().prefix())
+                    .await
+                    .unwrap();
+                let left: Vec<String> = left
+                    .kvs
+                    .iter()
+                    .map(|kv| {
+                        format!(
+                            "{} = {} (created {}, modified {}, lease {:x})",
+                            String::from_utf8_lossy(&kv.key),
+                            String::from_utf8_lossy(&kv.value),
+                            kv.create_revision,
+                            kv.mod_revision,
+                            kv.lease
+                        )
+                    })
+                    .collect();
+                panic!("{remaining} items left: {left:#?}");
+            }
             if step % 2 == 1 && step <= 12 {
                 let (process, mut worker) = workers.remove(0);
                 worker.kill();
