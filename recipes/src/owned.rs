@@ -68,11 +68,11 @@ impl<T: Send + 'static> Delivery<T> {
 
 impl<T: Send + 'static> Drop for Delivery<T> {
     fn drop(&mut self) {
-        if let (Some(result), Some(undo)) = (self.result.take(), self.undo.take()) {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(undo(result));
-            }
-            // Without a runtime what was taken lives until its lease ends.
+        // Without a runtime what was taken lives until its lease ends.
+        if let (Some(result), Some(undo)) = (self.result.take(), self.undo.take())
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(undo(result));
         }
     }
 }
