@@ -21,7 +21,7 @@
 //! consumer dies, its lease expires, the claim key goes, and the item is available again; an
 //! item delivered `max_attempts` times without an ack moves to the dead-letter area instead.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -503,6 +503,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
             ),
         };
         let mut since: Option<i64> = None;
+        let mut evaluated: HashMap<String, Option<Vec<Compare>>> = HashMap::new();
         loop {
             // Every page of one look reads the revision of its first: an item committed
             // between two pages could otherwise be missed behind the first (its id was made
@@ -544,7 +545,16 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                     );
                     continue;
                 }
-                let (proof, _) = evaluate(&self.client, &envelope.conditions).await?;
+                // Items gated alike (often many) share one evaluation per look.
+                let gate_key = serde_json::to_string(&envelope.conditions).map_err(codec)?;
+                let proof = match evaluated.get(&gate_key) {
+                    Some(proof) => proof.clone(),
+                    None => {
+                        let (proof, _) = evaluate(&self.client, &envelope.conditions).await?;
+                        evaluated.insert(gate_key, proof.clone());
+                        proof
+                    }
+                };
                 let Some(proof) = proof else {
                     watched_extra.extend(envelope.conditions.iter().map(watched));
                     continue;
