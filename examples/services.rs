@@ -204,7 +204,6 @@ async fn instance(
     // The registration re-registers by itself if its lease or key is lost (the server was
     // down longer than the TTL, say); say so when it happens.
     let mut status = registration.watch_status();
-    status.borrow_and_update();
     let (reporter_id, reporter_endpoint) = (id.to_string(), endpoint.clone());
     tokio::spawn(async move {
         while status.changed().await.is_ok() {

@@ -27,6 +27,20 @@ pub struct Fence {
     pub key: Vec<u8>,
 }
 
+impl Fence {
+    /// A compare that holds only while this token is current (its key still exists with this
+    /// create revision): put it in a transaction's `when` so the write lands only if the
+    /// holder still holds, even from a process that has no session of its own.
+    pub fn is_current(&self) -> Compare {
+        held(&self.key, self.revision)
+    }
+}
+
+/// True while `key` is the one created at `revision`: the ownership test of every fence.
+fn held(key: &[u8], revision: i64) -> Compare {
+    Compare::create_revision(key, CompareOp::Equal, revision)
+}
+
 /// Why something held ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Loss {
@@ -232,7 +246,7 @@ impl OwnedKey {
 
     /// True while the key is this one (not deleted, not re-created).
     pub(crate) fn is_owner(&self) -> Compare {
-        Compare::create_revision(self.key.clone(), CompareOp::Equal, self.revision)
+        held(&self.key, self.revision)
     }
 
     /// Fails unless the session lives and the key is still ours.

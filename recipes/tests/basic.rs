@@ -144,6 +144,16 @@ async fn mutex_scenario(endpoint: &str) {
             .value,
         b"1"
     );
+    // A bare fence does the same for a process that only got the token: current for g2,
+    // stale for g1.
+    let guarded = |fence: recipes::Fence| {
+        kv_client::Txn::new()
+            .when([fence.is_current()])
+            .and_then([TxnOp::put("fenced", "", PutOptions::new())])
+    };
+    let kv = client.kv();
+    assert!(kv.txn(guarded(g2.fence())).await.unwrap().succeeded);
+    assert!(!kv.txn(guarded(fence1)).await.unwrap().succeeded);
 
     // The holder's session ends: lost() fires; a waiter whose own session ends gives up.
     let mut waiting3 = Box::pin(m3.lock());

@@ -98,6 +98,14 @@ async fn basic_scenario(endpoint: &str) {
     .await
     .unwrap();
     let ra = a.registered().await.unwrap();
+    // A status receiver reports changes from now on, not the status it started with.
+    let mut a_status = a.watch_status();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), a_status.changed())
+            .await
+            .is_err(),
+        "a fresh status receiver fired with no change"
+    );
     let ia = added(next(&mut changes).await);
     assert_eq!(ia.id, "a");
     assert_eq!(ia.endpoint, "127.0.0.1:1001");

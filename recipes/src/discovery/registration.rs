@@ -179,9 +179,12 @@ impl Registration {
         self.status.borrow().clone()
     }
 
-    /// A receiver of every status change (for `changed().await` loops).
+    /// A receiver of every status change from now on (for `changed().await` loops): the
+    /// current status counts as seen, so the first `changed()` is a real change.
     pub fn watch_status(&self) -> watch::Receiver<RegistrationStatus> {
-        self.status.clone()
+        let mut status = self.status.clone();
+        status.mark_unchanged();
+        status
     }
 
     /// Waits until the instance is listed (at once if it is). Fails if the registration gave
