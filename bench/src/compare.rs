@@ -1,0 +1,213 @@
+//! The comparison: kv-server and etcd, each started fresh for every round, take turns (the
+//! one that went first goes second in the next round, so that drift of a noisy machine
+//! falls on both), and a table gives per workload the median rate of each, their ratio, and
+//! the median latency and server CPU per operation of each.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::error::Error;
+use crate::report::{WorkloadResult, write_json};
+use crate::run::run;
+use crate::server::{Deployment, Launcher, ServerKind};
+use crate::settings::Settings;
+use crate::stats::median;
+use crate::workload::Workload;
+
+/// What to compare, and how.
+#[derive(Debug, Clone)]
+pub struct CompareOptions {
+    /// Rounds; each starts both servers afresh.
+    pub rounds: usize,
+    /// Members per cluster (1 or 3).
+    pub members: usize,
+    /// The workloads of every round.
+    pub workloads: Vec<Workload>,
+    /// The run settings; endpoints and server PIDs are those of each fresh deployment.
+    pub settings: Settings,
+    /// Where the binaries are.
+    pub launcher: Launcher,
+    /// Where to write every result as JSON.
+    pub json: Option<PathBuf>,
+}
+
+/// One result of a comparison, in its JSON.
+#[derive(Debug, Clone, Serialize)]
+struct Entry {
+    server: &'static str,
+    round: usize,
+    members: usize,
+    #[serde(flatten)]
+    result: WorkloadResult,
+}
+
+/// Every result of one server for one workload, over the rounds.
+#[derive(Default)]
+struct Runs {
+    /// The runs that passed their checks.
+    results: Vec<WorkloadResult>,
+    /// Rounds in which the workload could not run, or failed its checks.
+    failed: usize,
+}
+
+impl Runs {
+    fn median(&self, figure: impl Fn(&WorkloadResult) -> Option<f64>) -> Option<f64> {
+        let values: Vec<f64> = self.results.iter().filter_map(figure).collect();
+        median(&values)
+    }
+}
+
+/// Runs the comparison, printing each result line and then the table on stdout (progress on
+/// stderr). True when every workload ran and passed its checks on every server.
+pub async fn compare(options: &CompareOptions) -> Result<bool, Error> {
+    if options.rounds == 0 || options.members == 0 {
+        return Err(Error::Settings(
+            "--rounds and --members must be at least 1".into(),
+        ));
+    }
+    let mut kinds = vec![ServerKind::KvServer];
+    match options.launcher.binary(ServerKind::Etcd) {
+        Ok(_) => kinds.push(ServerKind::Etcd),
+        Err(why) => println!("etcd skipped: {why}"),
+    }
+    let mut runs: BTreeMap<(usize, Workload), Runs> = BTreeMap::new();
+    let mut entries = Vec::new();
+    for round in 1..=options.rounds {
+        let mut order = kinds.clone();
+        if round % 2 == 0 {
+            order.reverse();
+        }
+        for kind in order {
+            let binary = options
+                .launcher
+                .binary(kind)
+                .map_err(Error::Process)?
+                .to_path_buf();
+            let members = options.members;
+            println!(
+                "== round {round}/{}: {} ({members} member{}) ==",
+                options.rounds,
+                kind.name(),
+                if members == 1 { "" } else { "s" }
+            );
+            let deployment =
+                tokio::task::spawn_blocking(move || Deployment::start(kind, &binary, members))
+                    .await
+                    .map_err(|e| Error::Process(format!("starting {}: {e}", kind.name())))??;
+            deployment.wait_for_leader().await?;
+            let settings = Settings {
+                endpoints: deployment.endpoints.clone(),
+                server_pids: deployment.pids(),
+                ..options.settings.clone()
+            };
+            let report = run(&settings, &options.workloads).await?;
+            // Stops the members and removes their data before the next server starts.
+            drop(deployment);
+            let k = kinds.iter().position(|&x| x == kind).unwrap_or(0);
+            for r in report.results {
+                let workload: Workload = r.workload.parse()?;
+                let slot = runs.entry((k, workload)).or_default();
+                entries.push(Entry {
+                    server: kind.name(),
+                    round,
+                    members,
+                    result: r.clone(),
+                });
+                // A run whose answers were wrong does not count towards the medians.
+                if r.passed {
+                    slot.results.push(r);
+                } else {
+                    slot.failed += 1;
+                }
+            }
+            for (workload, _) in report.aborted {
+                runs.entry((k, workload)).or_default().failed += 1;
+            }
+        }
+    }
+    println!();
+    print!("{}", table(options, &kinds, &runs));
+    if let Some(path) = &options.json {
+        write_json(path, &entries)?;
+    }
+    Ok(runs.values().all(|r| r.failed == 0))
+}
+
+/// `12345` for a rate, `-` when not measured.
+fn figure(v: Option<f64>, decimals: usize) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.decimals$}"))
+}
+
+fn table(
+    options: &CompareOptions,
+    kinds: &[ServerKind],
+    runs: &BTreeMap<(usize, Workload), Runs>,
+) -> String {
+    let s = &options.settings;
+    let window = match s.ops {
+        Some(n) => format!("{n} ops"),
+        None => format!("{:?}", s.duration),
+    };
+    let mut out = format!(
+        "median of {} round{}, {} member{}, {window} per workload, {} connections, {} in flight, {}-byte values\n",
+        options.rounds,
+        if options.rounds == 1 { "" } else { "s" },
+        options.members,
+        if options.members == 1 { "" } else { "s" },
+        s.connections,
+        s.in_flight,
+        s.value_size,
+    );
+    out += &format!(
+        "{:<17} {:<14} {:>11} {:>11} {:>9} {:>10} {:>10} {:>11} {:>11}\n",
+        "workload",
+        "unit",
+        "kv-server",
+        "etcd",
+        "ours/etcd",
+        "p99ms ours",
+        "p99ms etcd",
+        "cpu µs ours",
+        "cpu µs etcd"
+    );
+    let empty = Runs::default();
+    for &workload in &options.workloads {
+        let ours = runs.get(&(0, workload)).unwrap_or(&empty);
+        let etcd = (kinds.len() > 1).then(|| runs.get(&(1, workload)).unwrap_or(&empty));
+        let rate = |r: &Runs| r.median(|x| Some(x.ops_per_sec));
+        let p99 = |r: &Runs| r.median(|x| Some(x.latency_ms.p99));
+        let cpu = |r: &Runs| r.median(|x| x.server_cpu_us_per_op);
+        let (ours_rate, etcd_rate) = (rate(ours), etcd.and_then(rate));
+        let ratio = match (ours_rate, etcd_rate) {
+            (Some(o), Some(e)) if e > 0.0 => Some(o / e),
+            _ => None,
+        };
+        let mut line = format!(
+            "{:<17} {:<14} {:>11} {:>11} {:>9} {:>10} {:>10} {:>11} {:>11}",
+            workload.name(),
+            format!("{}/s", workload.unit()),
+            figure(ours_rate, 0),
+            figure(etcd_rate, 0),
+            ratio.map_or_else(|| "-".into(), |r| format!("{r:.2}x")),
+            figure(p99(ours), 2),
+            figure(etcd.and_then(p99), 2),
+            figure(cpu(ours), 1),
+            figure(etcd.and_then(cpu), 1),
+        );
+        let failed: Vec<String> = [(ServerKind::KvServer, Some(ours)), (ServerKind::Etcd, etcd)]
+            .into_iter()
+            .filter_map(|(k, r)| {
+                r.filter(|r| r.failed > 0)
+                    .map(|r| format!("{} {}x", k.name(), r.failed))
+            })
+            .collect();
+        if !failed.is_empty() {
+            line += &format!("  FAILED: {}", failed.join(", "));
+        }
+        out += line.trim_end();
+        out.push('\n');
+    }
+    out
+}
