@@ -43,6 +43,10 @@ impl Default for ClientOptions {
     }
 }
 
+/// The largest answer a client accepts: no limit (tonic's default is 4 MiB). A range over
+/// many keys is a normal answer, and etcd's own client lifts the limit the same way.
+pub(crate) const MAX_ANSWER_BYTES: usize = usize::MAX;
+
 /// Whether a request may be sent again after a failure that left its effect unknown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Idempotence {
@@ -134,6 +138,7 @@ impl Client {
         client
             .call(Idempotence::Safe, |channel| async move {
                 MaintenanceClient::new(channel)
+                    .max_decoding_message_size(MAX_ANSWER_BYTES)
                     .status(StatusRequest {})
                     .await
                     .map(|_| ())

@@ -5,7 +5,7 @@ use kv_core::proto::etcdserverpb::{
     MemberRemoveRequest, MemberUpdateRequest, cluster_client::ClusterClient,
 };
 
-use crate::client::{Client, Idempotence};
+use crate::client::{Client, Idempotence, MAX_ANSWER_BYTES};
 use crate::error::Result;
 
 /// One member of the cluster.
@@ -53,6 +53,7 @@ impl Cluster {
             .client
             .call(Idempotence::Safe, |channel| async move {
                 Ok(ClusterClient::new(channel)
+                    .max_decoding_message_size(MAX_ANSWER_BYTES)
                     .member_list(MemberListRequest { linearizable: true })
                     .await?
                     .into_inner())
@@ -73,6 +74,7 @@ impl Cluster {
                 let req = req.clone();
                 async move {
                     Ok(ClusterClient::new(channel)
+                        .max_decoding_message_size(MAX_ANSWER_BYTES)
                         .member_add(req)
                         .await?
                         .into_inner())
@@ -94,6 +96,7 @@ impl Cluster {
             .client
             .call(Idempotence::Unsafe, |channel| async move {
                 Ok(ClusterClient::new(channel)
+                    .max_decoding_message_size(MAX_ANSWER_BYTES)
                     .member_remove(MemberRemoveRequest { id })
                     .await?
                     .into_inner())
@@ -114,6 +117,7 @@ impl Cluster {
                 let req = req.clone();
                 async move {
                     Ok(ClusterClient::new(channel)
+                        .max_decoding_message_size(MAX_ANSWER_BYTES)
                         .member_update(req)
                         .await?
                         .into_inner())
@@ -129,6 +133,7 @@ impl Cluster {
             .client
             .call(Idempotence::Unsafe, |channel| async move {
                 Ok(ClusterClient::new(channel)
+                    .max_decoding_message_size(MAX_ANSWER_BYTES)
                     .member_promote(MemberPromoteRequest { id })
                     .await?
                     .into_inner())

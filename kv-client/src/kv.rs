@@ -8,7 +8,7 @@ use kv_core::proto::etcdserverpb::{
 };
 use kv_core::proto::mvccpb::KeyValue;
 
-use crate::client::{Client, Idempotence};
+use crate::client::{Client, Idempotence, MAX_ANSWER_BYTES};
 use crate::error::Result;
 use crate::txn::{Txn, TxnResponse};
 
@@ -345,7 +345,13 @@ impl Kv {
             .client
             .call(Idempotence::Safe, |channel| {
                 let req = req.clone();
-                async move { Ok(KvClient::new(channel).range(req).await?.into_inner()) }
+                async move {
+                    Ok(KvClient::new(channel)
+                        .max_decoding_message_size(MAX_ANSWER_BYTES)
+                        .range(req)
+                        .await?
+                        .into_inner())
+                }
             })
             .await?;
         Ok(GetResponse::from_proto(ns, resp))
@@ -365,7 +371,13 @@ impl Kv {
             .client
             .call(Idempotence::Unsafe, |channel| {
                 let req = req.clone();
-                async move { Ok(KvClient::new(channel).put(req).await?.into_inner()) }
+                async move {
+                    Ok(KvClient::new(channel)
+                        .max_decoding_message_size(MAX_ANSWER_BYTES)
+                        .put(req)
+                        .await?
+                        .into_inner())
+                }
             })
             .await?;
         Ok(PutResponse::from_proto(ns, resp))
@@ -383,7 +395,13 @@ impl Kv {
             .client
             .call(Idempotence::Unsafe, |channel| {
                 let req = req.clone();
-                async move { Ok(KvClient::new(channel).delete_range(req).await?.into_inner()) }
+                async move {
+                    Ok(KvClient::new(channel)
+                        .max_decoding_message_size(MAX_ANSWER_BYTES)
+                        .delete_range(req)
+                        .await?
+                        .into_inner())
+                }
             })
             .await?;
         Ok(DeleteResponse::from_proto(ns, resp))
@@ -403,7 +421,13 @@ impl Kv {
             .client
             .call(idempotence, |channel| {
                 let req = req.clone();
-                async move { Ok(KvClient::new(channel).txn(req).await?.into_inner()) }
+                async move {
+                    Ok(KvClient::new(channel)
+                        .max_decoding_message_size(MAX_ANSWER_BYTES)
+                        .txn(req)
+                        .await?
+                        .into_inner())
+                }
             })
             .await?;
         Ok(TxnResponse::from_proto(ns, resp))
@@ -417,7 +441,11 @@ impl Kv {
         let resp = self
             .client
             .call(Idempotence::Unsafe, |channel| async move {
-                Ok(KvClient::new(channel).compact(req).await?.into_inner())
+                Ok(KvClient::new(channel)
+                    .max_decoding_message_size(MAX_ANSWER_BYTES)
+                    .compact(req)
+                    .await?
+                    .into_inner())
             })
             .await?;
         Ok(resp.header.map_or(0, |h| h.revision))

@@ -37,7 +37,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
-use crate::client::{Client, Idempotence};
+use crate::client::{Client, Idempotence, MAX_ANSWER_BYTES};
 use crate::error::{Error, Result};
 
 /// A lease the server granted.
@@ -100,6 +100,7 @@ impl Lease {
             .client
             .call(Idempotence::Unsafe, |channel| async move {
                 Ok(LeaseClient::new(channel)
+                    .max_decoding_message_size(MAX_ANSWER_BYTES)
                     .lease_grant(req)
                     .await?
                     .into_inner())
@@ -131,6 +132,7 @@ impl Lease {
             .client
             .call(Idempotence::Unsafe, |channel| async move {
                 Ok(LeaseClient::new(channel)
+                    .max_decoding_message_size(MAX_ANSWER_BYTES)
                     .lease_revoke(req)
                     .await?
                     .into_inner())
@@ -147,6 +149,7 @@ impl Lease {
             .client
             .call(Idempotence::Safe, |channel| async move {
                 Ok(LeaseClient::new(channel)
+                    .max_decoding_message_size(MAX_ANSWER_BYTES)
                     .lease_time_to_live(req)
                     .await?
                     .into_inner())
@@ -175,6 +178,7 @@ impl Lease {
             .client
             .call(Idempotence::Safe, |channel| async move {
                 Ok(LeaseClient::new(channel)
+                    .max_decoding_message_size(MAX_ANSWER_BYTES)
                     .lease_leases(LeaseLeasesRequest {})
                     .await?
                     .into_inner())
@@ -607,7 +611,8 @@ impl Task {
         self.renew_all_now();
         // etcd sends no response headers before its first answer, so the call resolves only
         // after a request went out: the first tick queues the renewals before it is polled.
-        let mut lease_client = LeaseClient::new(channel);
+        let mut lease_client =
+            LeaseClient::new(channel).max_decoding_message_size(MAX_ANSWER_BYTES);
         let mut call = pin!(lease_client.lease_keep_alive(UnboundedReceiverStream::new(outgoing)));
         let mut answers = None;
         let mut wake_at = None;

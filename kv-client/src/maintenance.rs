@@ -5,7 +5,7 @@ use kv_core::proto::etcdserverpb::{
     alarm_request::AlarmAction, maintenance_client::MaintenanceClient,
 };
 
-use crate::client::{Client, Idempotence};
+use crate::client::{Client, Idempotence, MAX_ANSWER_BYTES};
 use crate::error::Result;
 
 /// What a member says about itself.
@@ -62,6 +62,7 @@ impl Maintenance {
             .client
             .call(Idempotence::Safe, |channel| async move {
                 Ok(MaintenanceClient::new(channel)
+                    .max_decoding_message_size(MAX_ANSWER_BYTES)
                     .status(StatusRequest {})
                     .await?
                     .into_inner())
@@ -105,6 +106,7 @@ impl Maintenance {
             .client
             .call(Idempotence::Safe, |channel| async move {
                 Ok(MaintenanceClient::new(channel)
+                    .max_decoding_message_size(MAX_ANSWER_BYTES)
                     .alarm(req)
                     .await?
                     .into_inner())
@@ -125,6 +127,7 @@ impl Maintenance {
         self.client
             .call(Idempotence::Safe, |channel| async move {
                 MaintenanceClient::new(channel)
+                    .max_decoding_message_size(MAX_ANSWER_BYTES)
                     .defragment(DefragmentRequest {})
                     .await
                     .map(|_| ())
@@ -139,6 +142,7 @@ impl Maintenance {
             .client
             .call(Idempotence::Safe, |channel| async move {
                 Ok(MaintenanceClient::new(channel)
+                    .max_decoding_message_size(MAX_ANSWER_BYTES)
                     .hash_kv(HashKvRequest { revision })
                     .await?
                     .into_inner())
@@ -152,6 +156,7 @@ impl Maintenance {
         self.client
             .call(Idempotence::Unsafe, |channel| async move {
                 MaintenanceClient::new(channel)
+                    .max_decoding_message_size(MAX_ANSWER_BYTES)
                     .move_leader(MoveLeaderRequest { target_id: target })
                     .await
                     .map(|_| ())

@@ -20,7 +20,7 @@ use kv_core::proto::mvccpb::{Event as ProtoEvent, KeyValue, event::EventType};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::client::Client;
+use crate::client::{Client, MAX_ANSWER_BYTES};
 use crate::error::{Error, Result};
 use crate::kv::{Extent, extent_builders, strip};
 
@@ -312,6 +312,7 @@ async fn session(
         }
     }
     let mut stream = match WatchClient::new(channel)
+        .max_decoding_message_size(MAX_ANSWER_BYTES)
         .watch(UnboundedReceiverStream::new(out_rx))
         .await
     {

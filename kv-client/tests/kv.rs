@@ -226,3 +226,30 @@ kv_tests::on_both_servers!(
     nested_write_revision_on_etcd,
     30
 );
+
+/// An answer larger than tonic's default 4 MiB decoding limit is read, as etcd's own client
+/// reads it (it lifts the limit): a range of six 1 MiB values.
+async fn large_answer_scenario(endpoint: &str) {
+    let client = Client::connect([endpoint], ClientOptions::default())
+        .await
+        .expect("connect");
+    let kv = client.kv();
+    let value = vec![b'x'; 1 << 20];
+    for i in 0..6 {
+        kv.put(format!("big/{i}"), value.clone(), PutOptions::new())
+            .await
+            .expect("put 1 MiB");
+    }
+    let got = kv
+        .get("big/", GetOptions::new().prefix())
+        .await
+        .expect("a 6 MiB answer");
+    assert_eq!(got.kvs.len(), 6);
+    assert!(got.kvs.iter().all(|kv| kv.value == value));
+}
+kv_tests::on_both_servers!(
+    large_answer_scenario,
+    large_answer_on_our_server,
+    large_answer_on_etcd,
+    60
+);
