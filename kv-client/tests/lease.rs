@@ -343,3 +343,36 @@ kv_tests::on_both_servers!(
     many_kept_leases_on_etcd,
     60
 );
+
+/// One kept lease with a short TTL, and nothing else going on in the client, stays alive: its
+/// renewals must follow the TTL the first answer tells, not the wait used before it was known.
+async fn one_short_lease_alone(endpoint: &str) {
+    let client = connect(&[endpoint.to_string()]).await;
+    let lease = client.lease();
+    let grant = lease.grant(2, None).await.expect("grant");
+    let kept = lease.keep_alive(grant.id).await.expect("keep alive");
+    // Checked on the server, every half second for 6 s: the client reports a loss only when
+    // it looks, and a client that stopped renewing would not look either.
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let ttl = lease
+            .time_to_live(grant.id, false)
+            .await
+            .expect("time to live");
+        assert!(
+            ttl.is_some(),
+            "a 2 s lease kept alone expired on the server"
+        );
+    }
+    assert_eq!(
+        kept.try_lost(),
+        None,
+        "a 2 s lease kept alone was reported lost"
+    );
+}
+kv_tests::on_both_servers!(
+    one_short_lease_alone,
+    one_short_lease_alone_on_our_server,
+    one_short_lease_alone_on_etcd,
+    30
+);
