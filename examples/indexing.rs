@@ -45,7 +45,7 @@ use kv_client::{
     Client, Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, PutOptions, TxnOp,
     TxnOpResponse, WatchOptions,
 };
-use kv_examples::{DEFAULT_ENDPOINTS, Process, connect, exit_with_parent};
+use kv_examples::{Process, connect, exit_with_parent};
 use recipes::{Election, Leadership, Observation, Observer, Session};
 use serde::{Deserialize, Serialize};
 
@@ -78,9 +78,8 @@ const VOCABULARY: [&str; 12] = [
 #[derive(Parser)]
 #[command(about = "Batch jobs electing an indexing leader that survives being killed")]
 struct Cli {
-    /// Server endpoints, comma-separated.
-    #[arg(long, global = true, default_value = DEFAULT_ENDPOINTS)]
-    endpoints: String,
+    #[command(flatten)]
+    server: kv_examples::ServerArgs,
     #[command(subcommand)]
     mode: Option<Mode>,
 }
@@ -220,9 +219,9 @@ fn key_number(key: &[u8]) -> Result<usize> {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.mode.unwrap_or(Mode::Demo) {
-        Mode::Load { prefix, docs } => load(&cli.endpoints, &prefix, docs).await,
-        Mode::Job { id, prefix } => job(&cli.endpoints, &id, &prefix).await,
-        Mode::Demo => demo(&cli.endpoints).await,
+        Mode::Load { prefix, docs } => load(&cli.server.endpoints, &prefix, docs).await,
+        Mode::Job { id, prefix } => job(&cli.server.endpoints, &id, &prefix).await,
+        Mode::Demo => demo(&cli.server.endpoints).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

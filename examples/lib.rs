@@ -17,6 +17,14 @@ pub mod hello {
 /// listens here).
 pub const DEFAULT_ENDPOINTS: &str = "127.0.0.1:2379";
 
+/// The `--endpoints` flag every example and every mode takes (`#[command(flatten)]`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// The server's client endpoints, comma-separated host:port.
+    #[arg(long, global = true, default_value = DEFAULT_ENDPOINTS)]
+    pub endpoints: String,
+}
+
 /// Connects to `endpoints` (comma-separated), or explains how to start a server.
 pub async fn connect(endpoints: &str) -> Result<Client, String> {
     let list: Vec<String> = endpoints

@@ -48,10 +48,10 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use futures::{FutureExt, StreamExt};
 use kv_client::{Client, DeleteOptions};
+use kv_examples::Process;
 use kv_examples::hello::hello_client::HelloClient;
 use kv_examples::hello::hello_server::{Hello, HelloServer};
 use kv_examples::hello::{WhoReply, WhoRequest};
-use kv_examples::{DEFAULT_ENDPOINTS, Process};
 use recipes::discovery::{
     BalancedChannel, Changes, InstanceChange, InstanceInfo, RegisterOptions, RegistrationStatus,
     Service, ServiceCache,
@@ -89,9 +89,8 @@ const DROP_SLACK: Duration = Duration::from_secs(1);
 #[derive(Parser)]
 #[command(about = "Instances registering with lease heartbeats, called through a balanced channel")]
 struct Cli {
-    /// The server's client endpoints, comma-separated.
-    #[arg(long, global = true, default_value = DEFAULT_ENDPOINTS)]
-    endpoints: String,
+    #[command(flatten)]
+    server: kv_examples::ServerArgs,
     #[command(subcommand)]
     mode: Option<Mode>,
 }
@@ -129,9 +128,11 @@ enum Mode {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.mode.unwrap_or(Mode::Demo { ttl: TTL }) {
-        Mode::Instance { id, service, ttl } => instance(&cli.endpoints, &id, &service, ttl).await,
-        Mode::Client { service } => client(&cli.endpoints, &service).await,
-        Mode::Demo { ttl } => demo(&cli.endpoints, ttl).await,
+        Mode::Instance { id, service, ttl } => {
+            instance(&cli.server.endpoints, &id, &service, ttl).await
+        }
+        Mode::Client { service } => client(&cli.server.endpoints, &service).await,
+        Mode::Demo { ttl } => demo(&cli.server.endpoints, ttl).await,
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

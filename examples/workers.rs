@@ -42,7 +42,7 @@ use kv_client::{
     Client, DeleteOptions, Event, EventKind, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
     WatchStream,
 };
-use kv_examples::{DEFAULT_ENDPOINTS, Process, connect, exit_with_parent};
+use kv_examples::{Process, connect, exit_with_parent};
 use recipes::{Condition, EnqueueOptions, Queue, Session};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -72,9 +72,8 @@ const STEP_LIMIT: Duration = Duration::from_secs(20);
 #[derive(Parser)]
 #[command(about = "Workers consuming an ordered queue, with gated jobs and redelivery")]
 struct Cli {
-    /// Server endpoints, comma-separated host:port.
-    #[arg(long, global = true, default_value = DEFAULT_ENDPOINTS)]
-    endpoints: String,
+    #[command(flatten)]
+    server: kv_examples::ServerArgs,
     #[command(subcommand)]
     mode: Option<Mode>,
 }
@@ -184,7 +183,7 @@ impl Keys {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let endpoints = cli.endpoints.as_str();
+    let endpoints = cli.server.endpoints.as_str();
     let done = match cli.mode.unwrap_or(Mode::Demo { jobs: DEMO_JOBS }) {
         Mode::Produce { queue, jobs } => produce(endpoints, &queue, jobs).await,
         Mode::Worker { id, queue, ttl } => worker(endpoints, &id, &queue, ttl).await,

@@ -503,7 +503,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
             ),
         };
         let mut since: Option<i64> = None;
-        let mut evaluated: HashMap<String, Option<Vec<Compare>>> = HashMap::new();
+        let mut evaluated: HashMap<Vec<Condition>, Option<Vec<Compare>>> = HashMap::new();
         loop {
             // Every page of one look reads the revision of its first: an item committed
             // between two pages could otherwise be missed behind the first (its id was made
@@ -546,12 +546,11 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                     continue;
                 }
                 // Items gated alike (often many) share one evaluation per look.
-                let gate_key = serde_json::to_string(&envelope.conditions).map_err(codec)?;
-                let proof = match evaluated.get(&gate_key) {
+                let proof = match evaluated.get(&envelope.conditions) {
                     Some(proof) => proof.clone(),
                     None => {
                         let (proof, _) = evaluate(&self.client, &envelope.conditions).await?;
-                        evaluated.insert(gate_key, proof.clone());
+                        evaluated.insert(envelope.conditions.clone(), proof.clone());
                         proof
                     }
                 };
@@ -719,10 +718,12 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
             }
         };
         let give_back = move |won: Option<(usize, i64)>| async move {
-            let Some((item, claim, value)) = won.and_then(|(i, _)| before.get(i).cloned()) else {
+            let Some((index, revision)) = won else {
                 return;
             };
-            let revision = won.map_or(0, |(_, revision)| revision);
+            let Some((item, claim, value)) = before.get(index).cloned() else {
+                return;
+            };
             let txn = Txn::new()
                 .when([Compare::create_revision(
                     claim.clone(),
