@@ -272,7 +272,15 @@ impl Client {
                 Effect::Refused => false,
             };
             if !retry {
-                return Err(error);
+                // A write whose effect is unknown says so, whatever the status's code: a
+                // caller that took a deadline for "not applied" would leave its write's
+                // effects (a claim, a lock key) held and unknown to it.
+                return Err(match error {
+                    Error::DeadlineExceeded(m) if effect == Effect::Unknown => {
+                        Error::OutcomeUnknown(m)
+                    }
+                    e => e,
+                });
             }
             // Next time, try another member.
             self.endpoint_failed(index);
@@ -288,5 +296,46 @@ impl Client {
             }
             tokio::time::sleep(pause).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client whose calls are answered by the test's closure (its endpoint never dialled).
+    fn offline_client(options: ClientOptions) -> Client {
+        let channel = Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        Client {
+            inner: Arc::new(Inner {
+                endpoints: vec![("http://127.0.0.1:1".into(), channel)],
+                current: AtomicUsize::new(0),
+                options,
+                shared: Mutex::new(HashMap::new()),
+            }),
+            namespace: Arc::from(&b""[..]),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_answered_deadline_exceeded_has_an_unknown_outcome() {
+        let options = ClientOptions {
+            request_timeout: Duration::from_millis(300),
+            ..ClientOptions::default()
+        };
+        let client = offline_client(options);
+        let answer =
+            || async { Err::<(), _>(Status::deadline_exceeded("context deadline exceeded")) };
+        let write = client.call(Idempotence::Unsafe, |_| answer()).await;
+        assert!(
+            matches!(write, Err(Error::OutcomeUnknown(_))),
+            "a write: {write:?}"
+        );
+        // A read is sent again until the call's deadline, then says the deadline passed.
+        let read = client.call(Idempotence::Safe, |_| answer()).await;
+        assert!(
+            matches!(read, Err(Error::DeadlineExceeded(_))),
+            "a read: {read:?}"
+        );
     }
 }

@@ -303,9 +303,44 @@ impl OwnedKey {
     }
 
     /// Deletes the key if it is still ours; true if it was.
-    pub(crate) async fn release(mut self) -> Result<bool> {
-        self.armed = false;
-        delete_if_owned(self.session.client(), &self.key, self.revision).await
+    pub(crate) async fn release(self) -> Result<bool> {
+        let delete = TxnOp::delete(self.key.clone(), Default::default());
+        self.end_with(vec![delete]).await
+    }
+
+    /// Applies `ops`, which must delete the key, in one transaction if the key is still
+    /// ours; true if they were applied. A send whose answer is lost is sent again (the
+    /// ownership compare makes a second landing a no-op), and a resend that finds the key
+    /// gone while the session's lease still lives knows the lost send did it: a lease's end
+    /// is the only other way a key of ours goes. Should every send fail, the key stays armed
+    /// and is deleted in the background as it drops, so it is never left held and known to
+    /// nobody until the session ends.
+    pub(crate) async fn end_with(self, ops: Vec<TxnOp>) -> Result<bool> {
+        let client = self.session.client().clone();
+        let txn = Txn::new().when([self.is_owner()]).and_then(ops);
+        let mut resends = 0;
+        loop {
+            match client.kv().txn(txn.clone()).await {
+                Ok(resp) if resp.succeeded => {
+                    self.detach();
+                    return Ok(true);
+                }
+                Ok(_) => {
+                    let landed = resends > 0
+                        && matches!(
+                            client
+                                .lease()
+                                .time_to_live(self.session.lease(), false)
+                                .await,
+                            Ok(Some(_))
+                        );
+                    self.detach();
+                    return Ok(landed);
+                }
+                Err(kv_client::Error::OutcomeUnknown(_)) if resends < RESENDS => resends += 1,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Stops caring for the key: it stays until deleted or its lease ends.

@@ -674,6 +674,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
         let claims_prefix = self.layout.claims.clone();
         let claim_keys: Vec<Vec<u8>> = before.iter().map(|(_, claim, _)| claim.clone()).collect();
         let lease = session.lease();
+        let claimant = session.clone();
         let claim = async move {
             match client.kv().txn(txn).await {
                 Ok(resp) => {
@@ -704,7 +705,25 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                         TxnOp::get(claims_prefix.clone(), GetOptions::new().prefix()),
                         TxnOp::delete(claims_prefix, Default::default()),
                     ]);
-                    let resp = send_guarded(&client, through_log).await?;
+                    // Asked until it answers while the session lives (a claim we never
+                    // learn of holds its item, unseen, until then); once the session has
+                    // ended, its lease took any claim with it.
+                    let mut pause = Duration::from_millis(100);
+                    let resp = loop {
+                        match send_guarded(&client, through_log.clone()).await {
+                            Ok(resp) => break resp,
+                            Err(Error::Client(e))
+                                if claimant.try_lost().is_none()
+                                    && (e.is_retryable()
+                                        || e.is_outcome_unknown()
+                                        || matches!(e, kv_client::Error::DeadlineExceeded(_))) =>
+                            {
+                                tokio::time::sleep(pause).await;
+                                pause = (pause * 2).min(Duration::from_secs(2));
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    };
                     let claims = read_answer(&resp, 0)?;
                     Ok(claim_keys.iter().enumerate().find_map(|(i, key)| {
                         claims
@@ -1007,14 +1026,9 @@ impl<T> Claimed<T> {
         ops
     }
 
-    /// Applies `ops` if the claim still holds.
+    /// Applies `ops` if the claim still holds (see [`OwnedKey::end_with`]).
     async fn finish(self, ops: Vec<TxnOp>) -> Result<()> {
-        let client = self.claim.session().client().clone();
-        let txn = Txn::new().when([self.claim.is_owner()]).and_then(ops);
-        let done = client.kv().txn(txn).await;
-        // Whatever happened, the claim key is settled by the transaction, not by drop.
-        self.claim.detach();
-        if done?.succeeded {
+        if self.claim.end_with(ops).await? {
             Ok(())
         } else {
             Err(Error::ClaimLost)

@@ -59,9 +59,14 @@ async fn contend(endpoints: Vec<String>, stop: Arc<AtomicBool>) -> (usize, usize
             let put = TxnOp::put("mx-log", format!("{step} {fence}"), PutOptions::new());
             match client.kv().txn(guard.txn().and_then([put])).await {
                 Ok(r) if r.succeeded => {}
-                Ok(_) => refused += 1,
-                // An unknown outcome is not counted either way; the history decides.
-                Err(_) => {}
+                Ok(_) => {
+                    refused += 1;
+                    break;
+                }
+                // An unknown outcome is not counted either way; the history decides. No
+                // "exit" follows an "enter" that may not have landed: the check would take
+                // the exit's lone landing for another holder's write inside the section.
+                Err(_) => break,
             }
             tokio::time::sleep(Duration::from_millis(pause)).await;
         }

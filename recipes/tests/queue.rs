@@ -402,3 +402,74 @@ on_both_servers!(
     abandoned_dequeue_on_etcd,
     30
 );
+
+/// An ack cut off on its way (the connection breaks and it never reaches the server): it is
+/// sent again, instead of failing and leaving the item claimed, known to nobody, until the
+/// consumer's session ends. Found by the fault test: two items sat claimed by live workers.
+async fn cut_ack_scenario(endpoint: &str) {
+    let (client, _session) = connect(endpoint).await;
+    let proxy = kv_tests::proxy::DelayProxy::start(endpoint).await;
+    let (cut_client, cut_session) = connect(&proxy.endpoint).await;
+    let queue: Queue<u32> = Queue::new(&client, "cut-ack");
+    let cut: Queue<u32> = Queue::new(&cut_client, "cut-ack");
+    queue.enqueue(&7).await.unwrap();
+    let claimed = next(&cut, &cut_session).await;
+
+    proxy.set_delay(Duration::from_secs(1));
+    let ack = tokio::spawn(claimed.ack());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.set_delay(Duration::ZERO);
+    proxy.sever();
+    let acked = soon(ack).await.expect("the ack's task");
+    assert!(acked.is_ok(), "the ack: {acked:?}");
+    assert_eq!(queue.len().await.unwrap(), 0);
+    assert_eq!(queue.in_flight().await.unwrap(), 0);
+    assert!(cut_session.try_lost().is_none());
+}
+on_both_servers!(cut_ack_scenario, cut_ack_on_our_server, cut_ack_on_etcd, 30);
+
+/// An ack that lands after its caller stopped waiting for the answer (the client's request
+/// timeout): its resend finds the claim gone while the session lives, which only the first
+/// send can have done, so the ack reports success (not `ClaimLost`) and its result is
+/// written once.
+async fn late_ack_scenario(endpoint: &str) {
+    let (client, _session) = connect(endpoint).await;
+    let proxy = kv_tests::proxy::DelayProxy::start(endpoint).await;
+    let options = ClientOptions {
+        request_timeout: Duration::from_millis(500),
+        ..ClientOptions::default()
+    };
+    let late_client = Client::connect([&proxy.endpoint], options)
+        .await
+        .expect("connect");
+    let late_session = Session::with_ttl(&late_client, 5).await.expect("session");
+    let queue: Queue<u32> = Queue::new(&client, "late-ack");
+    let late: Queue<u32> = Queue::new(&late_client, "late-ack");
+    queue.enqueue(&7).await.unwrap();
+    let claimed = next(&late, &late_session).await;
+
+    // The first send reaches the server at about 1 s, after the client gave up at 0.5 s; the
+    // resend queues behind it on the same connection.
+    proxy.set_delay(Duration::from_secs(1));
+    let result = kv_client::TxnOp::put("late-ack-result", "7", PutOptions::new());
+    let ack = tokio::spawn(claimed.ack_with([result]));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    proxy.set_delay(Duration::ZERO);
+    let acked = soon(ack).await.expect("the ack's task");
+    assert!(acked.is_ok(), "the ack: {acked:?}");
+    assert_eq!(queue.len().await.unwrap(), 0);
+    assert_eq!(queue.in_flight().await.unwrap(), 0);
+    let written = client
+        .kv()
+        .get("late-ack-result", Default::default())
+        .await
+        .unwrap();
+    assert_eq!(written.kvs.len(), 1);
+    assert_eq!(written.kvs[0].version, 1);
+}
+on_both_servers!(
+    late_ack_scenario,
+    late_ack_on_our_server,
+    late_ack_on_etcd,
+    30
+);

@@ -1,8 +1,9 @@
 //! A loopback TCP proxy that can hold back what clients send, for tests that need a
-//! request to reach the server late (a slow or congested network) at a known moment.
+//! request to reach the server late (a slow or congested network) at a known moment, or
+//! never (the connection breaks while the request is on its way).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,6 +18,7 @@ pub struct DelayProxy {
     /// The `http://127.0.0.1:port` endpoint clients connect to.
     pub endpoint: String,
     delay_ms: Arc<AtomicU64>,
+    links: Arc<Mutex<Vec<AbortOnDrop>>>,
     accept: JoinHandle<()>,
 }
 
@@ -32,22 +34,21 @@ impl DelayProxy {
         let endpoint = format!("http://{}", listener.local_addr().expect("proxy address"));
         let delay_ms = Arc::new(AtomicU64::new(0));
         let delay = delay_ms.clone();
+        let links = Arc::new(Mutex::new(Vec::new()));
+        let open = links.clone();
         let accept = tokio::spawn(async move {
-            let mut links = Vec::new();
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(&upstream).await else {
                     continue;
                 };
-                links.push(AbortOnDrop(tokio::spawn(link(
-                    client,
-                    server,
-                    delay.clone(),
-                ))));
+                let linked = AbortOnDrop(tokio::spawn(link(client, server, delay.clone())));
+                open.lock().unwrap_or_else(|e| e.into_inner()).push(linked);
             }
         });
         DelayProxy {
             endpoint,
             delay_ms,
+            links,
             accept,
         }
     }
@@ -57,12 +58,20 @@ impl DelayProxy {
         self.delay_ms
             .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
+
+    /// Breaks every open connection now: what the delay still holds never reaches the
+    /// server, and clients see their connection reset. New connections work as before.
+    pub fn sever(&self) {
+        let cut: Vec<AbortOnDrop> =
+            std::mem::take(&mut *self.links.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(cut);
+    }
 }
 
 impl Drop for DelayProxy {
     fn drop(&mut self) {
-        // Dropping the accept task drops every link with it.
         self.accept.abort();
+        self.sever();
     }
 }
 
