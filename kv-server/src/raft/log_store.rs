@@ -21,11 +21,13 @@
 //!   and deletes the entries in the same transaction. Truncation deletes only a suffix and purge
 //!   only a prefix, so the log never has holes.
 //! * [`save_committed`](RaftLogStorage::save_committed) is called by openraft on every commit
-//!   advance, so it uses a non-durable commit ([`Durability::None`]); redb makes it durable with
-//!   the next durable commit (the next append / vote / truncate / purge, or
-//!   [`LogStore::flush`] at shutdown). Because redb commits are ordered, a recovered file never
-//!   holds a committed id whose entries are missing. Losing the latest committed id on a crash
-//!   is allowed by openraft: the state machine then catches up once the leader re-commits.
+//!   advance. It only notes the id in memory; the next write (append, vote, truncate, purge, or
+//!   [`LogStore::flush`] at shutdown) stores it in its own transaction. A commit of its own
+//!   cost every client write a redb commit (its page writes) and a hop to a blocking thread.
+//!   The entries a committed id covers are durable before it is noted, so a recovered file
+//!   never holds a committed id whose entries are missing. Losing the latest committed id on a
+//!   crash is allowed by openraft: the state machine then catches up once the leader
+//!   re-commits.
 //!
 //! All writes are serialized: openraft issues them one at a time from its core task, and every
 //! write runs on a blocking thread (`spawn_blocking`) so the async runtime is never blocked by an
@@ -37,6 +39,7 @@ use std::ops::Bound;
 use std::ops::RangeBounds;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::Mutex;
 
 use openraft::LogState;
 use openraft::OptionalSend;
@@ -48,6 +51,7 @@ use redb::Durability;
 use redb::ReadableDatabase;
 use redb::ReadableTable;
 use redb::TableDefinition;
+use redb::WriteTransaction;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -71,6 +75,8 @@ pub const KEY_LAST_PURGED: &str = "last_purged";
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    /// The committed id openraft last reported, encoded, not yet stored (see the module docs).
+    committed: Arc<Mutex<Option<Vec<u8>>>>,
 }
 
 impl Debug for LogStore {
@@ -115,7 +121,10 @@ impl LogStore {
             tx.open_table(META).map_err(io_err)?;
         }
         tx.commit().map_err(io_err)?;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self {
+            db: Arc::new(db),
+            committed: Arc::new(Mutex::new(None)),
+        })
     }
 
     /// The shared database handle.
@@ -150,6 +159,7 @@ impl LogStore {
     /// `save_committed` would).
     #[cfg(test)]
     pub(crate) fn clear_committed(&self) -> io::Result<()> {
+        self.pending_committed();
         let tx = self.db.begin_write().map_err(io_err)?;
         {
             let mut meta = tx.open_table(META).map_err(io_err)?;
@@ -161,9 +171,31 @@ impl LogStore {
     /// Makes every previous (possibly non-durable) commit durable: an empty write transaction
     /// committed with [`Durability::Immediate`]. Blocking.
     pub fn flush(&self) -> io::Result<()> {
-        let mut tx = self.db.begin_write().map_err(io_err)?;
-        tx.set_durability(Durability::Immediate).map_err(io_err)?;
-        tx.commit().map_err(io_err)
+        write(
+            &self.db,
+            self.pending_committed(),
+            Durability::Immediate,
+            |_| Ok(()),
+        )
+    }
+
+    /// Takes the noted committed id, for the next write to store.
+    fn pending_committed(&self) -> Option<Vec<u8>> {
+        self.committed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Runs a write transaction with `durability` on a blocking thread, storing the noted
+    /// committed id in it too.
+    async fn write_blocking<F>(&self, durability: Durability, f: F) -> io::Result<()>
+    where
+        F: FnOnce(&WriteTransaction) -> io::Result<()> + Send + 'static,
+    {
+        let db = self.db.clone();
+        let committed = self.pending_committed();
+        blocking(move || write(&db, committed, durability, f)).await
     }
 
     fn read_meta<T: DeserializeOwned>(&self, key: &str) -> io::Result<Option<T>> {
@@ -182,18 +214,34 @@ impl LogStore {
         durability: Durability,
     ) -> io::Result<()> {
         let bytes = encode(value)?;
-        let db = self.db.clone();
-        blocking(move || {
-            let mut tx = db.begin_write().map_err(io_err)?;
-            tx.set_durability(durability).map_err(io_err)?;
-            {
-                let mut meta = tx.open_table(META).map_err(io_err)?;
-                meta.insert(key, bytes.as_slice()).map_err(io_err)?;
-            }
-            tx.commit().map_err(io_err)
+        self.write_blocking(durability, move |tx| {
+            let mut meta = tx.open_table(META).map_err(io_err)?;
+            meta.insert(key, bytes.as_slice()).map_err(io_err)?;
+            Ok(())
         })
         .await
     }
+}
+
+/// One write transaction: `f`'s writes and, if given, the committed id, in one commit.
+fn write<F>(
+    db: &Database,
+    committed: Option<Vec<u8>>,
+    durability: Durability,
+    f: F,
+) -> io::Result<()>
+where
+    F: FnOnce(&WriteTransaction) -> io::Result<()>,
+{
+    let mut tx = db.begin_write().map_err(io_err)?;
+    tx.set_durability(durability).map_err(io_err)?;
+    if let Some(committed) = committed {
+        let mut meta = tx.open_table(META).map_err(io_err)?;
+        meta.insert(KEY_COMMITTED, committed.as_slice())
+            .map_err(io_err)?;
+    }
+    f(&tx)?;
+    tx.commit().map_err(io_err)
 }
 
 fn to_bounds<RB: RangeBounds<u64>>(range: &RB) -> (Bound<u64>, Bound<u64>) {
@@ -251,12 +299,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        self.write_meta(KEY_COMMITTED, &committed, Durability::None)
-            .await
+        let bytes = encode(&committed)?;
+        *self.committed.lock().unwrap_or_else(|e| e.into_inner()) = Some(bytes);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        Ok(self.read_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
+        let noted = self
+            .committed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match noted {
+            Some(bytes) => Ok(decode::<Option<LogId>>(&bytes)?),
+            None => Ok(self.read_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten()),
+        }
     }
 
     async fn append<I>(
@@ -276,19 +333,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             callback.io_completed(Ok(()));
             return Ok(());
         }
-        let db = self.db.clone();
-        let res = blocking(move || {
-            let mut tx = db.begin_write().map_err(io_err)?;
-            tx.set_durability(Durability::Immediate).map_err(io_err)?;
-            {
+        let res = self
+            .write_blocking(Durability::Immediate, move |tx| {
                 let mut logs = tx.open_table(LOGS).map_err(io_err)?;
                 for (index, bytes) in &encoded {
                     logs.insert(*index, bytes.as_slice()).map_err(io_err)?;
                 }
-            }
-            tx.commit().map_err(io_err)
-        })
-        .await;
+                Ok(())
+            })
+            .await;
         match res {
             Ok(()) => {
                 // The batch is durable (fsynced) at this point.
@@ -306,16 +359,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map(|l| l.index + 1).unwrap_or(0);
         tracing::debug!("raft log: truncate [{from}, +oo)");
-        let db = self.db.clone();
-        blocking(move || {
-            let mut tx = db.begin_write().map_err(io_err)?;
-            tx.set_durability(Durability::Immediate).map_err(io_err)?;
-            {
-                let mut logs = tx.open_table(LOGS).map_err(io_err)?;
-                logs.retain_in::<u64, _>(from.., |_, _| false)
-                    .map_err(io_err)?;
-            }
-            tx.commit().map_err(io_err)
+        self.write_blocking(Durability::Immediate, move |tx| {
+            let mut logs = tx.open_table(LOGS).map_err(io_err)?;
+            logs.retain_in::<u64, _>(from.., |_, _| false)
+                .map_err(io_err)?;
+            Ok(())
         })
         .await
     }
@@ -324,19 +372,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         tracing::debug!("raft log: purge [0, {}]", log_id.index);
         let upto = log_id.index;
         let purged = encode(&log_id)?;
-        let db = self.db.clone();
-        blocking(move || {
-            let mut tx = db.begin_write().map_err(io_err)?;
-            tx.set_durability(Durability::Immediate).map_err(io_err)?;
-            {
-                let mut meta = tx.open_table(META).map_err(io_err)?;
-                meta.insert(KEY_LAST_PURGED, purged.as_slice())
-                    .map_err(io_err)?;
-                let mut logs = tx.open_table(LOGS).map_err(io_err)?;
-                logs.retain_in::<u64, _>(..=upto, |_, _| false)
-                    .map_err(io_err)?;
-            }
-            tx.commit().map_err(io_err)
+        self.write_blocking(Durability::Immediate, move |tx| {
+            let mut meta = tx.open_table(META).map_err(io_err)?;
+            meta.insert(KEY_LAST_PURGED, purged.as_slice())
+                .map_err(io_err)?;
+            let mut logs = tx.open_table(LOGS).map_err(io_err)?;
+            logs.retain_in::<u64, _>(..=upto, |_, _| false)
+                .map_err(io_err)?;
+            Ok(())
         })
         .await
     }
