@@ -218,10 +218,13 @@ fn compare_result(c: &Compare, ord: Ordering) -> bool {
     }
 }
 
+/// Reads a key range for compares: the txn's own view, or the store's current state.
+type Ranger<'a> = dyn Fn(KeyRange<'_>, RangeOptions) -> Result<RangeResult, Failure> + 'a;
+
 /// One compare against the txn's starting state. A compare over a missing key uses a zero
 /// key-value, except that a value compare on a missing key always fails (as etcd).
-fn compare(txn: &WriteTxn<'_>, c: &Compare) -> Result<bool, Failure> {
-    let rr = match txn.range(KeyRange::new(&c.key, &c.range_end), RangeOptions::default()) {
+fn compare(range: &Ranger<'_>, c: &Compare) -> Result<bool, Failure> {
+    let rr = match range(KeyRange::new(&c.key, &c.range_end), RangeOptions::default()) {
         Ok(rr) => rr,
         Err(Failure::Request(_)) => return Ok(false),
         Err(e) => return Err(e),
@@ -234,10 +237,10 @@ fn compare(txn: &WriteTxn<'_>, c: &Compare) -> Result<bool, Failure> {
 
 /// Evaluates every compare of the txn tree before anything is written: the branch taken by
 /// each txn, in depth-first order (etcd's `compareToPath`).
-fn txn_path(txn: &WriteTxn<'_>, req: &TxnRequest, path: &mut Vec<bool>) -> Result<(), Failure> {
+fn txn_path(range: &Ranger<'_>, req: &TxnRequest, path: &mut Vec<bool>) -> Result<(), Failure> {
     let mut ok = true;
     for c in &req.compare {
-        if !compare(txn, c)? {
+        if !compare(range, c)? {
             ok = false;
             break;
         }
@@ -246,7 +249,7 @@ fn txn_path(txn: &WriteTxn<'_>, req: &TxnRequest, path: &mut Vec<bool>) -> Resul
     let ops = if ok { &req.success } else { &req.failure };
     for op in ops {
         if let Some(Request::RequestTxn(inner)) = &op.request {
-            txn_path(txn, inner, path)?;
+            txn_path(range, inner, path)?;
         }
     }
     Ok(())
@@ -344,12 +347,54 @@ fn run_branch(
 /// revision. Nested txn headers carry no revision, as in etcd.
 pub(crate) fn apply_txn(txn: &mut WriteTxn<'_>, req: &TxnRequest) -> Result<TxnResponse, Failure> {
     let mut path = Vec::new();
-    txn_path(txn, req, &mut path)?;
+    txn_path(&|r, o| txn.range(r, o), req, &mut path)?;
     // As etcd: every put of the whole tree is checked before any range, so when both kinds
     // would fail, the put's error is the one reported.
     check_branches(txn, req, &path, &mut 0, check_put)?;
     check_branches(txn, req, &path, &mut 0, check_range)?;
     run_branch(txn, req, &path, &mut 0)
+}
+
+/// Runs the txn as a read if the branches its compares choose now write nothing (a failed
+/// compare-and-swap, a lost race for a key): the response, or None if the chosen path writes.
+pub(crate) fn txn_as_read(
+    txn: &mut WriteTxn<'_>,
+    req: &TxnRequest,
+) -> Result<Option<TxnResponse>, Failure> {
+    let mut path = Vec::new();
+    txn_path(&|r, o| txn.range(r, o), req, &mut path)?;
+    if path_writes(req, &path, &mut 0) {
+        return Ok(None);
+    }
+    check_branches(txn, req, &path, &mut 0, check_range)?;
+    run_branch(txn, req, &path, &mut 0).map(Some)
+}
+
+/// True when the branches the txn's compares choose at `mvcc`'s current revision would write.
+pub(crate) fn txn_would_write(
+    mvcc: &Mvcc,
+    src: &Source<'_>,
+    req: &TxnRequest,
+) -> Result<bool, Failure> {
+    let mut path = Vec::new();
+    txn_path(&|r, o| mvcc.range(src, r, o, mvcc.current), req, &mut path)?;
+    Ok(path_writes(req, &path, &mut 0))
+}
+
+/// True when an op of the chosen branches (nested txns descended into) writes.
+fn path_writes(req: &TxnRequest, path: &[bool], pos: &mut usize) -> bool {
+    let ok = path[*pos];
+    *pos += 1;
+    let mut writes = false;
+    for op in if ok { &req.success } else { &req.failure } {
+        writes |= match &op.request {
+            Some(Request::RequestPut(_)) | Some(Request::RequestDeleteRange(_)) => true,
+            // Descended into even after a write was found, to keep `pos` in step.
+            Some(Request::RequestTxn(inner)) => path_writes(inner, path, pos),
+            _ => false,
+        };
+    }
+    writes
 }
 
 /// True when no branch of the txn (at any depth) writes.
@@ -409,6 +454,111 @@ mod tests {
         assert!(compare_kv(&c, &kv));
         c.result = CompareResult::NotEqual as i32;
         assert!(!compare_kv(&c, &kv));
+    }
+
+    /// A txn is a read exactly when the branches its compares choose write nothing; served
+    /// as one, it answers as applying it would and changes nothing.
+    #[test]
+    fn txn_as_read_serves_only_paths_that_write_nothing() {
+        use crate::proto::etcdserverpb::{
+            Compare,
+            compare::{CompareResult, CompareTarget, TargetUnion},
+            response_op::Response,
+        };
+        let store = Store::open(
+            Box::new(MemoryBackend::new()),
+            StoreConfig {
+                member_id: 1,
+                quota_bytes: 0,
+            },
+        )
+        .unwrap();
+        let put = |key: &[u8]| RequestOp {
+            request: Some(Request::RequestPut(PutRequest {
+                key: key.to_vec(),
+                value: b"v".to_vec(),
+                ..Default::default()
+            })),
+        };
+        let get = |key: &[u8]| RequestOp {
+            request: Some(Request::RequestRange(RangeRequest {
+                key: key.to_vec(),
+                ..Default::default()
+            })),
+        };
+        let absent = |key: &[u8]| Compare {
+            result: CompareResult::Equal as i32,
+            target: CompareTarget::Create as i32,
+            key: key.to_vec(),
+            target_union: Some(TargetUnion::CreateRevision(0)),
+            range_end: vec![],
+        };
+        apply_txn(
+            &store,
+            1,
+            TxnRequest {
+                success: vec![put(b"a")],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let revision = store.revision();
+
+        // "Create a unless it exists, else read it": a exists, so this is a read.
+        let create_a = TxnRequest {
+            compare: vec![absent(b"a")],
+            success: vec![put(b"a")],
+            failure: vec![get(b"a")],
+        };
+        let resp = store.txn_as_read(&create_a).unwrap().expect("a read");
+        assert!(!resp.succeeded);
+        assert_eq!(resp.header.unwrap().revision, revision);
+        match &resp.responses[0].response {
+            Some(Response::ResponseRange(r)) => assert_eq!(r.kvs[0].key, b"a"),
+            other => panic!("not the read of a: {other:?}"),
+        }
+        assert!(!store.txn_would_write(&create_a).unwrap());
+
+        // The same for b, which is absent: it writes.
+        let create_b = TxnRequest {
+            compare: vec![absent(b"b")],
+            success: vec![put(b"b")],
+            failure: vec![get(b"b")],
+        };
+        assert!(store.txn_as_read(&create_b).unwrap().is_none());
+        assert!(store.txn_would_write(&create_b).unwrap());
+
+        // Nested: the outer compare fails and its failure branch holds a txn whose compare
+        // holds and writes; and one whose nested failure branch only reads.
+        let nested = |inner: TxnRequest| TxnRequest {
+            compare: vec![absent(b"a")],
+            success: vec![put(b"a")],
+            failure: vec![RequestOp {
+                request: Some(Request::RequestTxn(inner)),
+            }],
+        };
+        assert!(
+            store
+                .txn_as_read(&nested(create_b.clone()))
+                .unwrap()
+                .is_none()
+        );
+        let read = store
+            .txn_as_read(&nested(create_a))
+            .unwrap()
+            .expect("a read");
+        assert!(!read.succeeded);
+        assert_eq!(store.revision(), revision);
+        assert!(
+            store
+                .range(&RangeRequest {
+                    key: b"b".to_vec(),
+                    ..Default::default()
+                })
+                .unwrap()
+                .kvs
+                .is_empty()
+        );
     }
 
     /// etcd checks every put of a txn (whole tree) before any range: a txn with both an

@@ -342,6 +342,37 @@ impl Store {
         Ok(resp)
     }
 
+    /// Serves a txn whose compares, at the current state, choose branches that write
+    /// nothing, without going through the log; None if the chosen branches write.
+    pub fn txn_as_read(&self, req: &TxnRequest) -> Result<Option<TxnResponse>, Error> {
+        let mut state = self.write_state();
+        let read = self.backend.read()?;
+        let mut overlay = Overlay::default();
+        let mut txn = WriteTxn::begin(&mut state.mvcc, &mut overlay, read.as_ref());
+        let Some(mut resp) = apply::txn_as_read(&mut txn, req)? else {
+            return Ok(None);
+        };
+        resp.header = header(txn.end());
+        Ok(Some(resp))
+    }
+
+    /// Whether the branches a txn's compares choose at the current state would write, from
+    /// the compares alone; None while an apply holds the state (the caller, on an async
+    /// thread, must not wait for it).
+    pub fn txn_would_write(&self, req: &TxnRequest) -> Option<bool> {
+        let state = match self.state.try_read() {
+            Ok(state) => state,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        let read = self.backend.read().ok()?;
+        let src = Source {
+            backend: read.as_ref(),
+            overlay: None,
+        };
+        apply::txn_would_write(&state.mvcc, &src, req).ok()
+    }
+
     /// Reads a member-local metadata value (see [`META_LOCAL_PREFIX`]).
     pub fn local_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
         let mut k = META_LOCAL_PREFIX.to_vec();

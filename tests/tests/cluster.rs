@@ -520,3 +520,76 @@ async fn returning_partitioned_follower_does_not_depose_the_leader() {
     .await
     .expect("test timed out");
 }
+
+/// A txn whose compare fails and whose failure branch only reads (a lost compare-and-swap, a
+/// lock key somebody else holds) is served as a linearizable read: it adds no log entry, and
+/// a follower's answer still shows every write acknowledged before it was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_compare_is_a_read_without_a_log_entry() {
+    use kv_core::proto::etcdserverpb::{
+        Compare, RequestOp, TxnRequest,
+        compare::{CompareResult, CompareTarget, TargetUnion},
+        request_op::Request,
+        response_op::Response,
+    };
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let cluster = Cluster::start(3);
+        let leader = wait_leader(&cluster, Duration::from_secs(20)).await;
+        let follower = (leader + 1) % 3;
+        let leader_ep = cluster.endpoint(leader);
+        let mut via_follower = KvClient::new(channel(&cluster.endpoint(follower)).await);
+        let mut status = MaintenanceClient::new(channel(&leader_ep).await);
+        let cas = |expected: &str, new: &str| TxnRequest {
+            compare: vec![Compare {
+                result: CompareResult::Equal as i32,
+                target: CompareTarget::Value as i32,
+                key: b"cas".to_vec(),
+                target_union: Some(TargetUnion::Value(expected.as_bytes().to_vec())),
+                range_end: vec![],
+            }],
+            success: vec![RequestOp {
+                request: Some(Request::RequestPut(PutRequest {
+                    key: b"cas".to_vec(),
+                    value: new.as_bytes().to_vec(),
+                    ..Default::default()
+                })),
+            }],
+            failure: vec![RequestOp {
+                request: Some(Request::RequestRange(RangeRequest {
+                    key: b"cas".to_vec(),
+                    ..Default::default()
+                })),
+            }],
+        };
+        for i in 0..30 {
+            let revision = put(&leader_ep, "cas", &i.to_string()).await.unwrap();
+            let before = status.status(StatusRequest {}).await.unwrap().into_inner();
+            let lost = via_follower
+                .txn(cas("stale", "mine"))
+                .await
+                .unwrap()
+                .into_inner();
+            let after = status.status(StatusRequest {}).await.unwrap().into_inner();
+            assert!(!lost.succeeded);
+            assert!(lost.header.unwrap().revision >= revision);
+            let Some(Response::ResponseRange(read)) = &lost.responses[0].response else {
+                panic!("the failure branch's read is missing: {lost:?}");
+            };
+            assert_eq!(read.kvs[0].value, i.to_string().as_bytes(), "round {i}");
+            assert_eq!(after.raft_index, before.raft_index, "round {i}");
+        }
+        // A compare that holds still writes, through the log.
+        let before = status.status(StatusRequest {}).await.unwrap().into_inner();
+        let won = via_follower
+            .txn(cas("29", "mine"))
+            .await
+            .unwrap()
+            .into_inner();
+        let after = status.status(StatusRequest {}).await.unwrap().into_inner();
+        assert!(won.succeeded);
+        assert!(after.raft_index > before.raft_index);
+    })
+    .await
+    .expect("test timed out");
+}

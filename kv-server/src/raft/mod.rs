@@ -280,6 +280,36 @@ struct Inner<A: Applier> {
     peers: Mutex<BTreeMap<String, network::PeerConnection>>,
     /// Who answers [`LeaderCalls`] forwarded here (set once the server is assembled).
     leader_calls: std::sync::OnceLock<Arc<dyn LeaderCalls>>,
+    /// Linearizable reads waiting for the next shared read barrier.
+    reads: Mutex<ReadBatch>,
+}
+
+/// Reads waiting for a read barrier. Every read that arrives while a barrier is in flight
+/// waits for the next one, which covers all of them (etcd's read loop does the same): a
+/// barrier per read cost a round through the Raft core (and, with peers, a heartbeat round)
+/// for each of them.
+#[derive(Default)]
+struct ReadBatch {
+    waiting: Vec<tokio::sync::oneshot::Sender<Result<(), RaftError>>>,
+    /// True while a task runs barriers for the waiting reads.
+    running: bool,
+}
+
+/// The same error again, for every read that shared a barrier.
+fn duplicate(e: &RaftError) -> RaftError {
+    match e {
+        RaftError::NotLeader {
+            leader,
+            leader_addr,
+        } => RaftError::NotLeader {
+            leader: *leader,
+            leader_addr: leader_addr.clone(),
+        },
+        RaftError::LeaderChanged { leader } => RaftError::LeaderChanged { leader: *leader },
+        RaftError::Storage(io) => RaftError::Storage(io::Error::new(io.kind(), io.to_string())),
+        RaftError::Fatal(m) => RaftError::Fatal(m.clone()),
+        RaftError::Timeout(m) => RaftError::Timeout(m.clone()),
+    }
 }
 
 /// The openraft configuration used by [`RaftNode`].
@@ -343,6 +373,7 @@ impl<A: Applier> RaftNode<A> {
                 cluster_id: cfg.cluster_id,
                 peers: Mutex::new(BTreeMap::new()),
                 leader_calls: std::sync::OnceLock::new(),
+                reads: Mutex::new(ReadBatch::default()),
             }),
         };
 
@@ -499,6 +530,43 @@ impl<A: Applier> RaftNode<A> {
     /// committed before the call. The leader confirms its leadership with a quorum (read
     /// index); a follower asks the leader for that index and waits until it has applied it.
     pub async fn read_barrier(&self) -> Result<(), RaftError> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut batch = self.inner.reads.lock().unwrap_or_else(|e| e.into_inner());
+            batch.waiting.push(done);
+            !std::mem::replace(&mut batch.running, true)
+        };
+        if start {
+            // On a task of its own: a read given up (its future dropped) must not strand the
+            // others waiting for the same barrier.
+            let node = self.clone();
+            tokio::spawn(async move { node.run_read_barriers().await });
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(RaftError::Fatal("the read barrier task ended".into())))
+    }
+
+    /// Runs barriers while reads wait: each covers the reads that arrived before it began.
+    async fn run_read_barriers(&self) {
+        loop {
+            let waiting = {
+                let mut batch = self.inner.reads.lock().unwrap_or_else(|e| e.into_inner());
+                if batch.waiting.is_empty() {
+                    batch.running = false;
+                    return;
+                }
+                std::mem::take(&mut batch.waiting)
+            };
+            let result = self.read_barrier_once().await;
+            for read in waiting {
+                let _ = read.send(result.as_ref().map(|_| ()).map_err(duplicate));
+            }
+        }
+    }
+
+    /// One read barrier, for the reads that arrived before it began.
+    async fn read_barrier_once(&self) -> Result<(), RaftError> {
         let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
         loop {
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());

@@ -69,7 +69,26 @@ impl Kv for KvService {
         let req = request.into_inner();
         validation::check_txn(&req, self.node.limits.max_txn_ops).map_err(|e| kv_status(&e))?;
         if !txn_is_read_only(&req) {
-            return Ok(GrpcResponse::new(propose_as!(self.node, Txn, req)?));
+            // A txn whose compares choose branches that write nothing (a failed
+            // compare-and-swap, a lost race for a lock key) is a read: served as a
+            // linearizable one, without a log entry and a disk sync. The first look, at this
+            // member's state as it is, only decides whether to try (and while an apply holds
+            // the state, it tries); the answer is taken after the read barrier, and a txn
+            // that writes by then is proposed after all.
+            if self.node.store.txn_would_write(&req).unwrap_or(false) {
+                return Ok(GrpcResponse::new(propose_as!(self.node, Txn, req)?));
+            }
+            self.node.linearize().await?;
+            let read = req.clone();
+            let answer = self
+                .node
+                .read(move |store| store.txn_as_read(&read).map_err(|e| error_status(&e)))
+                .await?;
+            let Some(mut resp) = answer else {
+                return Ok(GrpcResponse::new(propose_as!(self.node, Txn, req)?));
+            };
+            self.node.fill(&mut resp.header);
+            return Ok(GrpcResponse::new(resp));
         }
         // A read-only txn is a linearizable read: no log entry, as in etcd.
         self.node.linearize().await?;
