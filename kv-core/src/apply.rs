@@ -418,6 +418,15 @@ mod tests {
     use crate::proto::kvserverpb::{InternalRequest, internal_request};
     use crate::store::{Store, StoreConfig};
 
+    /// A store of one member over a memory backend, without a quota.
+    fn memory_store() -> Store {
+        let config = StoreConfig {
+            member_id: 1,
+            quota_bytes: 0,
+        };
+        Store::open(Box::new(MemoryBackend::new()), config).unwrap()
+    }
+
     fn apply_txn(store: &Store, index: u64, txn: TxnRequest) -> Result<(), KvError> {
         let cmd = InternalRequest {
             id: index,
@@ -465,14 +474,7 @@ mod tests {
             compare::{CompareResult, CompareTarget, TargetUnion},
             response_op::Response,
         };
-        let store = Store::open(
-            Box::new(MemoryBackend::new()),
-            StoreConfig {
-                member_id: 1,
-                quota_bytes: 0,
-            },
-        )
-        .unwrap();
+        let store = memory_store();
         let put = |key: &[u8]| RequestOp {
             request: Some(Request::RequestPut(PutRequest {
                 key: key.to_vec(),
@@ -565,14 +567,7 @@ mod tests {
     /// unknown lease and a future-revision read fails on the lease, wherever the read sits.
     #[test]
     fn txn_checks_puts_before_ranges() {
-        let store = Store::open(
-            Box::new(MemoryBackend::new()),
-            StoreConfig {
-                member_id: 1,
-                quota_bytes: 0,
-            },
-        )
-        .unwrap();
+        let store = memory_store();
         let future_read = RequestOp {
             request: Some(Request::RequestRange(RangeRequest {
                 key: b"a".to_vec(),
