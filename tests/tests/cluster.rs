@@ -562,6 +562,32 @@ async fn failed_compare_is_a_read_without_a_log_entry() {
                 })),
             }],
         };
+        // A new cluster still writes entries of its own for a moment (each member publishes
+        // its attributes): wait until the log stands still.
+        let mut last = status
+            .status(StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .raft_index;
+        let quiet_by = Instant::now() + Duration::from_secs(15);
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = status
+                .status(StatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .raft_index;
+            if now == last {
+                break;
+            }
+            assert!(
+                Instant::now() < quiet_by,
+                "the new cluster's log kept growing"
+            );
+            last = now;
+        }
         for i in 0..30 {
             let revision = put(&leader_ep, "cas", &i.to_string()).await.unwrap();
             let before = status.status(StatusRequest {}).await.unwrap().into_inner();

@@ -61,6 +61,9 @@ use super::types::TypeConfig;
 use super::types::Vote;
 
 const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+/// redb's page cache for the log, which is appended to and read back near its end (by
+/// replication); the default of 1 GiB only held entries long applied.
+const CACHE_BYTES: usize = 32 << 20;
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
 
 /// Meta key of the durable vote.
@@ -113,7 +116,10 @@ impl LogStore {
     ///
     /// Blocking; call it from a blocking context (e.g. `spawn_blocking`).
     pub fn open(path: &Path) -> io::Result<Self> {
-        let db = Database::create(path).map_err(io_err)?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(io_err)?;
         let mut tx = db.begin_write().map_err(io_err)?;
         tx.set_durability(Durability::Immediate).map_err(io_err)?;
         {

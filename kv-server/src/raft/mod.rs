@@ -135,7 +135,7 @@ impl Default for RaftTiming {
         Self {
             heartbeat_ms: 100,
             election_timeout_ms: 1000,
-            snapshot_count: 10_000,
+            snapshot_count: 100_000,
         }
     }
 }

@@ -7,8 +7,12 @@
 //!   membership entries get an empty [`Response`] (never seen by a client).
 //! * `applied_state()` decodes [`Applier::meta`].
 //! * Snapshots: the builder calls [`Applier::sync`] (so that every log entry openraft may purge
-//!   after the snapshot is covered by durable engine state) and then [`Applier::snapshot`]. The
-//!   snapshot is kept in memory (`Cursor<Vec<u8>>`); installing one calls [`Applier::restore`].
+//!   after the snapshot is covered by durable engine state) and then [`Applier::snapshot`].
+//!   Only the snapshot's meta is kept. The engine's own durable state already is the snapshot
+//!   (as etcd's backend file is), so when a follower needs one, `get_current_snapshot` builds
+//!   it afresh, at the state applied by then, with a meta to match. Keeping the data in memory
+//!   held a copy of the whole store for good (400 MB of resident memory at a million keys).
+//!   Installing one calls [`Applier::restore`].
 //!
 //! Snapshot building runs concurrently with `apply()` (openraft spawns it), so a mutex shared by
 //! the adapter and its builders serializes `apply_batch` against the `sync + meta + snapshot`
@@ -78,14 +82,19 @@ impl SmMeta {
     }
 }
 
-/// The snapshot kept in memory (openraft's "current snapshot").
-#[derive(Clone)]
-struct StoredSnapshot {
-    meta: SnapshotMeta,
-    data: Vec<u8>,
-}
+/// The meta of openraft's "current snapshot" (its data is built when asked for).
+type SharedSnapshot = Arc<Mutex<Option<SnapshotMeta>>>;
 
-type SharedSnapshot = Arc<Mutex<Option<StoredSnapshot>>>;
+/// Builds a snapshot of the applier's state now: data and the meta that describes it.
+fn take_snapshot<A: Applier>(applier: &A, apply_lock: &Mutex<()>) -> io::Result<(SmMeta, Vec<u8>)> {
+    let _g = lock(apply_lock);
+    // Make everything applied so far durable before openraft may purge the logs the
+    // snapshot covers.
+    applier.sync()?;
+    let meta = SmMeta::load(applier)?;
+    let data = applier.snapshot()?;
+    Ok((meta, data))
+}
 
 /// The [`RaftStateMachine`] driven by openraft.
 pub struct StateMachine<A: Applier> {
@@ -127,26 +136,14 @@ impl<A: Applier> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<A> {
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         let applier = self.applier.clone();
         let apply_lock = self.apply_lock.clone();
-        let (meta, data) = blocking(move || {
-            let _g = lock(&apply_lock);
-            // Make everything applied so far durable before openraft may purge the logs the
-            // snapshot covers.
-            applier.sync()?;
-            let meta = SmMeta::load(&*applier)?;
-            let data = applier.snapshot()?;
-            Ok((meta, data))
-        })
-        .await?;
+        let (meta, data) = blocking(move || take_snapshot(&*applier, &apply_lock)).await?;
 
         let meta = SnapshotMeta {
             last_log_id: meta.last_applied,
             last_membership: meta.last_membership,
         };
         tracing::info!("raft: built snapshot {} ({} bytes)", meta, data.len());
-        *lock(&self.current_snapshot) = Some(StoredSnapshot {
-            meta: meta.clone(),
-            data: data.clone(),
-        });
+        *lock(&self.current_snapshot) = Some(meta.clone());
         Ok(Snapshot {
             meta,
             snapshot: std::io::Cursor::new(data),
@@ -236,27 +233,36 @@ impl<A: Applier> RaftStateMachine<TypeConfig> for StateMachine<A> {
         tracing::info!("raft: installing snapshot {} ({} bytes)", meta, data.len());
         let applier = self.applier.clone();
         let apply_lock = self.apply_lock.clone();
-        let data = blocking(move || {
+        blocking(move || {
             let _g = lock(&apply_lock);
-            applier.restore(&data)?;
-            Ok(data)
+            applier.restore(&data)
         })
         .await?;
         self.state = SmMeta {
             last_applied: meta.last_log_id,
             last_membership: meta.last_membership.clone(),
         };
-        *lock(&self.current_snapshot) = Some(StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        });
+        *lock(&self.current_snapshot) = Some(meta.clone());
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        Ok(lock(&self.current_snapshot).clone().map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: std::io::Cursor::new(s.data),
+        if lock(&self.current_snapshot).is_none() {
+            return Ok(None);
+        }
+        // Built now, from the state applied since: a later state than the current snapshot's
+        // meta describes, never an earlier one, so the logs purged behind it stay covered.
+        let applier = self.applier.clone();
+        let apply_lock = self.apply_lock.clone();
+        let (meta, data) = blocking(move || take_snapshot(&*applier, &apply_lock)).await?;
+        let meta = SnapshotMeta {
+            last_log_id: meta.last_applied,
+            last_membership: meta.last_membership,
+        };
+        *lock(&self.current_snapshot) = Some(meta.clone());
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: std::io::Cursor::new(data),
         }))
     }
 }
