@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use kv_core::proto::etcdserverpb::{StatusRequest, maintenance_client::MaintenanceClient};
+use kv_core::proto::etcdserverpb::StatusRequest;
 use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
 
@@ -43,9 +43,38 @@ impl Default for ClientOptions {
     }
 }
 
-/// The largest answer a client accepts: no limit (tonic's default is 4 MiB). A range over
-/// many keys is a normal answer, and etcd's own client lifts the limit the same way.
-pub(crate) const MAX_ANSWER_BYTES: usize = usize::MAX;
+/// The generated service clients over a channel, each accepting answers of any size (tonic's
+/// default limit is 4 MiB): a range over many keys is a normal answer, and etcd's own client
+/// lifts the limit the same way. The one place every sub-client gets its stub from.
+pub(crate) mod api {
+    use kv_core::proto::etcdserverpb::{
+        cluster_client::ClusterClient, kv_client::KvClient, lease_client::LeaseClient,
+        maintenance_client::MaintenanceClient, watch_client::WatchClient,
+    };
+    use tonic::transport::Channel;
+
+    const MAX_ANSWER_BYTES: usize = usize::MAX;
+
+    pub(crate) fn kv(channel: Channel) -> KvClient<Channel> {
+        KvClient::new(channel).max_decoding_message_size(MAX_ANSWER_BYTES)
+    }
+
+    pub(crate) fn lease(channel: Channel) -> LeaseClient<Channel> {
+        LeaseClient::new(channel).max_decoding_message_size(MAX_ANSWER_BYTES)
+    }
+
+    pub(crate) fn watch(channel: Channel) -> WatchClient<Channel> {
+        WatchClient::new(channel).max_decoding_message_size(MAX_ANSWER_BYTES)
+    }
+
+    pub(crate) fn cluster(channel: Channel) -> ClusterClient<Channel> {
+        ClusterClient::new(channel).max_decoding_message_size(MAX_ANSWER_BYTES)
+    }
+
+    pub(crate) fn maintenance(channel: Channel) -> MaintenanceClient<Channel> {
+        MaintenanceClient::new(channel).max_decoding_message_size(MAX_ANSWER_BYTES)
+    }
+}
 
 /// Whether a request may be sent again after a failure that left its effect unknown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,8 +166,7 @@ impl Client {
         };
         client
             .call(Idempotence::Safe, |channel| async move {
-                MaintenanceClient::new(channel)
-                    .max_decoding_message_size(MAX_ANSWER_BYTES)
+                api::maintenance(channel)
                     .status(StatusRequest {})
                     .await
                     .map(|_| ())

@@ -2,10 +2,10 @@
 
 use kv_core::proto::etcdserverpb::{
     Member as ProtoMember, MemberAddRequest, MemberListRequest, MemberPromoteRequest,
-    MemberRemoveRequest, MemberUpdateRequest, cluster_client::ClusterClient,
+    MemberRemoveRequest, MemberUpdateRequest,
 };
 
-use crate::client::{Client, Idempotence, MAX_ANSWER_BYTES};
+use crate::client::{Client, Idempotence, api};
 use crate::error::Result;
 
 /// One member of the cluster.
@@ -52,8 +52,7 @@ impl Cluster {
         let resp = self
             .client
             .call(Idempotence::Safe, |channel| async move {
-                Ok(ClusterClient::new(channel)
-                    .max_decoding_message_size(MAX_ANSWER_BYTES)
+                Ok(api::cluster(channel)
                     .member_list(MemberListRequest { linearizable: true })
                     .await?
                     .into_inner())
@@ -72,13 +71,7 @@ impl Cluster {
             .client
             .call(Idempotence::Unsafe, |channel| {
                 let req = req.clone();
-                async move {
-                    Ok(ClusterClient::new(channel)
-                        .max_decoding_message_size(MAX_ANSWER_BYTES)
-                        .member_add(req)
-                        .await?
-                        .into_inner())
-                }
+                async move { Ok(api::cluster(channel).member_add(req).await?.into_inner()) }
             })
             .await?;
         Ok(resp.member.map(Member::from).unwrap_or(Member {
@@ -95,8 +88,7 @@ impl Cluster {
         let resp = self
             .client
             .call(Idempotence::Unsafe, |channel| async move {
-                Ok(ClusterClient::new(channel)
-                    .max_decoding_message_size(MAX_ANSWER_BYTES)
+                Ok(api::cluster(channel)
                     .member_remove(MemberRemoveRequest { id })
                     .await?
                     .into_inner())
@@ -115,13 +107,7 @@ impl Cluster {
             .client
             .call(Idempotence::Unsafe, |channel| {
                 let req = req.clone();
-                async move {
-                    Ok(ClusterClient::new(channel)
-                        .max_decoding_message_size(MAX_ANSWER_BYTES)
-                        .member_update(req)
-                        .await?
-                        .into_inner())
-                }
+                async move { Ok(api::cluster(channel).member_update(req).await?.into_inner()) }
             })
             .await?;
         Ok(resp.members.into_iter().map(Member::from).collect())
@@ -132,8 +118,7 @@ impl Cluster {
         let resp = self
             .client
             .call(Idempotence::Unsafe, |channel| async move {
-                Ok(ClusterClient::new(channel)
-                    .max_decoding_message_size(MAX_ANSWER_BYTES)
+                Ok(api::cluster(channel)
                     .member_promote(MemberPromoteRequest { id })
                     .await?
                     .into_inner())

@@ -3,12 +3,11 @@
 use kv_core::proto::etcdserverpb::{
     CompactionRequest, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
     PutResponse as ProtoPutResponse, RangeRequest, RangeResponse,
-    kv_client::KvClient,
     range_request::{SortOrder, SortTarget},
 };
 use kv_core::proto::mvccpb::KeyValue;
 
-use crate::client::{Client, Idempotence, MAX_ANSWER_BYTES};
+use crate::client::{Client, Idempotence, api};
 use crate::error::Result;
 use crate::txn::{Txn, TxnResponse};
 
@@ -345,13 +344,7 @@ impl Kv {
             .client
             .call(Idempotence::Safe, |channel| {
                 let req = req.clone();
-                async move {
-                    Ok(KvClient::new(channel)
-                        .max_decoding_message_size(MAX_ANSWER_BYTES)
-                        .range(req)
-                        .await?
-                        .into_inner())
-                }
+                async move { Ok(api::kv(channel).range(req).await?.into_inner()) }
             })
             .await?;
         Ok(GetResponse::from_proto(ns, resp))
@@ -371,13 +364,7 @@ impl Kv {
             .client
             .call(Idempotence::Unsafe, |channel| {
                 let req = req.clone();
-                async move {
-                    Ok(KvClient::new(channel)
-                        .max_decoding_message_size(MAX_ANSWER_BYTES)
-                        .put(req)
-                        .await?
-                        .into_inner())
-                }
+                async move { Ok(api::kv(channel).put(req).await?.into_inner()) }
             })
             .await?;
         Ok(PutResponse::from_proto(ns, resp))
@@ -395,13 +382,7 @@ impl Kv {
             .client
             .call(Idempotence::Unsafe, |channel| {
                 let req = req.clone();
-                async move {
-                    Ok(KvClient::new(channel)
-                        .max_decoding_message_size(MAX_ANSWER_BYTES)
-                        .delete_range(req)
-                        .await?
-                        .into_inner())
-                }
+                async move { Ok(api::kv(channel).delete_range(req).await?.into_inner()) }
             })
             .await?;
         Ok(DeleteResponse::from_proto(ns, resp))
@@ -421,13 +402,7 @@ impl Kv {
             .client
             .call(idempotence, |channel| {
                 let req = req.clone();
-                async move {
-                    Ok(KvClient::new(channel)
-                        .max_decoding_message_size(MAX_ANSWER_BYTES)
-                        .txn(req)
-                        .await?
-                        .into_inner())
-                }
+                async move { Ok(api::kv(channel).txn(req).await?.into_inner()) }
             })
             .await?;
         Ok(TxnResponse::from_proto(ns, resp))
@@ -441,11 +416,7 @@ impl Kv {
         let resp = self
             .client
             .call(Idempotence::Unsafe, |channel| async move {
-                Ok(KvClient::new(channel)
-                    .max_decoding_message_size(MAX_ANSWER_BYTES)
-                    .compact(req)
-                    .await?
-                    .into_inner())
+                Ok(api::kv(channel).compact(req).await?.into_inner())
             })
             .await?;
         Ok(resp.header.map_or(0, |h| h.revision))

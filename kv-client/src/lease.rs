@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use kv_core::proto::etcdserverpb::{
     LeaseGrantRequest, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseLeasesRequest,
-    LeaseRevokeRequest, LeaseTimeToLiveRequest, lease_client::LeaseClient,
+    LeaseRevokeRequest, LeaseTimeToLiveRequest,
 };
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
@@ -37,7 +37,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
-use crate::client::{Client, Idempotence, MAX_ANSWER_BYTES};
+use crate::client::{Client, Idempotence, api};
 use crate::error::{Error, Result};
 
 /// A lease the server granted.
@@ -99,11 +99,7 @@ impl Lease {
         let resp = self
             .client
             .call(Idempotence::Unsafe, |channel| async move {
-                Ok(LeaseClient::new(channel)
-                    .max_decoding_message_size(MAX_ANSWER_BYTES)
-                    .lease_grant(req)
-                    .await?
-                    .into_inner())
+                Ok(api::lease(channel).lease_grant(req).await?.into_inner())
             })
             .await?;
         if !resp.error.is_empty() {
@@ -131,11 +127,7 @@ impl Lease {
         let resp = self
             .client
             .call(Idempotence::Unsafe, |channel| async move {
-                Ok(LeaseClient::new(channel)
-                    .max_decoding_message_size(MAX_ANSWER_BYTES)
-                    .lease_revoke(req)
-                    .await?
-                    .into_inner())
+                Ok(api::lease(channel).lease_revoke(req).await?.into_inner())
             })
             .await?;
         Ok(resp.header.map_or(0, |h| h.revision))
@@ -148,8 +140,7 @@ impl Lease {
         let resp = self
             .client
             .call(Idempotence::Safe, |channel| async move {
-                Ok(LeaseClient::new(channel)
-                    .max_decoding_message_size(MAX_ANSWER_BYTES)
+                Ok(api::lease(channel)
                     .lease_time_to_live(req)
                     .await?
                     .into_inner())
@@ -177,8 +168,7 @@ impl Lease {
         let resp = self
             .client
             .call(Idempotence::Safe, |channel| async move {
-                Ok(LeaseClient::new(channel)
-                    .max_decoding_message_size(MAX_ANSWER_BYTES)
+                Ok(api::lease(channel)
                     .lease_leases(LeaseLeasesRequest {})
                     .await?
                     .into_inner())
@@ -610,8 +600,7 @@ impl Task {
         self.renew_all_now();
         // etcd sends no response headers before its first answer, so the call resolves only
         // after a request went out: the first tick queues the renewals before it is polled.
-        let mut lease_client =
-            LeaseClient::new(channel).max_decoding_message_size(MAX_ANSWER_BYTES);
+        let mut lease_client = api::lease(channel);
         let mut call = pin!(lease_client.lease_keep_alive(UnboundedReceiverStream::new(outgoing)));
         let mut answers = None;
         let mut wake_at = None;

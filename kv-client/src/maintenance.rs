@@ -2,10 +2,10 @@
 
 use kv_core::proto::etcdserverpb::{
     AlarmRequest, DefragmentRequest, HashKvRequest, MoveLeaderRequest, StatusRequest,
-    alarm_request::AlarmAction, maintenance_client::MaintenanceClient,
+    alarm_request::AlarmAction,
 };
 
-use crate::client::{Client, Idempotence, MAX_ANSWER_BYTES};
+use crate::client::{Client, Idempotence, api};
 use crate::error::Result;
 
 /// What a member says about itself.
@@ -61,8 +61,7 @@ impl Maintenance {
         let resp = self
             .client
             .call(Idempotence::Safe, |channel| async move {
-                Ok(MaintenanceClient::new(channel)
-                    .max_decoding_message_size(MAX_ANSWER_BYTES)
+                Ok(api::maintenance(channel)
                     .status(StatusRequest {})
                     .await?
                     .into_inner())
@@ -105,11 +104,7 @@ impl Maintenance {
         let resp = self
             .client
             .call(Idempotence::Safe, |channel| async move {
-                Ok(MaintenanceClient::new(channel)
-                    .max_decoding_message_size(MAX_ANSWER_BYTES)
-                    .alarm(req)
-                    .await?
-                    .into_inner())
+                Ok(api::maintenance(channel).alarm(req).await?.into_inner())
             })
             .await?;
         Ok(resp
@@ -126,8 +121,7 @@ impl Maintenance {
     pub async fn defragment(&self) -> Result<()> {
         self.client
             .call(Idempotence::Safe, |channel| async move {
-                MaintenanceClient::new(channel)
-                    .max_decoding_message_size(MAX_ANSWER_BYTES)
+                api::maintenance(channel)
                     .defragment(DefragmentRequest {})
                     .await
                     .map(|_| ())
@@ -141,8 +135,7 @@ impl Maintenance {
         let resp = self
             .client
             .call(Idempotence::Safe, |channel| async move {
-                Ok(MaintenanceClient::new(channel)
-                    .max_decoding_message_size(MAX_ANSWER_BYTES)
+                Ok(api::maintenance(channel)
                     .hash_kv(HashKvRequest { revision })
                     .await?
                     .into_inner())
@@ -155,8 +148,7 @@ impl Maintenance {
     pub async fn move_leader(&self, target: u64) -> Result<()> {
         self.client
             .call(Idempotence::Unsafe, |channel| async move {
-                MaintenanceClient::new(channel)
-                    .max_decoding_message_size(MAX_ANSWER_BYTES)
+                api::maintenance(channel)
                     .move_leader(MoveLeaderRequest { target_id: target })
                     .await
                     .map(|_| ())

@@ -14,13 +14,13 @@ use std::task::{Context, Poll};
 use futures::Stream;
 use kv_core::proto::etcdserverpb::{
     WatchCancelRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest, WatchResponse,
-    watch_client::WatchClient, watch_create_request::FilterType, watch_request::RequestUnion,
+    watch_create_request::FilterType, watch_request::RequestUnion,
 };
 use kv_core::proto::mvccpb::{Event as ProtoEvent, KeyValue, event::EventType};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::client::{Client, MAX_ANSWER_BYTES};
+use crate::client::{Client, api};
 use crate::error::{Error, Result};
 use crate::kv::{Extent, extent_builders, strip};
 
@@ -311,8 +311,7 @@ async fn session(
             let _ = out.send(create_for(entry));
         }
     }
-    let mut stream = match WatchClient::new(channel)
-        .max_decoding_message_size(MAX_ANSWER_BYTES)
+    let mut stream = match api::watch(channel)
         .watch(UnboundedReceiverStream::new(out_rx))
         .await
     {

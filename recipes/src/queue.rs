@@ -659,20 +659,13 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
         let Some(txn) = nested else {
             return Ok(None);
         };
-        // Everything a give-back needs, should the caller be gone when the claim lands: the
-        // item as it was before (attempts not counted), and whose claim to remove.
-        let mut before = Vec::with_capacity(chain.len());
-        for candidate in &chain {
-            before.push((
-                self.layout.item(&candidate.id),
-                self.layout.claim(&candidate.id),
-                serde_json::to_vec(&candidate.envelope).map_err(codec)?,
-            ));
-        }
+        // The candidates stay shared with the give-back, which (should the caller be gone
+        // when the claim lands) puts the won item back as it was, attempts not counted.
+        let chain = Arc::new(chain);
         let client = self.client.clone();
         let undo_client = self.client.clone();
         let claims_prefix = self.layout.claims.clone();
-        let claim_keys: Vec<Vec<u8>> = before.iter().map(|(_, claim, _)| claim.clone()).collect();
+        let claim_keys: Vec<Vec<u8>> = chain.iter().map(|c| self.layout.claim(&c.id)).collect();
         let lease = session.lease();
         let claimant = session.clone();
         let claim = async move {
@@ -736,13 +729,18 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                 Err(e) => Err(e.into()),
             }
         };
+        let (candidates, layout) = (chain.clone(), self.layout.clone());
         let give_back = move |won: Option<(usize, i64)>| async move {
             let Some((index, revision)) = won else {
                 return;
             };
-            let Some((item, claim, value)) = before.get(index).cloned() else {
+            let Some(candidate) = candidates.get(index) else {
                 return;
             };
+            let Ok(value) = serde_json::to_vec(&candidate.envelope) else {
+                return;
+            };
+            let (item, claim) = (layout.item(&candidate.id), layout.claim(&candidate.id));
             let txn = Txn::new()
                 .when([Compare::create_revision(
                     claim.clone(),

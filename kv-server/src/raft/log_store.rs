@@ -177,12 +177,7 @@ impl LogStore {
     /// Makes every previous (possibly non-durable) commit durable: an empty write transaction
     /// committed with [`Durability::Immediate`]. Blocking.
     pub fn flush(&self) -> io::Result<()> {
-        write(
-            &self.db,
-            self.pending_committed(),
-            Durability::Immediate,
-            |_| Ok(()),
-        )
+        write(&self.db, self.pending_committed(), |_| Ok(()))
     }
 
     /// Takes the noted committed id, for the next write to store.
@@ -193,15 +188,15 @@ impl LogStore {
             .take()
     }
 
-    /// Runs a write transaction with `durability` on a blocking thread, storing the noted
-    /// committed id in it too.
-    async fn write_blocking<F>(&self, durability: Durability, f: F) -> io::Result<()>
+    /// Runs a durable write transaction on a blocking thread, storing the noted committed id
+    /// in it too.
+    async fn write_blocking<F>(&self, f: F) -> io::Result<()>
     where
         F: FnOnce(&WriteTransaction) -> io::Result<()> + Send + 'static,
     {
         let db = self.db.clone();
         let committed = self.pending_committed();
-        blocking(move || write(&db, committed, durability, f)).await
+        blocking(move || write(&db, committed, f)).await
     }
 
     fn read_meta<T: DeserializeOwned>(&self, key: &str) -> io::Result<Option<T>> {
@@ -212,35 +207,16 @@ impl LogStore {
             Some(v) => decode(v.value()).map(Some),
         }
     }
-
-    async fn write_meta<T: Serialize>(
-        &self,
-        key: &'static str,
-        value: &T,
-        durability: Durability,
-    ) -> io::Result<()> {
-        let bytes = encode(value)?;
-        self.write_blocking(durability, move |tx| {
-            let mut meta = tx.open_table(META).map_err(io_err)?;
-            meta.insert(key, bytes.as_slice()).map_err(io_err)?;
-            Ok(())
-        })
-        .await
-    }
 }
 
-/// One write transaction: `f`'s writes and, if given, the committed id, in one commit.
-fn write<F>(
-    db: &Database,
-    committed: Option<Vec<u8>>,
-    durability: Durability,
-    f: F,
-) -> io::Result<()>
+/// One durable ([`Durability::Immediate`]) write transaction: `f`'s writes and, if given,
+/// the committed id, in one commit. Every write of the log is durable.
+fn write<F>(db: &Database, committed: Option<Vec<u8>>, f: F) -> io::Result<()>
 where
     F: FnOnce(&WriteTransaction) -> io::Result<()>,
 {
     let mut tx = db.begin_write().map_err(io_err)?;
-    tx.set_durability(durability).map_err(io_err)?;
+    tx.set_durability(Durability::Immediate).map_err(io_err)?;
     if let Some(committed) = committed {
         let mut meta = tx.open_table(META).map_err(io_err)?;
         meta.insert(KEY_COMMITTED, committed.as_slice())
@@ -301,7 +277,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        self.write_meta(KEY_VOTE, vote, Durability::Immediate).await
+        let bytes = encode(vote)?;
+        self.write_blocking(move |tx| {
+            let mut meta = tx.open_table(META).map_err(io_err)?;
+            meta.insert(KEY_VOTE, bytes.as_slice()).map_err(io_err)?;
+            Ok(())
+        })
+        .await
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
@@ -340,7 +322,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             return Ok(());
         }
         let res = self
-            .write_blocking(Durability::Immediate, move |tx| {
+            .write_blocking(move |tx| {
                 let mut logs = tx.open_table(LOGS).map_err(io_err)?;
                 for (index, bytes) in &encoded {
                     logs.insert(*index, bytes.as_slice()).map_err(io_err)?;
@@ -365,7 +347,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map(|l| l.index + 1).unwrap_or(0);
         tracing::debug!("raft log: truncate [{from}, +oo)");
-        self.write_blocking(Durability::Immediate, move |tx| {
+        self.write_blocking(move |tx| {
             let mut logs = tx.open_table(LOGS).map_err(io_err)?;
             logs.retain_in::<u64, _>(from.., |_, _| false)
                 .map_err(io_err)?;
@@ -378,7 +360,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         tracing::debug!("raft log: purge [0, {}]", log_id.index);
         let upto = log_id.index;
         let purged = encode(&log_id)?;
-        self.write_blocking(Durability::Immediate, move |tx| {
+        self.write_blocking(move |tx| {
             let mut meta = tx.open_table(META).map_err(io_err)?;
             meta.insert(KEY_LAST_PURGED, purged.as_slice())
                 .map_err(io_err)?;

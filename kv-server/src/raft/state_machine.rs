@@ -85,15 +85,33 @@ impl SmMeta {
 /// The meta of openraft's "current snapshot" (its data is built when asked for).
 type SharedSnapshot = Arc<Mutex<Option<SnapshotMeta>>>;
 
-/// Builds a snapshot of the applier's state now: data and the meta that describes it.
-fn take_snapshot<A: Applier>(applier: &A, apply_lock: &Mutex<()>) -> io::Result<(SmMeta, Vec<u8>)> {
-    let _g = lock(apply_lock);
-    // Make everything applied so far durable before openraft may purge the logs the
-    // snapshot covers.
-    applier.sync()?;
-    let meta = SmMeta::load(applier)?;
-    let data = applier.snapshot()?;
-    Ok((meta, data))
+/// Builds a snapshot of the applier's state now (data and the meta that describes it) and
+/// makes its meta the current snapshot's.
+async fn snapshot_now<A: Applier>(
+    applier: Arc<A>,
+    apply_lock: Arc<Mutex<()>>,
+    current: &SharedSnapshot,
+) -> io::Result<Snapshot> {
+    let (meta, data) = blocking(move || {
+        let _g = lock(&apply_lock);
+        // Make everything applied so far durable before openraft may purge the logs the
+        // snapshot covers.
+        applier.sync()?;
+        let meta = SmMeta::load(&*applier)?;
+        let data = applier.snapshot()?;
+        Ok((meta, data))
+    })
+    .await?;
+    let meta = SnapshotMeta {
+        last_log_id: meta.last_applied,
+        last_membership: meta.last_membership,
+    };
+    tracing::info!("raft: built snapshot {} ({} bytes)", meta, data.len());
+    *lock(current) = Some(meta.clone());
+    Ok(Snapshot {
+        meta,
+        snapshot: std::io::Cursor::new(data),
+    })
 }
 
 /// The [`RaftStateMachine`] driven by openraft.
@@ -134,20 +152,12 @@ impl<A: Applier> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<A> {
     type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let applier = self.applier.clone();
-        let apply_lock = self.apply_lock.clone();
-        let (meta, data) = blocking(move || take_snapshot(&*applier, &apply_lock)).await?;
-
-        let meta = SnapshotMeta {
-            last_log_id: meta.last_applied,
-            last_membership: meta.last_membership,
-        };
-        tracing::info!("raft: built snapshot {} ({} bytes)", meta, data.len());
-        *lock(&self.current_snapshot) = Some(meta.clone());
-        Ok(Snapshot {
-            meta,
-            snapshot: std::io::Cursor::new(data),
-        })
+        snapshot_now(
+            self.applier.clone(),
+            self.apply_lock.clone(),
+            &self.current_snapshot,
+        )
+        .await
     }
 }
 
@@ -252,17 +262,12 @@ impl<A: Applier> RaftStateMachine<TypeConfig> for StateMachine<A> {
         }
         // Built now, from the state applied since: a later state than the current snapshot's
         // meta describes, never an earlier one, so the logs purged behind it stay covered.
-        let applier = self.applier.clone();
-        let apply_lock = self.apply_lock.clone();
-        let (meta, data) = blocking(move || take_snapshot(&*applier, &apply_lock)).await?;
-        let meta = SnapshotMeta {
-            last_log_id: meta.last_applied,
-            last_membership: meta.last_membership,
-        };
-        *lock(&self.current_snapshot) = Some(meta.clone());
-        Ok(Some(Snapshot {
-            meta,
-            snapshot: std::io::Cursor::new(data),
-        }))
+        snapshot_now(
+            self.applier.clone(),
+            self.apply_lock.clone(),
+            &self.current_snapshot,
+        )
+        .await
+        .map(Some)
     }
 }
