@@ -46,6 +46,9 @@ pub const META_LOCAL_PREFIX: &[u8] = b"local/";
 /// How long relaxed commits may pile up before apply makes them durable. The Raft log is what
 /// makes a write durable; this only bounds replay after a crash and redb's file growth.
 const SYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// With at most this many watchers, apply hands its events to the hub itself when the feeder
+/// thread is idle: the delivery then costs less than waking the feeder.
+const INLINE_FEED_WATCHERS: usize = 64;
 
 const SNAPSHOT_MAGIC: &[u8; 8] = b"KVSNAP01";
 
@@ -491,7 +494,8 @@ impl Store {
         // Apply runs on one thread, so handing over after the lock is released keeps
         // revisions in order, and a full feed never blocks readers.
         drop(state);
-        if let Some(FeedItem::Events(events)) = self.feed.offer(FeedItem::Events(events)) {
+        let cheap = self.hub.watcher_count() <= INLINE_FEED_WATCHERS;
+        if let Some(FeedItem::Events(events)) = self.feed.offer(FeedItem::Events(events), cheap) {
             self.notify_inline(&self.read_state(), &events)?;
         }
         Ok(outcomes)
@@ -538,6 +542,17 @@ impl Store {
                 FeedItem::Resync(revision) => self.hub.resync_all(revision),
             }
         }
+    }
+
+    /// Whether [`Store::apply_batch`] will return without touching the disk or waiting for
+    /// the watch feeder, so that a caller may run it on an async worker: no periodic sync is
+    /// due and the feeder's queue has room.
+    pub fn apply_is_quick(&self) -> bool {
+        // Held only around a commit: if it is taken, a sync may be under way.
+        let Ok(last_sync) = self.last_sync.try_lock() else {
+            return false;
+        };
+        last_sync.elapsed() < SYNC_INTERVAL && self.feed.has_room()
     }
 
     /// Whether a watch feeder thread runs.
@@ -828,7 +843,7 @@ impl Store {
         *state = Self::load(self.backend.as_ref())?;
         let revision = state.mvcc.current;
         drop(state);
-        if self.feed.offer(FeedItem::Resync(revision)).is_some() {
+        if self.feed.offer(FeedItem::Resync(revision), false).is_some() {
             self.hub.resync_all(revision);
         }
         Ok(())

@@ -26,6 +26,10 @@ pub struct EngineApplier {
     pub clock: Arc<LeaseClock>,
 }
 
+/// The largest apply batch run on an async worker: a few hundred small writes take well
+/// under a millisecond, a larger batch (a catch-up) goes to a blocking thread.
+const INLINE_APPLY_ENTRIES: usize = 256;
+
 impl Applier for EngineApplier {
     fn apply_batch(
         &self,
@@ -49,6 +53,10 @@ impl Applier for EngineApplier {
             }
         }
         Ok(outcomes.iter().map(encode_outcome).collect())
+    }
+
+    fn apply_is_quick(&self, entries: usize) -> bool {
+        entries <= INLINE_APPLY_ENTRIES && self.store.apply_is_quick()
     }
 
     fn meta(&self) -> Result<Option<Vec<u8>>, io::Error> {

@@ -6,6 +6,10 @@
 //! with the next write instead of delaying it. The queue is bounded, so a hub that falls
 //! behind slows apply down to its own pace rather than growing without limit. Items keep
 //! apply's order, so the hub still sees revisions in order.
+//!
+//! When the feeder is idle (nothing queued, nothing being delivered) and the caller says the
+//! delivery is cheap (few watchers), apply delivers inline after all: waking the feeder
+//! thread for every write cost two context switches per put, more than the delivery itself.
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -27,6 +31,8 @@ pub(crate) enum FeedItem {
 #[derive(Debug, Default)]
 struct FeedState {
     items: VecDeque<FeedItem>,
+    /// The feeder took an item and has not finished delivering it.
+    delivering: bool,
     threaded: bool,
     closed: bool,
 }
@@ -44,10 +50,11 @@ impl Feed {
     }
 
     /// Queues `item` for the feeder, waiting while the queue is full; gives it back when no
-    /// feeder runs (the caller delivers it itself).
-    pub fn offer(&self, item: FeedItem) -> Option<FeedItem> {
+    /// feeder runs, or when `cheap` and the feeder is idle (the caller then delivers it
+    /// itself, before offering anything else, so order holds).
+    pub fn offer(&self, item: FeedItem, cheap: bool) -> Option<FeedItem> {
         let mut s = self.lock();
-        if !s.threaded {
+        if !s.threaded || (cheap && s.items.is_empty() && !s.delivering) {
             return Some(item);
         }
         while s.items.len() >= FEED_MAX_BATCHES && !s.closed {
@@ -72,12 +79,20 @@ impl Feed {
         true
     }
 
+    /// Whether the queue has room to spare, so an offer now will not wait.
+    pub fn has_room(&self) -> bool {
+        self.lock().items.len() < FEED_MAX_BATCHES / 2
+    }
+
     /// The next item for the feeder, waiting for one; `None` once closed and drained (the
-    /// feeder then stops and apply delivers inline again).
+    /// feeder then stops and apply delivers inline again). The item counts as being
+    /// delivered until the feeder asks for the next one.
     pub fn next(&self) -> Option<FeedItem> {
         let mut s = self.lock();
+        s.delivering = false;
         loop {
             if let Some(item) = s.items.pop_front() {
+                s.delivering = true;
                 self.changed.notify_all();
                 return Some(item);
             }
@@ -98,5 +113,48 @@ impl Feed {
     pub fn close(&self) {
         self.lock().closed = true;
         self.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item() -> FeedItem {
+        FeedItem::Events(Vec::new())
+    }
+
+    #[test]
+    fn cheap_items_skip_an_idle_feeder_but_never_overtake_queued_ones() {
+        let feed = Feed::default();
+        assert!(feed.offer(item(), false).is_some(), "no feeder: given back");
+        assert!(feed.start());
+        assert!(
+            feed.offer(item(), true).is_some(),
+            "idle feeder: given back"
+        );
+        assert!(feed.offer(item(), false).is_none(), "not cheap: queued");
+        assert!(
+            feed.offer(item(), true).is_none(),
+            "cheap, but an item is queued: queued behind it"
+        );
+        assert!(feed.next().is_some());
+        assert!(
+            feed.offer(item(), true).is_none(),
+            "still one queued and one being delivered"
+        );
+        assert!(feed.next().is_some());
+        assert!(feed.next().is_some());
+        assert!(
+            feed.offer(item(), true).is_none(),
+            "the last item taken may still be in delivery"
+        );
+        feed.close();
+        assert!(feed.next().is_some());
+        assert!(feed.next().is_none(), "closed and drained");
+        assert!(
+            feed.offer(item(), true).is_some(),
+            "feeder gone: given back"
+        );
     }
 }

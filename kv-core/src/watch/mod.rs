@@ -250,6 +250,11 @@ impl WatchHub {
         self.lock().revision
     }
 
+    /// How many watchers there are.
+    pub fn watcher_count(&self) -> usize {
+        self.lock().watchers.len()
+    }
+
     /// Watchers per group.
     pub fn stats(&self) -> HubStats {
         let s = self.lock();

@@ -77,6 +77,14 @@ pub trait Applier: Send + Sync + 'static {
         meta: Vec<u8>,
     ) -> Result<Vec<Vec<u8>>, io::Error>;
 
+    /// Whether `apply_batch` of `entries` entries would run briefly and without disk I/O, so
+    /// it may run on an async worker instead of costing two thread hand-offs. The default
+    /// never claims so.
+    fn apply_is_quick(&self, entries: usize) -> bool {
+        let _ = entries;
+        false
+    }
+
     /// The meta stored by the last `apply_batch`/`restore` (`None` on a fresh store).
     fn meta(&self) -> Result<Option<Vec<u8>>, io::Error>;
 
@@ -691,7 +699,9 @@ impl<A: Applier> RaftNode<A> {
     /// Waits (at most `limit`) until [`RaftNode::leadership`] differs from `seen`; returns it.
     pub async fn leadership_change(&self, seen: Leadership, limit: Duration) -> Leadership {
         let deadline = tokio::time::Instant::now() + limit;
-        let mut rx = self.inner.raft.metrics();
+        // Server metrics change only with the vote, the role, the leader or the membership;
+        // the full metrics change with every write, and would wake this loop for each.
+        let mut rx = self.inner.raft.server_metrics();
         loop {
             let now = self.leadership();
             if now != seen {

@@ -137,6 +137,16 @@ impl<A: Applier> StateMachine<A> {
     }
 }
 
+/// Hands `items` (log index, command) to the applier as one batch.
+fn apply_items<A: Applier>(
+    applier: &A,
+    items: &[(u64, Option<Vec<u8>>)],
+    meta: Vec<u8>,
+) -> io::Result<Vec<Vec<u8>>> {
+    let batch: Vec<(u64, Option<&[u8]>)> = items.iter().map(|(i, d)| (*i, d.as_deref())).collect();
+    applier.apply_batch(batch, meta)
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -201,14 +211,27 @@ impl<A: Applier> RaftStateMachine<TypeConfig> for StateMachine<A> {
         let meta = next.encode()?;
         let n = items.len();
         let applier = self.applier.clone();
-        let apply_lock = self.apply_lock.clone();
-        let responses = blocking(move || {
-            let _g = lock(&apply_lock);
-            let batch: Vec<(u64, Option<&[u8]>)> =
-                items.iter().map(|(i, d)| (*i, d.as_deref())).collect();
-            applier.apply_batch(batch, meta)
-        })
-        .await?;
+        // A short batch that touches no disk runs right here; the lock is only tried, since a
+        // snapshot build may hold it for long.
+        let inline = if applier.apply_is_quick(n) {
+            self.apply_lock
+                .try_lock()
+                .ok()
+                .map(|_guard| apply_items(&*applier, &items, meta.clone()))
+        } else {
+            None
+        };
+        let responses = match inline {
+            Some(responses) => responses?,
+            None => {
+                let apply_lock = self.apply_lock.clone();
+                blocking(move || {
+                    let _g = lock(&apply_lock);
+                    apply_items(&*applier, &items, meta)
+                })
+                .await?
+            }
+        };
         if responses.len() != n {
             return Err(io::Error::other(format!(
                 "applier returned {} responses for {} entries",
