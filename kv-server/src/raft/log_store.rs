@@ -1,37 +1,26 @@
-//! The Raft log store: a redb file (`raft.redb`) of its own.
-//!
-//! # Layout
-//!
-//! * table `raft_log`: `u64` log index → postcard-serialized [`Entry`].
-//! * table `raft_meta`: `&str` → postcard bytes, keys [`KEY_VOTE`], [`KEY_COMMITTED`],
-//!   [`KEY_LAST_PURGED`].
+//! The Raft log store: openraft's [`RaftLogStorage`] over the write-ahead log in
+//! `<data_dir>/wal` ([`Wal`]).
 //!
 //! # Durability contract
 //!
-//! * [`save_vote`](RaftLogStorage::save_vote): the vote is committed with
-//!   [`Durability::Immediate`] (fsync) before the call returns.
 //! * [`append`](RaftLogStorage::append): openraft hands over a batch of entries (all client
-//!   writes that queued up while the previous batch was being flushed). The whole batch is
-//!   written in ONE redb write transaction with ONE durable ([`Durability::Immediate`]) commit,
-//!   so concurrent client writes share one fsync. The entries are durable *before* the
-//!   [`IOFlushed`] callback is invoked, and readable by every [`LogStore`] clone (log readers)
-//!   when `append` returns.
-//! * [`truncate_after`](RaftLogStorage::truncate_after) and [`purge`](RaftLogStorage::purge) are
-//!   durable ([`Durability::Immediate`]) before they return. Purge records the last purged log id
-//!   and deletes the entries in the same transaction. Truncation deletes only a suffix and purge
-//!   only a prefix, so the log never has holes.
+//!   writes that queued up meanwhile). They are written in one `pwrite` and are readable by
+//!   every log reader when `append` returns, so replication to followers starts at once. The
+//!   [`IOFlushed`] callback runs only after an fdatasync covers them, on the WAL's sync thread,
+//!   which serves every batch that queued while it synced with one fdatasync.
+//! * [`save_vote`](RaftLogStorage::save_vote), [`truncate_after`](RaftLogStorage::truncate_after)
+//!   and [`purge`](RaftLogStorage::purge) are durable before they return.
 //! * [`save_committed`](RaftLogStorage::save_committed) is called by openraft on every commit
-//!   advance. It only notes the id in memory; the next write (append, vote, truncate, purge, or
-//!   [`LogStore::flush`] at shutdown) stores it in its own transaction. A commit of its own
-//!   cost every client write a redb commit (its page writes) and a hop to a blocking thread.
-//!   The entries a committed id covers are durable before it is noted, so a recovered file
-//!   never holds a committed id whose entries are missing. Losing the latest committed id on a
-//!   crash is allowed by openraft: the state machine then catches up once the leader
-//!   re-commits.
+//!   advance. It only notes the id in memory; the next write stores it. Losing the latest
+//!   committed id in a crash is allowed by openraft: the state machine then catches up once
+//!   the leader re-commits. The entries it covers are durable before it is noted, so a
+//!   recovered log never holds a committed id whose entries are missing.
 //!
-//! All writes are serialized: openraft issues them one at a time from its core task, and every
-//! write runs on a blocking thread (`spawn_blocking`) so the async runtime is never blocked by an
-//! fsync. Reads (log readers) use redb read transactions (MVCC snapshots) and run inline.
+//! Writes come one at a time from openraft's core task and run on a blocking thread when
+//! they sync; the append's write goes to the page cache, inline.
+//!
+//! A data dir from before the WAL holds the log in `raft.redb`: [`LogStore::open`] copies it
+//! into a new WAL once, then removes it.
 
 use std::fmt::Debug;
 use std::io;
@@ -46,12 +35,6 @@ use openraft::OptionalSend;
 use openraft::RaftLogReader;
 use openraft::storage::IOFlushed;
 use openraft::storage::RaftLogStorage;
-use redb::Database;
-use redb::Durability;
-use redb::ReadableDatabase;
-use redb::ReadableTable;
-use redb::TableDefinition;
-use redb::WriteTransaction;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -59,25 +42,17 @@ use super::types::Entry;
 use super::types::LogId;
 use super::types::TypeConfig;
 use super::types::Vote;
+use super::wal::{RawEntry, Wal};
 
-const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
-/// redb's page cache for the log, which is appended to and read back near its end (by
-/// replication); the default of 1 GiB only held entries long applied.
-const CACHE_BYTES: usize = 32 << 20;
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
+/// The log's directory inside the data dir.
+pub const WAL_DIR: &str = "wal";
+/// Where the log lived before the WAL (redb), migrated on open.
+const LEGACY_LOG: &str = "raft.redb";
 
-/// Meta key of the durable vote.
-pub const KEY_VOTE: &str = "vote";
-/// Meta key of the last committed log id (see the module docs for its durability).
-pub const KEY_COMMITTED: &str = "committed";
-/// Meta key of the last purged log id.
-pub const KEY_LAST_PURGED: &str = "last_purged";
-
-/// Redb-backed [`RaftLogStorage`] and [`RaftLogReader`]. Cheap to clone; clones share the
-/// database.
+/// WAL-backed [`RaftLogStorage`] and [`RaftLogReader`]. Cheap to clone; clones share the log.
 #[derive(Clone)]
 pub struct LogStore {
-    db: Arc<Database>,
+    wal: Arc<Wal>,
     /// The committed id openraft last reported, encoded, not yet stored (see the module docs).
     committed: Arc<Mutex<Option<Vec<u8>>>>,
 }
@@ -86,10 +61,6 @@ impl Debug for LogStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("LogStore")
     }
-}
-
-fn io_err<E: std::error::Error + Send + Sync + 'static>(e: E) -> io::Error {
-    io::Error::other(e)
 }
 
 fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
@@ -112,72 +83,59 @@ where
 }
 
 impl LogStore {
-    /// Opens (creating if needed) the log database at `path` and makes sure both tables exist.
+    /// Opens (creating if needed) the log of the member whose data dir is `data_dir`.
     ///
     /// Blocking; call it from a blocking context (e.g. `spawn_blocking`).
-    pub fn open(path: &Path) -> io::Result<Self> {
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(path)
-            .map_err(io_err)?;
-        let mut tx = db.begin_write().map_err(io_err)?;
-        tx.set_durability(Durability::Immediate).map_err(io_err)?;
-        {
-            tx.open_table(LOGS).map_err(io_err)?;
-            tx.open_table(META).map_err(io_err)?;
-        }
-        tx.commit().map_err(io_err)?;
+    pub fn open(data_dir: &Path) -> io::Result<Self> {
+        let dir = data_dir.join(WAL_DIR);
+        let legacy = data_dir.join(LEGACY_LOG);
+        let wal = if !legacy.exists() {
+            Wal::open(&dir)?
+        } else if !dir.exists() {
+            migrate(&legacy, &dir)?
+        } else {
+            // A migration finished but for removing the old file.
+            std::fs::remove_file(&legacy)?;
+            Wal::open(&dir)?
+        };
         Ok(Self {
-            db: Arc::new(db),
+            wal,
             committed: Arc::new(Mutex::new(None)),
         })
     }
 
-    /// The shared database handle.
-    pub fn db(&self) -> &Arc<Database> {
-        &self.db
+    /// The shared log, whose reference count tells when openraft's tasks let go of it.
+    pub fn wal(&self) -> &Arc<Wal> {
+        &self.wal
     }
 
     /// `true` if nothing was ever written: no vote, no log entry, nothing purged.
-    pub fn is_pristine(&self) -> io::Result<bool> {
-        let tx = self.db.begin_read().map_err(io_err)?;
-        let meta = tx.open_table(META).map_err(io_err)?;
-        let logs = tx.open_table(LOGS).map_err(io_err)?;
-        Ok(meta.get(KEY_VOTE).map_err(io_err)?.is_none()
-            && meta.get(KEY_LAST_PURGED).map_err(io_err)?.is_none()
-            && logs.first().map_err(io_err)?.is_none())
+    pub fn is_pristine(&self) -> bool {
+        self.wal.vote().is_none() && self.wal.purged().is_none() && self.wal.last_index().is_none()
     }
 
     /// Index of the last entry in the log (or of the last purged one if the log is empty).
-    /// Blocking.
-    pub fn last_log_index(&self) -> io::Result<Option<u64>> {
-        let tx = self.db.begin_read().map_err(io_err)?;
-        let logs = tx.open_table(LOGS).map_err(io_err)?;
-        if let Some((k, _)) = logs.last().map_err(io_err)? {
-            return Ok(Some(k.value()));
-        }
-        drop(logs);
-        drop(tx);
-        Ok(self.read_meta::<LogId>(KEY_LAST_PURGED)?.map(|l| l.index))
+    pub fn last_log_index(&self) -> Option<u64> {
+        self.wal
+            .last_index()
+            .or_else(|| self.wal.purged().map(|(upto, _)| upto))
     }
 
     /// Test helper: forgets the saved committed log id (as a crash right after a non-durable
-    /// `save_committed` would).
+    /// `save_committed` would), by storing an empty one.
     #[cfg(test)]
     pub(crate) fn clear_committed(&self) -> io::Result<()> {
         self.pending_committed();
-        let tx = self.db.begin_write().map_err(io_err)?;
-        {
-            let mut meta = tx.open_table(META).map_err(io_err)?;
-            meta.remove(KEY_COMMITTED).map_err(io_err)?;
-        }
-        tx.commit().map_err(io_err)
+        let none: Option<LogId> = None;
+        self.wal.save_committed(encode(&none)?)
     }
 
-    /// Makes every previous (possibly non-durable) commit durable: an empty write transaction
-    /// committed with [`Durability::Immediate`]. Blocking.
+    /// Stores the noted committed id durably. Blocking.
     pub fn flush(&self) -> io::Result<()> {
-        write(&self.db, self.pending_committed(), |_| Ok(()))
+        match self.pending_committed() {
+            Some(committed) => self.wal.save_committed(committed),
+            None => Ok(()),
+        }
     }
 
     /// Takes the noted committed id, for the next write to store.
@@ -187,47 +145,88 @@ impl LogStore {
             .unwrap_or_else(|e| e.into_inner())
             .take()
     }
+}
 
-    /// Runs a durable write transaction on a blocking thread, storing the noted committed id
-    /// in it too.
-    async fn write_blocking<F>(&self, f: F) -> io::Result<()>
-    where
-        F: FnOnce(&WriteTransaction) -> io::Result<()> + Send + 'static,
-    {
-        let db = self.db.clone();
-        let committed = self.pending_committed();
-        blocking(move || write(&db, committed, f)).await
+/// Copies the redb log at `legacy` into a new WAL in `dir`, then removes it. The WAL is built
+/// under a temporary name and renamed into place, so a crash leaves either the old log or
+/// the whole new one.
+fn migrate(legacy: &Path, dir: &Path) -> io::Result<Arc<Wal>> {
+    use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+    const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+    const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
+    let db = redb::Database::open(legacy).map_err(io::Error::other)?;
+    let tx = db.begin_read().map_err(io::Error::other)?;
+    let building = dir.with_extension("migrating");
+    if building.exists() {
+        std::fs::remove_dir_all(&building)?;
     }
-
-    fn read_meta<T: DeserializeOwned>(&self, key: &str) -> io::Result<Option<T>> {
-        let tx = self.db.begin_read().map_err(io_err)?;
-        let meta = tx.open_table(META).map_err(io_err)?;
-        match meta.get(key).map_err(io_err)? {
-            None => Ok(None),
-            Some(v) => decode(v.value()).map(Some),
+    let wal = Wal::open(&building)?;
+    let meta = |key: &str| -> io::Result<Option<Vec<u8>>> {
+        let table = match tx.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(io::Error::other(e)),
+        };
+        Ok(table
+            .get(key)
+            .map_err(io::Error::other)?
+            .map(|v| v.value().to_vec()))
+    };
+    if let Some(purged) = meta("last_purged")? {
+        let id: LogId = decode(&purged)?;
+        wal.purge(id.index, purged)?;
+    }
+    let committed = meta("committed")?;
+    match tx.open_table(LOGS) {
+        Ok(logs) => {
+            let mut batch: Vec<RawEntry> = Vec::new();
+            for item in logs.iter().map_err(io::Error::other)? {
+                let (k, v) = item.map_err(io::Error::other)?;
+                batch.push((k.value(), v.value().to_vec()));
+                if batch.len() == 1024 {
+                    wal.append(&batch, None)?;
+                    batch.clear();
+                }
+            }
+            wal.append(&batch, None)?;
         }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(io::Error::other(e)),
     }
+    // The last write is durable, and its sync covers every entry written before it.
+    if let Some(vote) = meta("vote")? {
+        wal.save_vote(&vote, None)?;
+    }
+    wal.save_committed(committed.unwrap_or(encode(&None::<LogId>)?))?;
+    wal.close();
+    drop(wal);
+    drop(tx);
+    drop(db);
+    std::fs::rename(&building, dir)?;
+    if let Some(parent) = dir.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    std::fs::remove_file(legacy)?;
+    tracing::info!(
+        "raft: log moved from {} to {}",
+        legacy.display(),
+        dir.display()
+    );
+    Wal::open(dir)
 }
 
-/// One durable ([`Durability::Immediate`]) write transaction: `f`'s writes and, if given,
-/// the committed id, in one commit. Every write of the log is durable.
-fn write<F>(db: &Database, committed: Option<Vec<u8>>, f: F) -> io::Result<()>
-where
-    F: FnOnce(&WriteTransaction) -> io::Result<()>,
-{
-    let mut tx = db.begin_write().map_err(io_err)?;
-    tx.set_durability(Durability::Immediate).map_err(io_err)?;
-    if let Some(committed) = committed {
-        let mut meta = tx.open_table(META).map_err(io_err)?;
-        meta.insert(KEY_COMMITTED, committed.as_slice())
-            .map_err(io_err)?;
-    }
-    f(&tx)?;
-    tx.commit().map_err(io_err)
-}
-
-fn to_bounds<RB: RangeBounds<u64>>(range: &RB) -> (Bound<u64>, Bound<u64>) {
-    (range.start_bound().cloned(), range.end_bound().cloned())
+fn to_range<RB: RangeBounds<u64>>(range: &RB) -> (u64, u64) {
+    let from = match range.start_bound() {
+        Bound::Included(i) => *i,
+        Bound::Excluded(i) => i.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let to = match range.end_bound() {
+        Bound::Included(i) => i.saturating_add(1),
+        Bound::Excluded(i) => *i,
+        Bound::Unbounded => u64::MAX,
+    };
+    (from, to)
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -235,20 +234,18 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
-        let tx = self.db.begin_read().map_err(io_err)?;
-        let logs = tx.open_table(LOGS).map_err(io_err)?;
-        let mut out = Vec::new();
-        for item in logs.range::<u64>(to_bounds(&range)).map_err(io_err)? {
-            let (k, v) = item.map_err(io_err)?;
-            let entry: Entry = decode(v.value())?;
-            debug_assert_eq!(k.value(), entry.log_id.index);
+        let (from, to) = to_range(&range);
+        let raw = self.wal.entries(from, to)?;
+        let mut out = Vec::with_capacity(raw.len());
+        for bytes in raw {
+            let entry: Entry = decode(&bytes)?;
             out.push(entry);
         }
         Ok(out)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        self.read_meta(KEY_VOTE)
+        self.wal.vote().map(|v| decode(&v)).transpose()
     }
 }
 
@@ -256,19 +253,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
-        let last_purged_log_id: Option<LogId> = self.read_meta(KEY_LAST_PURGED)?;
-        let last = {
-            let tx = self.db.begin_read().map_err(io_err)?;
-            let logs = tx.open_table(LOGS).map_err(io_err)?;
-            match logs.last().map_err(io_err)? {
+        let last_purged_log_id: Option<LogId> =
+            self.wal.purged().map(|(_, b)| decode(&b)).transpose()?;
+        let last = match self.wal.last_index() {
+            None => None,
+            Some(i) => match self.wal.entries(i, i + 1)?.first() {
+                Some(bytes) => Some(decode::<Entry>(bytes)?.log_id),
                 None => None,
-                Some((_, v)) => Some(decode::<Entry>(v.value())?.log_id),
-            }
+            },
         };
-        let last_log_id = last.or(last_purged_log_id);
         Ok(LogState {
             last_purged_log_id,
-            last_log_id,
+            last_log_id: last.or(last_purged_log_id),
         })
     }
 
@@ -278,12 +274,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
         let bytes = encode(vote)?;
-        self.write_blocking(move |tx| {
-            let mut meta = tx.open_table(META).map_err(io_err)?;
-            meta.insert(KEY_VOTE, bytes.as_slice()).map_err(io_err)?;
-            Ok(())
-        })
-        .await
+        let wal = self.wal.clone();
+        let committed = self.pending_committed();
+        blocking(move || wal.save_vote(&bytes, committed)).await
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
@@ -298,9 +291,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        match noted {
+        match noted.or_else(|| self.wal.committed()) {
             Some(bytes) => Ok(decode::<Option<LogId>>(&bytes)?),
-            None => Ok(self.read_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten()),
+            None => Ok(None),
         }
     }
 
@@ -313,7 +306,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut encoded = Vec::new();
+        let mut encoded: Vec<RawEntry> = Vec::new();
         for entry in entries {
             encoded.push((entry.log_id.index, encode(&entry)?));
         }
@@ -321,19 +314,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             callback.io_completed(Ok(()));
             return Ok(());
         }
-        let res = self
-            .write_blocking(move |tx| {
-                let mut logs = tx.open_table(LOGS).map_err(io_err)?;
-                for (index, bytes) in &encoded {
-                    logs.insert(*index, bytes.as_slice()).map_err(io_err)?;
-                }
-                Ok(())
-            })
-            .await;
-        match res {
-            Ok(()) => {
-                // The batch is durable (fsynced) at this point.
-                callback.io_completed(Ok(()));
+        // A page-cache write: readers (replication) see the entries when this returns.
+        match self.wal.append(&encoded, self.pending_committed()) {
+            Ok(file) => {
+                self.wal.sync_later(
+                    file,
+                    Box::new(move |res| {
+                        if let Err(e) = &res {
+                            tracing::error!("raft log sync failed: {e}");
+                        }
+                        callback.io_completed(res);
+                    }),
+                );
                 Ok(())
             }
             Err(e) => {
@@ -347,28 +339,66 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map(|l| l.index + 1).unwrap_or(0);
         tracing::debug!("raft log: truncate [{from}, +oo)");
-        self.write_blocking(move |tx| {
-            let mut logs = tx.open_table(LOGS).map_err(io_err)?;
-            logs.retain_in::<u64, _>(from.., |_, _| false)
-                .map_err(io_err)?;
-            Ok(())
-        })
-        .await
+        let wal = self.wal.clone();
+        blocking(move || wal.truncate(from)).await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        tracing::debug!("raft log: purge [0, {}]", log_id.index);
-        let upto = log_id.index;
-        let purged = encode(&log_id)?;
-        self.write_blocking(move |tx| {
-            let mut meta = tx.open_table(META).map_err(io_err)?;
-            meta.insert(KEY_LAST_PURGED, purged.as_slice())
-                .map_err(io_err)?;
-            let mut logs = tx.open_table(LOGS).map_err(io_err)?;
-            logs.retain_in::<u64, _>(..=upto, |_, _| false)
-                .map_err(io_err)?;
-            Ok(())
-        })
-        .await
+        let bytes = encode(&log_id)?;
+        let wal = self.wal.clone();
+        blocking(move || wal.purge(log_id.index, bytes)).await?;
+        tracing::info!("raft: log purged up to {}", log_id.index);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::testing::{blank_ent, log_id};
+    use redb::TableDefinition;
+
+    #[tokio::test]
+    async fn a_redb_log_from_before_the_wal_is_moved_into_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = dir.path().join(LEGACY_LOG);
+        let vote = Vote::new(3, 1);
+        let committed = Some(log_id::<TypeConfig>(3, 1, 7));
+        {
+            const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+            const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
+            let db = redb::Database::create(&legacy).unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                let mut meta = tx.open_table(META).unwrap();
+                meta.insert("vote", encode(&vote).unwrap().as_slice())
+                    .unwrap();
+                meta.insert("committed", encode(&committed).unwrap().as_slice())
+                    .unwrap();
+                let purged = log_id::<TypeConfig>(2, 1, 4);
+                meta.insert("last_purged", encode(&purged).unwrap().as_slice())
+                    .unwrap();
+                let mut logs = tx.open_table(LOGS).unwrap();
+                for i in 5..=9 {
+                    let e = blank_ent::<TypeConfig>(3, 1, i);
+                    logs.insert(i, encode(&e).unwrap().as_slice()).unwrap();
+                }
+            }
+            tx.commit().unwrap();
+        }
+
+        let mut store = LogStore::open(dir.path()).unwrap();
+        assert!(!legacy.exists(), "the old log is removed once moved");
+        assert_eq!(store.read_vote().await.unwrap(), Some(vote));
+        assert_eq!(store.read_committed().await.unwrap(), committed);
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(
+            state.last_purged_log_id,
+            Some(log_id::<TypeConfig>(2, 1, 4))
+        );
+        assert_eq!(state.last_log_id, Some(log_id::<TypeConfig>(3, 1, 9)));
+        let entries = store.try_get_log_entries(0..100).await.unwrap();
+        let indexes: Vec<u64> = entries.iter().map(|e| e.log_id.index).collect();
+        assert_eq!(indexes, vec![5, 6, 7, 8, 9]);
     }
 }

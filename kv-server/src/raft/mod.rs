@@ -1,7 +1,7 @@
 //! The Raft write path (openraft 0.10.0-alpha.37).
 //!
-//! * [`LogStore`](log_store::LogStore): the Raft log + vote in a redb file of its own,
-//!   `<data_dir>/raft.redb`; see its module docs for the durability contract.
+//! * [`LogStore`](log_store::LogStore): the Raft log and vote in a write-ahead log of their own,
+//!   `<data_dir>/wal` ([`wal::Wal`]); see its module docs for the durability contract.
 //! * [`StateMachine`](state_machine::StateMachine): adapter that drives an [`Applier`] (the MVCC
 //!   engine) with batches of committed entries.
 //! * [`GrpcNetwork`](network::GrpcNetwork) and [`PeerService`](peer::PeerService): the peer
@@ -18,6 +18,7 @@ pub mod network;
 pub mod peer;
 pub mod state_machine;
 pub mod types;
+pub mod wal;
 
 #[cfg(test)]
 mod tests;
@@ -115,7 +116,7 @@ pub struct RaftConfig {
     pub node_id: u64,
     /// The cluster id; peers of other clusters are refused.
     pub cluster_id: u64,
-    /// The Raft log goes to `data_dir/raft.redb` (the directory is created if missing).
+    /// The Raft log goes to `data_dir/wal` (the directory is created if missing).
     pub data_dir: PathBuf,
     /// The initial members (id → peer URL), this node among them.
     pub members: BTreeMap<u64, String>,
@@ -360,9 +361,9 @@ impl<A: Applier> RaftNode<A> {
             let applier = applier.clone();
             tokio::task::spawn_blocking(move || -> io::Result<_> {
                 std::fs::create_dir_all(&cfg.data_dir)?;
-                let log_store = LogStore::open(&cfg.data_dir.join("raft.redb"))?;
-                let pristine = log_store.is_pristine()?;
-                let last_log_index = log_store.last_log_index()?;
+                let log_store = LogStore::open(&cfg.data_dir)?;
+                let pristine = log_store.is_pristine();
+                let last_log_index = log_store.last_log_index();
                 let sm = StateMachine::new(applier)?;
                 Ok((log_store, sm, pristine, last_log_index))
             })
@@ -777,10 +778,10 @@ impl<A: Applier> RaftNode<A> {
         // dir can be reopened right away.
         if let Some(ls) = log_store {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            while Arc::strong_count(ls.db()) > 1 && tokio::time::Instant::now() < deadline {
+            while Arc::strong_count(ls.wal()) > 1 && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            if Arc::strong_count(ls.db()) > 1 {
+            if Arc::strong_count(ls.wal()) > 1 {
                 tracing::warn!("raft: log database still referenced after shutdown");
             }
         }

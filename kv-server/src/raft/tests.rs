@@ -271,7 +271,7 @@ async fn raft_restart_without_saved_committed_replays_whole_log() {
 
         // Simulate a crash that lost the (non-durably saved) committed log id, with a state
         // machine that lost everything too.
-        let ls = LogStore::open(&cfg(&dir).data_dir.join("raft.redb")).unwrap();
+        let ls = LogStore::open(&cfg(&dir).data_dir).unwrap();
         ls.clear_committed().unwrap();
         drop(ls);
 
@@ -412,7 +412,7 @@ mod suite {
         ) -> Result<(TempDir, LogStore, StateMachine<MemApplier>), StorageError<TypeConfig>>
         {
             let dir = TempDir::new().map_err(sto_err)?;
-            let ls = LogStore::open(&dir.path().join("raft.redb")).map_err(sto_err)?;
+            let ls = LogStore::open(dir.path()).map_err(sto_err)?;
             let sm = StateMachine::new(Arc::new(MemApplier::default())).map_err(sto_err)?;
             Ok((dir, ls, sm))
         }
