@@ -481,7 +481,7 @@ impl Leader {
         Ok(Leader {
             id: decode::<Proclaimed>(kv)?.id,
             fence: kv.create_revision,
-            key: kv.key.clone(),
+            key: kv.key.to_vec(),
         })
     }
 }

@@ -26,6 +26,10 @@ fn main() -> io::Result<()> {
         .map_err(|e| io::Error::other(format!("protox: {e:?}")))?;
 
     tonic_prost_build::configure()
+        // Keys and values as reference-counted `Bytes`: a watch event fanned out to a thousand
+        // watchers shares one copy instead of making a thousand, and a client decodes them
+        // as slices of the received buffer.
+        .bytes(".mvccpb.KeyValue")
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)

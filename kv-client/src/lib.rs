@@ -19,7 +19,7 @@
 //! let kv = client.kv();
 //! kv.put("greeting", "hello", PutOptions::new()).await?;
 //! let got = kv.get("greeting", GetOptions::new()).await?;
-//! assert_eq!(got.kvs[0].value, b"hello");
+//! assert_eq!(got.kvs[0].value, &b"hello"[..]);
 //!
 //! // Replace the value only if nobody changed it since it was read.
 //! let read_at = got.kvs[0].mod_revision;
@@ -36,7 +36,7 @@
 //! let app = client.with_namespace("app/");
 //! app.kv().put("config", "on", PutOptions::new()).await?;
 //! assert_eq!(kv.get("app/config", GetOptions::new()).await?.kvs.len(), 1);
-//! assert_eq!(app.kv().get("", GetOptions::new().prefix()).await?.kvs[0].key, b"config");
+//! assert_eq!(app.kv().get("", GetOptions::new().prefix()).await?.kvs[0].key, &b"config"[..]);
 //! # Ok(())
 //! # }
 //! ```
@@ -72,7 +72,7 @@
 //! }
 //! assert_eq!(
 //!     seen,
-//!     [(EventKind::Put, b"service/a".to_vec()), (EventKind::Delete, b"service/a".to_vec())]
+//!     [(EventKind::Put, "service/a".into()), (EventKind::Delete, "service/a".into())]
 //! );
 //! # Ok(())
 //! # }

@@ -61,9 +61,9 @@ async fn kv_scenario(endpoint: &str) {
         .put("a", "1b", PutOptions::new().prev_kv())
         .await
         .unwrap();
-    assert_eq!(replaced.prev_kv.unwrap().value, b"1");
+    assert_eq!(replaced.prev_kv.unwrap().value, &b"1"[..]);
     let old = kv.get("a", GetOptions::new().revision(2)).await.unwrap();
-    assert_eq!(old.kvs[0].value, b"1");
+    assert_eq!(old.kvs[0].value, &b"1"[..]);
     assert_eq!(
         kv.get("a", GetOptions::new().revision(100)).await,
         Err(Error::FutureRevision)
@@ -103,14 +103,14 @@ async fn kv_scenario(endpoint: &str) {
     let [TxnOpResponse::Put(p), TxnOpResponse::Get(g)] = won.responses.as_slice() else {
         panic!("unexpected responses {:?}", won.responses);
     };
-    assert_eq!(g.kvs[0].value, b"2");
+    assert_eq!(g.kvs[0].value, &b"2"[..]);
     assert_eq!(p.revision, won.revision);
     let lost = kv.txn(cas("1b", "3")).await.unwrap();
     assert!(!lost.succeeded);
     let [TxnOpResponse::Get(g)] = lost.responses.as_slice() else {
         panic!("unexpected responses {:?}", lost.responses);
     };
-    assert_eq!(g.kvs[0].value, b"2");
+    assert_eq!(g.kvs[0].value, &b"2"[..]);
     let missing = Txn::new().when([Compare::version("nope", CompareOp::Equal, 0)]);
     assert!(kv.txn(missing).await.unwrap().succeeded);
     let none_left = Txn::new().when([Compare::version("b/", CompareOp::Equal, 0).with_prefix()]);
@@ -195,7 +195,7 @@ async fn reads_and_writes_fail_over_when_the_member_in_use_dies() {
         assert!(unknown <= 1, "{unknown} writes with unknown outcome");
         assert!(!client.current_endpoint().ends_with(killed.as_str()));
         let last = kv.get("k", GetOptions::new()).await.unwrap();
-        assert_eq!(last.kvs[0].value, b"20");
+        assert_eq!(last.kvs[0].value, &b"20"[..]);
     })
     .await
     .expect("test timed out");

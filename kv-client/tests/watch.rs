@@ -71,8 +71,8 @@ async fn watch_scenario(endpoint: &str) {
             (EventKind::Delete, "w/c".into(), String::new(), 4),
         ]
     );
-    assert_eq!(u.events[0].prev_kv.as_ref().unwrap().value, b"1");
-    assert_eq!(u.events[2].prev_kv.as_ref().unwrap().value, b"0");
+    assert_eq!(u.events[0].prev_kv.as_ref().unwrap().value, &b"1"[..]);
+    assert_eq!(u.events[2].prev_kv.as_ref().unwrap().value, &b"0"[..]);
     // A single key with NODELETE.
     assert_eq!(shape(&next(&mut one).await).len(), 1);
     assert_eq!(

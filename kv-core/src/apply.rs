@@ -126,7 +126,7 @@ fn put(txn: &mut WriteTxn<'_>, req: &PutRequest) -> Result<PutResponse, Failure>
     }
     let value = match (&prev, req.ignore_value) {
         (Some(p), true) => p.value.clone(),
-        _ => req.value.clone(),
+        _ => req.value.clone().into(),
     };
     let lease = match (&prev, req.ignore_lease) {
         (Some(p), true) => p.lease,
@@ -184,7 +184,7 @@ fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
                 Some(TargetUnion::Value(v)) => v,
                 _ => &[],
             };
-            kv.value.as_slice().cmp(v)
+            kv.value[..].cmp(v)
         }
         _ => {
             let want = match (&c.target_union, target) {
@@ -447,7 +447,7 @@ mod tests {
         };
         use crate::proto::mvccpb::KeyValue;
         let kv = KeyValue {
-            key: b"k".to_vec(),
+            key: b"k".to_vec().into(),
             version: 3,
             create_revision: 2,
             mod_revision: 4,
@@ -516,7 +516,7 @@ mod tests {
         assert!(!resp.succeeded);
         assert_eq!(resp.header.unwrap().revision, revision);
         match &resp.responses[0].response {
-            Some(Response::ResponseRange(r)) => assert_eq!(r.kvs[0].key, b"a"),
+            Some(Response::ResponseRange(r)) => assert_eq!(r.kvs[0].key, &b"a"[..]),
             other => panic!("not the read of a: {other:?}"),
         }
         assert!(!store.txn_would_write(&create_a).unwrap());

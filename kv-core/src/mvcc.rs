@@ -354,7 +354,7 @@ impl<'a> WriteTxn<'a> {
 
     /// Writes `key` and attaches it to `lease` (which the caller checked exists), detaching it
     /// from the lease it had; returns the revision of the write.
-    pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> i64 {
+    pub fn put(&mut self, key: &[u8], value: prost::bytes::Bytes, lease: i64) -> i64 {
         let main = self.begin + 1;
         let rev = Revision::new(main, self.changes);
         let (create_revision, version) = match self.mvcc.index.get(key, main) {
@@ -364,7 +364,7 @@ impl<'a> WriteTxn<'a> {
         let record = Record {
             tombstone: false,
             kv: KeyValue {
-                key: key.to_vec(),
+                key: key.to_vec().into(),
                 create_revision,
                 mod_revision: main,
                 version,
@@ -403,7 +403,7 @@ impl<'a> WriteTxn<'a> {
                 let record = Record {
                     tombstone: true,
                     kv: KeyValue {
-                        key: key.clone(),
+                        key: key.clone().into(),
                         mod_revision: main,
                         ..Default::default()
                     },
@@ -446,8 +446,8 @@ mod tests {
         let r = Record {
             tombstone: false,
             kv: KeyValue {
-                key: b"k".to_vec(),
-                value: b"v".to_vec(),
+                key: b"k".to_vec().into(),
+                value: b"v".to_vec().into(),
                 create_revision: 2,
                 mod_revision: 3,
                 version: 2,

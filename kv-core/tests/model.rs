@@ -87,7 +87,7 @@ impl Model {
         self.latest()
             .values()
             .filter(|kv| kv.lease == lease)
-            .map(|kv| kv.key.clone())
+            .map(|kv| kv.key.to_vec())
             .collect()
     }
     /// Applies a list of writes without leases as one revision (if any changes).
@@ -113,11 +113,11 @@ impl Model {
                     next.insert(
                         k.clone(),
                         KeyValue {
-                            key: k.clone(),
+                            key: k.clone().into(),
                             create_revision: create,
                             mod_revision: rev,
                             version,
-                            value: v.clone(),
+                            value: v.clone().into(),
                             lease: *lease,
                         },
                     );

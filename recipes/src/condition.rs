@@ -177,8 +177,8 @@ mod tests {
             kvs: keys
                 .iter()
                 .map(|(k, v, rev)| KeyValue {
-                    key: k.as_bytes().to_vec(),
-                    value: v.as_bytes().to_vec(),
+                    key: k.as_bytes().to_vec().into(),
+                    value: v.as_bytes().to_vec().into(),
                     create_revision: *rev,
                     mod_revision: *rev,
                     version: 1,

@@ -323,9 +323,9 @@ async fn read(client: &Client, prefix: &[u8]) -> Result<(i64, Raw), kv_client::E
         let mut last = None;
         for pair in page.kvs {
             if let Some(relative) = pair.key.strip_prefix(prefix) {
-                raw.insert(relative.to_vec(), pair.value);
+                raw.insert(relative.to_vec(), pair.value.to_vec());
             }
-            last = Some(pair.key);
+            last = Some(pair.key.to_vec());
         }
         let Some(mut after) = last.filter(|_| page.more) else {
             return Ok((revision, raw));
@@ -369,7 +369,7 @@ fn apply(raw: &mut Raw, prefix: &[u8], event: Event) {
         return;
     };
     match event.kind {
-        EventKind::Put => raw.insert(relative.to_vec(), event.kv.value),
+        EventKind::Put => raw.insert(relative.to_vec(), event.kv.value.to_vec()),
         EventKind::Delete => raw.remove(relative),
     };
 }

@@ -317,8 +317,8 @@ mod tests {
 
     fn kv(key: &str, value: &str) -> KeyValue {
         KeyValue {
-            key: key.as_bytes().to_vec(),
-            value: value.as_bytes().to_vec(),
+            key: key.as_bytes().to_vec().into(),
+            value: value.as_bytes().to_vec().into(),
             create_revision: 3,
             mod_revision: 5,
             version: 2,

@@ -50,7 +50,7 @@
 //! let mut changes = election.observe();
 //! assert_eq!(changes.next().await.transpose()?, Some(Observation::Vacant));
 //! let leadership = election.campaign(&session, "worker-1").await?;
-//! assert!(matches!(changes.next().await.transpose()?, Some(Observation::Elected(kv)) if kv.value == b"worker-1"));
+//! assert!(matches!(changes.next().await.transpose()?, Some(Observation::Elected(kv)) if kv.value == "worker-1"));
 //! leadership.resign().await?;
 //! assert_eq!(changes.next().await.transpose()?, Some(Observation::Vacant));
 //! session.close().await?;

@@ -722,7 +722,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                         claims
                             .kvs
                             .iter()
-                            .find(|kv| &kv.key == key && kv.lease == lease)
+                            .find(|kv| kv.key == key && kv.lease == lease)
                             .map(|kv| (i, kv.create_revision))
                     }))
                 }

@@ -102,7 +102,10 @@ async fn older_keys(
                 .max_create_revision(revision - 1),
         )
         .await?;
-    Ok((got.kvs.into_iter().map(|kv| kv.key).collect(), got.revision))
+    Ok((
+        got.kvs.into_iter().map(|kv| kv.key.to_vec()).collect(),
+        got.revision,
+    ))
 }
 
 /// Waits until fewer than `permits` keys created before `revision` remain under `prefix`.
@@ -129,7 +132,7 @@ async fn wait_for_permit(
             match update {
                 Ok(u) => {
                     for e in u.events.iter().filter(|e| e.kind == EventKind::Delete) {
-                        older.remove(&e.kv.key);
+                        older.remove(&e.kv.key[..]);
                     }
                     if older.len() < permits {
                         return Ok(());

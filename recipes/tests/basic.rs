@@ -142,7 +142,7 @@ async fn mutex_scenario(endpoint: &str) {
             .unwrap()
             .kvs[0]
             .value,
-        b"1"
+        &b"1"[..]
     );
     // A bare fence does the same for a process that only got the token: current for g2,
     // stale for g1.
@@ -262,10 +262,7 @@ async fn election_scenario(endpoint: &str) {
     assert_eq!(l1.key(), format!("el/{:x}", s1.lease()).as_bytes());
     match next(&mut observer).await {
         Observation::Elected(kv) => {
-            assert_eq!(
-                (kv.key.as_slice(), kv.value.as_slice()),
-                (l1.key(), &b"one"[..])
-            );
+            assert_eq!((&kv.key[..], &kv.value[..]), (l1.key(), &b"one"[..]));
             assert_eq!(kv.create_revision, l1.revision());
         }
         other => panic!("expected Elected, got {other:?}"),
@@ -274,10 +271,13 @@ async fn election_scenario(endpoint: &str) {
     assert!(still_waiting(&mut c2).await);
     l1.proclaim("one-bis").await.unwrap();
     match next(&mut observer).await {
-        Observation::Proclaimed(kv) => assert_eq!(kv.value, b"one-bis"),
+        Observation::Proclaimed(kv) => assert_eq!(kv.value, &b"one-bis"[..]),
         other => panic!("expected Proclaimed, got {other:?}"),
     }
-    assert_eq!(election.leader().await.unwrap().unwrap().value, b"one-bis");
+    assert_eq!(
+        election.leader().await.unwrap().unwrap().value,
+        &b"one-bis"[..]
+    );
 
     // A stale handle on the first leadership is refused once it is over.
     let stale = Leadership::resume(&s1, l1.key().to_vec(), l1.revision());
@@ -286,7 +286,7 @@ async fn election_scenario(endpoint: &str) {
     assert_eq!(next(&mut observer).await, Observation::Vacant);
     let l2 = soon(c2).await.unwrap();
     match next(&mut observer).await {
-        Observation::Elected(kv) => assert_eq!(kv.value, b"two"),
+        Observation::Elected(kv) => assert_eq!(kv.value, &b"two"[..]),
         other => panic!("expected Elected, got {other:?}"),
     }
     assert!(l2.fence() > fence1);

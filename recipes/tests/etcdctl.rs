@@ -173,7 +173,7 @@ async fn elect_scenario(endpoint: &str) {
     match observed(&mut observer).await {
         Observation::Elected(kv) => {
             assert_eq!(String::from_utf8_lossy(&kv.key), go_key);
-            assert_eq!(kv.value, b"go-value");
+            assert_eq!(kv.value, &b"go-value"[..]);
         }
         other => panic!("expected Go elected, got {other:?}"),
     }
@@ -196,7 +196,7 @@ async fn elect_scenario(endpoint: &str) {
         .unwrap();
     assert_eq!(observed(&mut observer).await, Observation::Vacant);
     assert!(
-        matches!(observed(&mut observer).await, Observation::Elected(kv) if kv.value == b"rust-value")
+        matches!(observed(&mut observer).await, Observation::Elected(kv) if kv.value == "rust-value")
     );
     let our_key = String::from_utf8_lossy(leadership.key()).into_owned();
     assert_eq!(listener.line(), our_key);

@@ -341,7 +341,7 @@ async fn a_killed_leader_is_observed_vacant_then_replaced() {
         let election = Election::new(&client, "el-crash");
         let mut observer = election.observe();
         match next(&mut observer).await {
-            Observation::Elected(kv) => assert_eq!(kv.value, b"first"),
+            Observation::Elected(kv) => assert_eq!(kv.value, &b"first"[..]),
             other => panic!("expected the first leader, got {other:?}"),
         }
         let (s2, s3) = (
@@ -362,7 +362,7 @@ async fn a_killed_leader_is_observed_vacant_then_replaced() {
         let killed = Instant::now();
         assert_eq!(next(&mut observer).await, Observation::Vacant);
         match next(&mut observer).await {
-            Observation::Elected(kv) => assert_eq!(kv.value, b"second"),
+            Observation::Elected(kv) => assert_eq!(kv.value, &b"second"[..]),
             other => panic!("expected the second leader, got {other:?}"),
         }
         eprintln!("new leader observed {:?} after the kill", killed.elapsed());
@@ -371,7 +371,7 @@ async fn a_killed_leader_is_observed_vacant_then_replaced() {
         second.resign().await.unwrap();
         assert_eq!(next(&mut observer).await, Observation::Vacant);
         match next(&mut observer).await {
-            Observation::Elected(kv) => assert_eq!(kv.value, b"third"),
+            Observation::Elected(kv) => assert_eq!(kv.value, &b"third"[..]),
             other => panic!("expected the third leader, got {other:?}"),
         }
         let third = third.await.unwrap().expect("third elected");

@@ -193,7 +193,7 @@ async fn three_members_survive_leader_kill_and_restart() {
             let have: std::collections::HashMap<Vec<u8>, (Vec<u8>, i64)> = resp
                 .kvs
                 .into_iter()
-                .map(|kv| (kv.key, (kv.value, kv.mod_revision)))
+                .map(|kv| (kv.key.to_vec(), (kv.value.to_vec(), kv.mod_revision)))
                 .collect();
             for (key, value, rev) in &all {
                 assert_eq!(

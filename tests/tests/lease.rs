@@ -326,7 +326,7 @@ async fn lease_api_semantics(endpoint: &str) {
     .await
     .expect("put with ignore_lease");
     let a = c.get("a").await.expect("a");
-    assert_eq!((a.lease, a.value.as_slice()), (mine, &b"2"[..]));
+    assert_eq!((a.lease, &a.value[..]), (mine, &b"2"[..]));
     // A put without a lease detaches.
     assert_eq!(c.put_ok("b", "2", 0).await, 5);
     assert_eq!(c.get("b").await.expect("b").lease, 0);

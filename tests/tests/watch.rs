@@ -1370,7 +1370,7 @@ fn model_events(writes: &[Write], prev_kv: bool) -> Vec<(i64, Vec<String>)> {
                     events.push(Event {
                         r#type: EventType::Delete as i32,
                         kv: Some(KeyValue {
-                            key: key.into(),
+                            key: key.as_bytes().to_vec().into(),
                             mod_revision: rev,
                             ..Default::default()
                         }),
@@ -1383,8 +1383,8 @@ fn model_events(writes: &[Write], prev_kv: bool) -> Vec<(i64, Vec<String>)> {
                 Op::Put(key, value, lease) => {
                     let prev = state.get(key).cloned();
                     let kv = KeyValue {
-                        key: key.clone().into_bytes(),
-                        value: value.clone().into_bytes(),
+                        key: key.clone().into_bytes().into(),
+                        value: value.clone().into_bytes().into(),
                         create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
                         mod_revision: rev,
                         version: prev.as_ref().map_or(1, |p| p.version + 1),

@@ -123,7 +123,7 @@ fn event_rev(ev: &Event) -> i64 {
 }
 
 fn event_key(ev: &Event) -> &[u8] {
-    ev.kv.as_ref().map_or(&[][..], |kv| kv.key.as_slice())
+    ev.kv.as_ref().map_or(&[][..], |kv| &kv.key[..])
 }
 
 fn is_put(ev: &Event) -> bool {
@@ -765,13 +765,13 @@ impl History {
                 in_rev.clear();
                 at.insert(r, out.len());
             }
-            if !in_rev.insert(kv.key.clone()) {
+            if !in_rev.insert(kv.key.to_vec()) {
                 v.add(
                     "history",
                     format!("{} twice in one revision", text(&kv.key)),
                 );
             }
-            let prev = live.get(&kv.key).cloned();
+            let prev = live.get(&kv.key[..]).cloned();
             if ev.prev_kv != prev {
                 v.add(
                     "history prev_kv",
@@ -796,7 +796,7 @@ impl History {
                         format!("{}: want create {create} version {version}", show(&ev)),
                     );
                 }
-                live.insert(kv.key.clone(), kv);
+                live.insert(kv.key.to_vec(), kv);
             } else {
                 if prev.is_none() {
                     v.add("history", format!("{}: deletes a missing key", show(&ev)));
@@ -812,7 +812,7 @@ impl History {
                         format!("{}: a delete carries more than key and revision", show(&ev)),
                     );
                 }
-                live.remove(&kv.key);
+                live.remove(&kv.key[..]);
             }
             ev.prev_kv = prev;
             out.push(ev);
@@ -915,7 +915,7 @@ fn changes(events: &[Event]) -> Vec<Change> {
         .iter()
         .map(|ev| {
             let kv = ev.kv.clone().unwrap_or_default();
-            (is_put(ev), kv.key, kv.value, kv.lease)
+            (is_put(ev), kv.key.to_vec(), kv.value.to_vec(), kv.lease)
         })
         .collect()
 }
@@ -999,9 +999,9 @@ fn check_writes(h: &History, writes: &[Write], first: i64, last: i64) -> Violati
         for ev in events {
             let kv = ev.kv.clone().unwrap_or_default();
             if is_put(ev) {
-                live.insert(kv.key.clone(), kv);
+                live.insert(kv.key.to_vec(), kv);
             } else {
-                live.remove(&kv.key);
+                live.remove(&kv.key[..]);
             }
         }
         // The other writes answered with `r` changed nothing: as of `r` there was nothing for
@@ -1227,8 +1227,8 @@ fn put_ev(key: &str, value: &str, rev: i64, create: i64, version: i64) -> Event 
     Event {
         r#type: EventType::Put as i32,
         kv: Some(KeyValue {
-            key: key.as_bytes().to_vec(),
-            value: value.as_bytes().to_vec(),
+            key: key.as_bytes().to_vec().into(),
+            value: value.as_bytes().to_vec().into(),
             create_revision: create,
             mod_revision: rev,
             version,
@@ -1242,7 +1242,7 @@ fn del_ev(key: &str, rev: i64) -> Event {
     Event {
         r#type: EventType::Delete as i32,
         kv: Some(KeyValue {
-            key: key.as_bytes().to_vec(),
+            key: key.as_bytes().to_vec().into(),
             mod_revision: rev,
             ..Default::default()
         }),
@@ -1768,7 +1768,7 @@ async fn watch_guarantees(members: &mut impl Members, n: usize, kill_leader: boo
         let written: HashSet<&[u8]> = h
             .events
             .iter()
-            .filter_map(|ev| ev.kv.as_ref().map(|kv| kv.value.as_slice()))
+            .filter_map(|ev| ev.kv.as_ref().map(|kv| &kv.value[..]))
             .collect();
         let with_puts: Vec<&&Write> = unknown
             .iter()

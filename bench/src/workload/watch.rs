@@ -605,8 +605,8 @@ mod tests {
                     Event {
                         kind: EventKind::Put,
                         kv: KeyValue {
-                            key: key.to_vec(),
-                            value,
+                            key: key.to_vec().into(),
+                            value: value.into(),
                             mod_revision: *rev,
                             ..Default::default()
                         },

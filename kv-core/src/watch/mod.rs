@@ -438,7 +438,7 @@ impl WatchHub {
         // prefix made a thousand small allocations per write).
         let mut hit: Vec<(u64, usize)> = Vec::new();
         for (i, ev) in events.iter().enumerate() {
-            let key = ev.kv.as_ref().map_or(&[][..], |kv| kv.key.as_slice());
+            let key = ev.kv.as_ref().map_or(&[][..], |kv| &kv.key[..]);
             s.synced.hits(key, |w| hit.push((w, i)));
         }
         hit.sort_unstable();

@@ -224,10 +224,13 @@ fn a_txn_is_one_response_and_filters_and_prev_kv_apply() {
     assert_eq!(first.len(), 2);
     assert_eq!(first[0].events.len(), 3);
     let prev = first[0].events[0].prev_kv.as_ref().unwrap();
-    assert_eq!(prev.value, b"old");
+    assert_eq!(prev.value, &b"old"[..]);
     // A creation has no previous value.
     assert!(first[0].events[1].prev_kv.is_none());
-    assert_eq!(first[1].events[0].prev_kv.as_ref().unwrap().value, b"new");
+    assert_eq!(
+        first[1].events[0].prev_kv.as_ref().unwrap().value,
+        &b"new"[..]
+    );
     let second: Vec<_> = got.iter().filter(|r| r.watch_id == 1).cloned().collect();
     // NOPUT: only the delete, and no empty response for the all-put revision.
     assert_eq!(events(&second), vec![(DELETE, "k2".into(), 4)]);

@@ -348,8 +348,8 @@ mod tests {
         Event {
             r#type: 0,
             kv: Some(KeyValue {
-                key: b"k".to_vec(),
-                value: vec![7; size],
+                key: b"k".to_vec().into(),
+                value: vec![7; size].into(),
                 ..Default::default()
             }),
             prev_kv: None,

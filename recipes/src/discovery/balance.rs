@@ -203,9 +203,10 @@ mod tests {
         Event {
             kind: EventKind::Put,
             kv: KeyValue {
-                key: format!("svc/{id}").into_bytes(),
+                key: format!("svc/{id}").into_bytes().into(),
                 value: format!(r#"{{"endpoint":"{endpoint}","metadata":{{"m":"{metadata}"}}}}"#)
-                    .into_bytes(),
+                    .into_bytes()
+                    .into(),
                 create_revision: 1,
                 mod_revision: rev,
                 version: 1,
@@ -248,7 +249,7 @@ mod tests {
             Event {
                 kind: EventKind::Delete,
                 kv: KeyValue {
-                    key: b"svc/a".to_vec(),
+                    key: b"svc/a".to_vec().into(),
                     mod_revision: 6,
                     ..KeyValue::default()
                 },

@@ -508,8 +508,10 @@ mod tests {
 
     fn kv(id: &str, endpoint: &str, rev: i64) -> KeyValue {
         KeyValue {
-            key: format!("svc/{id}").into_bytes(),
-            value: format!(r#"{{"endpoint":"{endpoint}"}}"#).into_bytes(),
+            key: format!("svc/{id}").into_bytes().into(),
+            value: format!(r#"{{"endpoint":"{endpoint}"}}"#)
+                .into_bytes()
+                .into(),
             create_revision: rev,
             mod_revision: rev,
             version: 1,
@@ -529,7 +531,7 @@ mod tests {
         Event {
             kind: EventKind::Delete,
             kv: KeyValue {
-                key: format!("svc/{id}").into_bytes(),
+                key: format!("svc/{id}").into_bytes().into(),
                 mod_revision: rev,
                 ..KeyValue::default()
             },
@@ -561,7 +563,7 @@ mod tests {
                 put(kv("b", "h:2", 3)),
                 put(kv("a", "h:3", 4)),
                 put(KeyValue {
-                    value: b"garbage".to_vec(),
+                    value: b"garbage".to_vec().into(),
                     ..kv("b", "", 5)
                 }),
                 put(kv("x/nested", "h:9", 6)),

@@ -854,8 +854,8 @@ mod tests {
                 .map(|(key, seq, rev)| Event {
                     r#type: EventType::Put as i32,
                     kv: Some(KeyValue {
-                        key: key.to_vec(),
-                        value: encode(*seq, 0),
+                        key: key.to_vec().into(),
+                        value: encode(*seq, 0).into(),
                         mod_revision: *rev,
                         ..Default::default()
                     }),
