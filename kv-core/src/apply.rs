@@ -409,6 +409,19 @@ pub fn txn_is_read_only(req: &TxnRequest) -> bool {
         })
 }
 
+/// Whether every read in `req` (at any depth) is of one key: a read that costs microseconds
+/// whatever the store holds, so a server may answer it without leaving its async worker.
+pub fn txn_reads_single_keys(req: &TxnRequest) -> bool {
+    req.success
+        .iter()
+        .chain(&req.failure)
+        .all(|op| match &op.request {
+            Some(Request::RequestRange(r)) => r.range_end.is_empty(),
+            Some(Request::RequestTxn(inner)) => txn_reads_single_keys(inner),
+            _ => true,
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use crate::backend::MemoryBackend;
@@ -438,6 +451,42 @@ mod tests {
 
     /// etcd's `compareKV` leaves the result at 0 for a target it does not know, so such a
     /// compare holds for EQUAL (and fails for NOT_EQUAL) whatever the key holds.
+    #[test]
+    fn only_txns_reading_single_keys_at_every_depth_count_as_single_key_reads() {
+        use super::txn_reads_single_keys;
+        let get = |key: &[u8], end: &[u8]| RequestOp {
+            request: Some(Request::RequestRange(RangeRequest {
+                key: key.to_vec(),
+                range_end: end.to_vec(),
+                ..Default::default()
+            })),
+        };
+        let put = RequestOp {
+            request: Some(Request::RequestPut(PutRequest::default())),
+        };
+        let nested = |ops: Vec<RequestOp>| RequestOp {
+            request: Some(Request::RequestTxn(TxnRequest {
+                success: ops,
+                ..Default::default()
+            })),
+        };
+        let txn = |success: Vec<RequestOp>, failure: Vec<RequestOp>| TxnRequest {
+            success,
+            failure,
+            ..Default::default()
+        };
+        assert!(txn_reads_single_keys(&txn(vec![], vec![])));
+        assert!(txn_reads_single_keys(&txn(
+            vec![put.clone(), get(b"a", b"")],
+            vec![nested(vec![get(b"b", b"")])]
+        )));
+        assert!(!txn_reads_single_keys(&txn(vec![get(b"a", b"b")], vec![])));
+        assert!(!txn_reads_single_keys(&txn(
+            vec![],
+            vec![nested(vec![get(b"a", b"\0")])]
+        )));
+    }
+
     #[test]
     fn compare_with_unknown_target_is_equal() {
         use super::compare_kv;

@@ -32,7 +32,7 @@ pub mod validation;
 pub mod watch;
 
 #[cfg(feature = "engine")]
-pub use apply::txn_is_read_only;
+pub use apply::{txn_is_read_only, txn_reads_single_keys};
 #[cfg(feature = "engine")]
 pub use error::{EngineError, Error, KvError};
 #[cfg(feature = "engine")]

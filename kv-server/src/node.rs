@@ -160,6 +160,22 @@ impl Node {
         }
     }
 
+    /// Runs a read of the store: right here when `single_key` (one key costs microseconds,
+    /// and the hop to a blocking thread and back cost two context switches, most of a get's
+    /// CPU), else on the blocking pool, since large ranges and hashes do real work that must
+    /// not stall the async workers.
+    pub async fn read_sized<T: Send + 'static>(
+        &self,
+        single_key: bool,
+        f: impl FnOnce(&Store) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        if single_key {
+            f(&self.store)
+        } else {
+            self.read(f).await
+        }
+    }
+
     /// Runs a read of the store on the blocking pool: large ranges and hashes do real work
     /// that must not stall the async workers.
     pub async fn read<T: Send + 'static>(

@@ -6,7 +6,7 @@ use kv_core::proto::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
     PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse, kv_server::Kv,
 };
-use kv_core::{txn_is_read_only, validation};
+use kv_core::{txn_is_read_only, txn_reads_single_keys, validation};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
 
 use crate::errors::{error_status, kv_status};
@@ -36,9 +36,12 @@ impl Kv for KvService {
         if !req.serializable {
             self.node.linearize().await?;
         }
+        let single = req.range_end.is_empty();
         let mut resp = self
             .node
-            .read(move |store| store.range(&req).map_err(|e| error_status(&e)))
+            .read_sized(single, move |store| {
+                store.range(&req).map_err(|e| error_status(&e))
+            })
             .await?;
         self.node.fill(&mut resp.header);
         Ok(GrpcResponse::new(resp))
@@ -82,7 +85,9 @@ impl Kv for KvService {
             let read = req.clone();
             let answer = self
                 .node
-                .read(move |store| store.txn_as_read(&read).map_err(|e| error_status(&e)))
+                .read_sized(txn_reads_single_keys(&req), move |store| {
+                    store.txn_as_read(&read).map_err(|e| error_status(&e))
+                })
                 .await?;
             let Some(mut resp) = answer else {
                 return Ok(GrpcResponse::new(propose_as!(self.node, Txn, req)?));
@@ -94,7 +99,9 @@ impl Kv for KvService {
         self.node.linearize().await?;
         let mut resp = self
             .node
-            .read(move |store| store.read_txn(&req).map_err(|e| error_status(&e)))
+            .read_sized(txn_reads_single_keys(&req), move |store| {
+                store.read_txn(&req).map_err(|e| error_status(&e))
+            })
             .await?;
         self.node.fill(&mut resp.header);
         Ok(GrpcResponse::new(resp))
