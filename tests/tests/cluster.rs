@@ -541,7 +541,8 @@ async fn returning_partitioned_follower_does_not_depose_the_leader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_compare_is_a_read_without_a_log_entry() {
     use kv_core::proto::etcdserverpb::{
-        Compare, RequestOp, TxnRequest,
+        Compare, MemberListRequest, RequestOp, TxnRequest,
+        cluster_client::ClusterClient,
         compare::{CompareResult, CompareTarget, TargetUnion},
         request_op::Request,
         response_op::Response,
@@ -576,8 +577,27 @@ async fn failed_compare_is_a_read_without_a_log_entry() {
                 })),
             }],
         };
-        // A new cluster still writes entries of its own for a moment (each member publishes
-        // its attributes): wait until the log stands still.
+        // A new cluster still writes entries of its own for a while: each member publishes
+        // its attributes, and one whose first try failed tries again later. Wait until all
+        // three are published, then until the log stands still.
+        let mut members = ClusterClient::new(channel(&leader_ep).await);
+        let published_by = Instant::now() + Duration::from_secs(30);
+        loop {
+            let list = members
+                .member_list(MemberListRequest { linearizable: true })
+                .await
+                .unwrap()
+                .into_inner()
+                .members;
+            if list.len() == 3 && list.iter().all(|m| !m.name.is_empty()) {
+                break;
+            }
+            assert!(
+                Instant::now() < published_by,
+                "members never published their attributes: {list:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let mut last = status
             .status(StatusRequest {})
             .await
@@ -617,7 +637,11 @@ async fn failed_compare_is_a_read_without_a_log_entry() {
                 panic!("the failure branch's read is missing: {lost:?}");
             };
             assert_eq!(read.kvs[0].value, i.to_string().as_bytes(), "round {i}");
-            assert_eq!(after.raft_index, before.raft_index, "round {i}");
+            assert_eq!(
+                after.raft_index, before.raft_index,
+                "round {i}: terms {} -> {}, leader {} -> {}",
+                before.raft_term, after.raft_term, before.leader, after.leader
+            );
         }
         // A compare that holds still writes, through the log.
         let before = status.status(StatusRequest {}).await.unwrap().into_inner();
