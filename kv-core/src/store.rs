@@ -494,7 +494,7 @@ impl Store {
         // Apply runs on one thread, so handing over after the lock is released keeps
         // revisions in order, and a full feed never blocks readers.
         drop(state);
-        let cheap = self.hub.watcher_count() <= INLINE_FEED_WATCHERS;
+        let cheap = || self.hub.watcher_count() <= INLINE_FEED_WATCHERS;
         if let Some(FeedItem::Events(events)) = self.feed.offer(FeedItem::Events(events), cheap) {
             self.notify_inline(&self.read_state(), &events)?;
         }
@@ -843,7 +843,11 @@ impl Store {
         *state = Self::load(self.backend.as_ref())?;
         let revision = state.mvcc.current;
         drop(state);
-        if self.feed.offer(FeedItem::Resync(revision), false).is_some() {
+        if self
+            .feed
+            .offer(FeedItem::Resync(revision), || false)
+            .is_some()
+        {
             self.hub.resync_all(revision);
         }
         Ok(())

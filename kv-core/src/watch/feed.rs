@@ -50,11 +50,12 @@ impl Feed {
     }
 
     /// Queues `item` for the feeder, waiting while the queue is full; gives it back when no
-    /// feeder runs, or when `cheap` and the feeder is idle (the caller then delivers it
-    /// itself, before offering anything else, so order holds).
-    pub fn offer(&self, item: FeedItem, cheap: bool) -> Option<FeedItem> {
+    /// feeder runs, or when the feeder is idle and `cheap()` says delivery costs little (the
+    /// caller then delivers it itself, before offering anything else, so order holds).
+    /// `cheap` is asked only then: it may look at the hub, which a busy feeder holds.
+    pub fn offer(&self, item: FeedItem, cheap: impl FnOnce() -> bool) -> Option<FeedItem> {
         let mut s = self.lock();
-        if !s.threaded || (cheap && s.items.is_empty() && !s.delivering) {
+        if !s.threaded || (s.items.is_empty() && !s.delivering && cheap()) {
             return Some(item);
         }
         while s.items.len() >= FEED_MAX_BATCHES && !s.closed {
@@ -127,33 +128,42 @@ mod tests {
     #[test]
     fn cheap_items_skip_an_idle_feeder_but_never_overtake_queued_ones() {
         let feed = Feed::default();
-        assert!(feed.offer(item(), false).is_some(), "no feeder: given back");
+        assert!(
+            feed.offer(item(), || false).is_some(),
+            "no feeder: given back"
+        );
         assert!(feed.start());
         assert!(
-            feed.offer(item(), true).is_some(),
+            feed.offer(item(), || true).is_some(),
             "idle feeder: given back"
         );
-        assert!(feed.offer(item(), false).is_none(), "not cheap: queued");
+        assert!(feed.offer(item(), || false).is_none(), "not cheap: queued");
         assert!(
-            feed.offer(item(), true).is_none(),
+            feed.offer(item(), || true).is_none(),
             "cheap, but an item is queued: queued behind it"
         );
+        // A busy feeder holds the hub, so whether delivery is cheap is not even asked.
+        assert!(
+            feed.offer(item(), || panic!("asked while the feeder is busy"))
+                .is_none()
+        );
+        assert!(feed.next().is_some());
         assert!(feed.next().is_some());
         assert!(
-            feed.offer(item(), true).is_none(),
+            feed.offer(item(), || true).is_none(),
             "still one queued and one being delivered"
         );
         assert!(feed.next().is_some());
         assert!(feed.next().is_some());
         assert!(
-            feed.offer(item(), true).is_none(),
+            feed.offer(item(), || true).is_none(),
             "the last item taken may still be in delivery"
         );
         feed.close();
         assert!(feed.next().is_some());
         assert!(feed.next().is_none(), "closed and drained");
         assert!(
-            feed.offer(item(), true).is_some(),
+            feed.offer(item(), || true).is_some(),
             "feeder gone: given back"
         );
     }

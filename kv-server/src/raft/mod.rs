@@ -782,7 +782,7 @@ impl<A: Applier> RaftNode<A> {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             if Arc::strong_count(ls.wal()) > 1 {
-                tracing::warn!("raft: log database still referenced after shutdown");
+                tracing::warn!("raft: log still referenced after shutdown");
             }
         }
         Ok(())

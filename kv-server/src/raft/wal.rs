@@ -120,20 +120,13 @@ impl State {
     /// Indexes an entry found or written at `slot`. An index at or below the last one
     /// replaces it and what follows (an overwrite after a conflict); a gap is corruption.
     fn index(&mut self, index: u64, slot: Slot) -> io::Result<()> {
-        if let Some((upto, _)) = &self.purged
-            && index <= *upto
-        {
+        if self.purged.as_ref().is_some_and(|(upto, _)| index <= *upto) {
             return Ok(());
         }
-        match self.last_index() {
-            None => self.first_index = index,
-            Some(last) if index > last + 1 => {
-                return Err(corrupt(format!(
-                    "entry {index} follows entry {last}: the log has a gap"
-                )));
-            }
-            Some(_) => self.truncate(index),
-        }
+        check_follows(self.last_index(), index)?;
+        // An index at or below the last replaces the suffix from there; one past the last
+        // truncates nothing.
+        self.truncate(index);
         if self.slots.is_empty() {
             self.first_index = index;
         }
@@ -141,18 +134,11 @@ impl State {
         Ok(())
     }
 
-    /// Whether entries with these indexes, in this order, may follow the log: each at most
-    /// one past the one before (the first: past the last entry).
+    /// Whether entries with these indexes, in this order, may follow the log.
     fn accepts(&self, indexes: impl Iterator<Item = u64>) -> io::Result<()> {
         let mut last = self.last_index();
         for index in indexes {
-            if let Some(last) = last
-                && index > last + 1
-            {
-                return Err(corrupt(format!(
-                    "entry {index} cannot follow entry {last}: the log would have a gap"
-                )));
-            }
+            check_follows(last, index)?;
             last = Some(index);
         }
         Ok(())
@@ -163,6 +149,16 @@ impl State {
             .last_key_value()
             .map(|(seq, f)| (*seq, f.clone()))
             .ok_or_else(|| corrupt("no segment".into()))
+    }
+}
+
+/// An entry may follow `last` if it is at most one past it (lower replaces a suffix).
+fn check_follows(last: Option<u64>, index: u64) -> io::Result<()> {
+    match last {
+        Some(last) if index > last + 1 => Err(corrupt(format!(
+            "entry {index} cannot follow entry {last}: the log would have a gap"
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -654,12 +650,16 @@ impl Wal {
             }
             picks
         };
+        // Only the caller's bytes are read: they follow the frame, the kind and the index.
+        let skip = FRAME_BYTES + 1 + 8;
         let mut out = Vec::with_capacity(picks.len());
         for (file, slot) in picks {
-            let mut data = vec![0u8; slot.len as usize];
-            file.read_exact_at(&mut data, slot.offset)?;
-            // Skip the frame, the kind and the index: the caller's bytes follow.
-            out.push(data.split_off(FRAME_BYTES + 1 + 8));
+            let len = (slot.len as usize)
+                .checked_sub(skip)
+                .ok_or_else(|| corrupt(format!("entry record of {} bytes", slot.len)))?;
+            let mut body = vec![0u8; len];
+            file.read_exact_at(&mut body, slot.offset + skip as u64)?;
+            out.push(body);
         }
         Ok(out)
     }
