@@ -6,12 +6,14 @@
 //! creates is slowed, not the store. A background task ([`run`]) catches unsynced watchers up
 //! from storage, retries victims and sends periodic progress.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
+use futures::task::AtomicWaker;
 use kv_core::proto::etcdserverpb::{
     ResponseHeader, WatchRequest, WatchResponse, watch_request::RequestUnion,
 };
@@ -35,20 +37,39 @@ const MERGE_MAX_EVENTS: usize = 1000;
 /// ...and at most about this many key and value bytes (clients commonly refuse messages over
 /// 4 MiB).
 const MERGE_MAX_BYTES: usize = 1 << 20;
+/// This many responses drained within one [`LINGER`] mark the stream busy: its next drain waits
+/// up to [`LINGER`] so that each watcher's next few revisions leave as one message. Under a hot
+/// fan-out this turns a thousand one-event messages per write into fewer, fuller ones (the
+/// client's cost is per message, and so is much of ours); an idle stream never waits.
+const BUSY_DRAIN: usize = 256;
+/// The longest a busy stream waits before its next drain (etcd's catch-up of slow watchers
+/// batches every 100 ms; this stays far below that).
+const LINGER: Duration = Duration::from_millis(5);
+/// A lingering stream drains at once when its queue is this full, so waiting never pushes
+/// its watchers onto the victim path (what made an unbounded linger slower, not faster).
+const LINGER_MAX_QUEUED: usize = STREAM_QUEUE / 2;
 /// How often the background task works while watchers are behind.
 const BACKLOG_TICK: Duration = Duration::from_millis(10);
 /// How often it looks for work when nobody woke it.
 const IDLE_TICK: Duration = Duration::from_millis(50);
 
-struct QueueSink(mpsc::Sender<Outgoing>);
+struct QueueSink {
+    queue: mpsc::Sender<Outgoing>,
+    /// Wakes a lingering [`Responses`] once the queue passes [`LINGER_MAX_QUEUED`].
+    filling: Arc<AtomicWaker>,
+}
 
 impl WatchSink for QueueSink {
     fn try_send(&self, out: Outgoing) -> Result<(), Outgoing> {
-        self.0.try_send(out).map_err(|e| e.into_inner())
+        self.queue.try_send(out).map_err(|e| e.into_inner())?;
+        if self.queue.capacity() < STREAM_QUEUE - LINGER_MAX_QUEUED {
+            self.filling.wake();
+        }
+        Ok(())
     }
 
     fn has_room(&self) -> bool {
-        self.0.capacity() > 0
+        self.queue.capacity() > 0
     }
 }
 
@@ -83,7 +104,31 @@ struct Responses {
     queue: mpsc::Receiver<Outgoing>,
     node: Arc<Node>,
     ready: std::collections::VecDeque<WatchResponse>,
+    /// Set after a busy drain: the next drain waits for it or for the queue to fill.
+    linger: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Responses drained since `window_start`, to tell a busy stream from a quiet one.
+    window_start: tokio::time::Instant,
+    window_drained: usize,
+    filling: Arc<AtomicWaker>,
     _guard: StreamGuard,
+}
+
+impl Responses {
+    /// Whether a busy stream should wait longer before its next drain.
+    fn lingering(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(deadline) = self.linger.as_mut() else {
+            return false;
+        };
+        if self.queue.len() < LINGER_MAX_QUEUED {
+            self.filling.register(cx.waker());
+            // Looked at again after registering, so a send in between is not missed.
+            if self.queue.len() < LINGER_MAX_QUEUED && deadline.as_mut().poll(cx).is_pending() {
+                return true;
+            }
+        }
+        self.linger = None;
+        false
+    }
 }
 
 impl Stream for Responses {
@@ -92,6 +137,9 @@ impl Stream for Responses {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if let Some(r) = self.ready.pop_front() {
             return Poll::Ready(Some(Ok(r)));
+        }
+        if self.lingering(cx) {
+            return Poll::Pending;
         }
         let first = match self.queue.poll_recv(cx) {
             Poll::Ready(Some(out)) => out,
@@ -106,6 +154,17 @@ impl Stream for Responses {
                 Ok(out) => batch.push(out),
                 Err(_) => break,
             }
+        }
+        let now = tokio::time::Instant::now();
+        if now.duration_since(self.window_start) > LINGER {
+            self.window_start = now;
+            self.window_drained = 0;
+        }
+        self.window_drained += batch.len();
+        if self.window_drained >= BUSY_DRAIN {
+            self.window_start = now;
+            self.window_drained = 0;
+            self.linger = Some(Box::pin(tokio::time::sleep(LINGER)));
         }
         let limit = self.node.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
         // One look at Raft's term for the whole batch.
@@ -136,20 +195,17 @@ fn event_bytes(response: &WatchResponse) -> usize {
 }
 
 /// Merges consecutive event responses of the same watcher (later events appended to its
-/// earlier response, which moves them ahead of other watchers' responses only). Anything else
-/// (created, canceled, compacted, progress, fragmenting watchers) is passed through as a
-/// barrier: nothing of that watcher, or of any watcher for a stream-wide progress, is merged
-/// across it.
+/// earlier response, which moves them ahead of other watchers' responses only). Responses of
+/// watchers that asked for fragments merge too (kv-client and etcd's Go client always ask):
+/// the merged response is cut into fragments afterwards if it outgrows the limit. Anything
+/// else (created, canceled, compacted, progress) is passed through as a barrier: nothing of
+/// that watcher, or of any watcher for a stream-wide progress, is merged across it.
 fn merge(batch: Vec<Outgoing>) -> Vec<Outgoing> {
     let mut out: Vec<(Outgoing, usize)> = Vec::with_capacity(batch.len());
     let mut open: std::collections::HashMap<i64, usize> = Default::default();
     for o in batch {
         let r = &o.response;
-        let plain = !r.events.is_empty()
-            && !r.created
-            && !r.canceled
-            && r.compact_revision == 0
-            && !o.fragment;
+        let plain = !r.events.is_empty() && !r.created && !r.canceled && r.compact_revision == 0;
         if !plain {
             if r.watch_id == INVALID_WATCH_ID {
                 open.clear();
@@ -216,12 +272,20 @@ impl kv_core::proto::etcdserverpb::watch_server::Watch for WatchService {
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-        let hub_sink = Arc::new(QueueSink(tx.clone()));
+        let filling = Arc::new(AtomicWaker::new());
+        let hub_sink = Arc::new(QueueSink {
+            queue: tx.clone(),
+            filling: filling.clone(),
+        });
         let stream = self.node.store.watch_hub().open_stream(hub_sink);
         let responses = Responses {
             queue: rx,
             node: self.node.clone(),
             ready: Default::default(),
+            linger: None,
+            window_start: tokio::time::Instant::now(),
+            window_drained: 0,
+            filling,
             _guard: StreamGuard {
                 node: self.node.clone(),
                 stream,
@@ -420,6 +484,33 @@ mod tests {
             .map(|r| out(7, r, MERGE_MAX_EVENTS / 2 - 1))
             .collect();
         assert_eq!(merge(big).len(), 2);
+    }
+
+    #[test]
+    fn merge_joins_responses_of_watchers_that_asked_for_fragments() {
+        // kv-client asks every watch for fragments; their responses used to pass unmerged, so
+        // a hot fan-out sent one message per event however far the stream fell behind.
+        let fragmenting = |watch_id, revision| Outgoing {
+            fragment: true,
+            ..out(watch_id, revision, 1)
+        };
+        let batch = vec![
+            fragmenting(1, 3),
+            fragmenting(2, 3),
+            fragmenting(1, 4),
+            fragmenting(2, 4),
+        ];
+        let merged = merge(batch);
+        assert_eq!(merged.len(), 2);
+        assert!(
+            merged
+                .iter()
+                .all(|o| o.fragment && o.response.events.len() == 2)
+        );
+        assert_eq!(
+            merged[0].response.header.as_ref().map(|h| h.revision),
+            Some(4)
+        );
     }
 
     #[test]
