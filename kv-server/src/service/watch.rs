@@ -29,7 +29,7 @@ use crate::service::pending::BoxStream;
 
 /// Responses queued per stream before its watchers become victims (etcd queues 128; a deeper
 /// queue lets one stream carry a thousand watchers of one hot prefix without falling behind).
-pub const STREAM_QUEUE: usize = 4096;
+pub const STREAM_QUEUE: usize = 16384;
 /// Queued responses looked at together when the client reads slower than they are produced.
 const MERGE_SCAN: usize = STREAM_QUEUE;
 /// A merged response holds at most this many events...
@@ -44,7 +44,7 @@ const MERGE_MAX_BYTES: usize = 1 << 20;
 const BUSY_DRAIN: usize = 256;
 /// The longest a busy stream waits before its next drain (etcd's catch-up of slow watchers
 /// batches every 100 ms; this stays far below that).
-const LINGER: Duration = Duration::from_millis(5);
+const LINGER: Duration = Duration::from_millis(10);
 /// A lingering stream drains at once when its queue is this full, so waiting never pushes
 /// its watchers onto the victim path (what made an unbounded linger slower, not faster).
 const LINGER_MAX_QUEUED: usize = STREAM_QUEUE / 2;
