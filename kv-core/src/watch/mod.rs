@@ -3,7 +3,8 @@
 //!
 //! Watchers are in one of three groups, as in etcd:
 //! * **synced**: caught up with the store; apply hands each new revision's events to the
-//!   watchers whose span they hit ([`SpanIndex`]), one response per watcher and revision.
+//!   watchers whose span they hit ([`SpanIndex`]): one [`Fanout`] per stream and revision,
+//!   sharing the events, which the stream expands into responses when it sends.
 //! * **victim**: synced, but its stream's queue was full; its responses wait in a bounded
 //!   buffer of its own and are retried. A victim whose buffer overflows becomes unsynced.
 //! * **unsynced**: behind the store (it started at an old revision, or was a victim too long);
@@ -13,6 +14,7 @@
 //! Apply never waits for a watcher: queues are bounded and only `try_send` is used, so a slow
 //! consumer costs its own stream, never the writers or other streams.
 
+mod fanout;
 pub(crate) mod feed;
 mod span_index;
 
@@ -24,6 +26,7 @@ use crate::proto::etcdserverpb::{
 };
 use crate::proto::mvccpb::{Event, KeyValue, event::EventType};
 
+pub use fanout::{Fanout, FanoutWatcher};
 pub use feed::FEED_MAX_BATCHES;
 pub use span_index::{Span, SpanIndex};
 
@@ -64,6 +67,10 @@ pub struct Outgoing {
 pub trait WatchSink: Send + Sync {
     /// Queues `out` without waiting; hands it back when the queue is full or gone.
     fn try_send(&self, out: Outgoing) -> Result<(), Outgoing>;
+    /// Queues one revision's events for several of the stream's watchers, without waiting;
+    /// hands it back when the queue is full or gone. It is taken whenever the queue has any
+    /// room, so one hot revision is never refused for its size alone.
+    fn try_send_fanout(&self, fanout: Fanout) -> Result<(), Fanout>;
     /// Whether the queue has room now (catch-up skips streams that cannot take anything, so
     /// a stalled client never holds back anyone else's catch-up).
     fn has_room(&self) -> bool;
@@ -432,16 +439,25 @@ impl WatchHub {
         if s.watchers.is_empty() || events.is_empty() {
             return;
         }
-        let mut prevs: Vec<Option<Option<KeyValue>>> = vec![None; events.len()];
         // (watcher, event) pairs, grouped by watcher with its events in order: one vector
-        // for the whole revision rather than one per watcher hit (a thousand watchers of one
-        // prefix made a thousand small allocations per write).
+        // for the whole revision rather than one per watcher hit.
         let mut hit: Vec<(u64, usize)> = Vec::new();
         for (i, ev) in events.iter().enumerate() {
             let key = ev.kv.as_ref().map_or(&[][..], |kv| &kv.key[..]);
             s.synced.hits(key, |w| hit.push((w, i)));
         }
+        if hit.is_empty() {
+            return;
+        }
         hit.sort_unstable();
+        // The events are shared by every watcher of every stream; those with a previous value
+        // attached are made once per event, however many `prev_kv` watchers want it.
+        let shared: Arc<[Event]> = events.into();
+        let mut with_prev: Vec<Event> = Vec::new();
+        let mut prev_at: Vec<Option<u32>> = vec![None; events.len()];
+        // One fan-out per stream hit, with the hub keys of its watchers.
+        let mut fanouts: Vec<(StreamId, Fanout, Vec<u64>)> = Vec::new();
+        let mut behind: Vec<(u64, WatchResponse)> = Vec::new();
         for group in hit.chunk_by(|a, b| a.0 == b.0) {
             let key = group[0].0;
             let Some(w) = s.watchers.get(&key) else {
@@ -450,33 +466,79 @@ impl WatchHub {
             if w.next_rev > revision {
                 continue;
             }
-            let evs: Vec<Event> = group
-                .iter()
-                .map(|&(_, i)| i)
-                .filter(|i| w.keeps(&events[*i]))
-                .map(|i| {
+            let mut picks: Vec<u32> = Vec::with_capacity(group.len());
+            for &(_, i) in group {
+                if !w.keeps(&events[i]) {
+                    continue;
+                }
+                if !w.prev_kv {
+                    picks.push(i as u32);
+                    continue;
+                }
+                let at = *prev_at[i].get_or_insert_with(|| {
                     let mut ev = events[i].clone();
-                    if w.prev_kv
-                        && !is_create(&ev)
+                    if !is_create(&ev)
                         && let Some(kv) = &ev.kv
                     {
-                        // Looked up once per event, however many watchers want it.
-                        ev.prev_kv = prevs[i]
-                            .get_or_insert_with(|| prev(&kv.key, kv.mod_revision - 1))
-                            .clone();
+                        ev.prev_kv = prev(&kv.key, kv.mod_revision - 1);
                     }
-                    ev
-                })
-                .collect();
-            if evs.is_empty() {
+                    with_prev.push(ev);
+                    (with_prev.len() - 1) as u32
+                });
+                picks.push(at);
+            }
+            if picks.is_empty() {
                 continue;
             }
-            let response = WatchResponse {
-                header: header(revision),
-                watch_id: w.id,
-                events: evs,
-                ..Default::default()
+            if w.group != Group::Synced {
+                // A victim's events join its held responses, behind what it already holds.
+                let list = if w.prev_kv { &with_prev[..] } else { events };
+                let response = WatchResponse {
+                    header: header(revision),
+                    watch_id: w.id,
+                    events: picks.iter().map(|&i| list[i as usize].clone()).collect(),
+                    ..Default::default()
+                };
+                behind.push((key, response));
+                continue;
+            }
+            // Watchers of one stream are mostly created together, so mostly adjacent here.
+            let slot = match fanouts.iter().rposition(|(st, _, _)| *st == w.stream) {
+                Some(slot) => slot,
+                None => {
+                    fanouts.push((
+                        w.stream,
+                        Fanout::new(revision, shared.clone(), Arc::from(Vec::new())),
+                        Vec::new(),
+                    ));
+                    fanouts.len() - 1
+                }
             };
+            let (_, fanout, members) = &mut fanouts[slot];
+            fanout.push(w.id, w.fragment, w.prev_kv, picks);
+            members.push(key);
+        }
+        let with_prev: Arc<[Event]> = with_prev.into();
+        for (stream, mut fanout, members) in fanouts {
+            fanout.with_prev = with_prev.clone();
+            match s.send_fanout(stream, fanout) {
+                Ok(()) => {
+                    for key in members {
+                        if let Some(w) = s.watchers.get_mut(&key) {
+                            w.next_rev = revision + 1;
+                            w.quiet = false;
+                        }
+                    }
+                }
+                Err(fanout) => {
+                    // The queue is full: each watcher tries alone, then holds its events.
+                    for (fw, key) in fanout.watchers.iter().zip(members) {
+                        s.deliver_live(key, revision, fanout.response(fw));
+                    }
+                }
+            }
+        }
+        for (key, response) in behind {
             s.deliver_live(key, revision, response);
         }
     }
@@ -668,6 +730,15 @@ impl HubState {
         st.sink
             .try_send(Outgoing { response, fragment })
             .map_err(|out| out.response)
+    }
+
+    /// Queues one revision for several synced watchers of `stream`; hands it back if the
+    /// queue is full (or the stream gone).
+    fn send_fanout(&mut self, stream: StreamId, fanout: Fanout) -> Result<(), Fanout> {
+        match self.streams.get(&stream) {
+            Some(st) => st.sink.try_send_fanout(fanout),
+            None => Err(fanout),
+        }
     }
 
     fn deliver_live(&mut self, key: u64, revision: i64, response: WatchResponse) {

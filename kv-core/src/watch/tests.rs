@@ -29,6 +29,19 @@ impl WatchSink for Queue {
         Ok(())
     }
 
+    fn try_send_fanout(&self, fanout: Fanout) -> Result<(), Fanout> {
+        // As the server's queue: taken whole whenever there is any room.
+        let mut q = self.queued.lock().unwrap();
+        if q.len() >= self.capacity {
+            return Err(fanout);
+        }
+        q.extend(fanout.watchers.iter().map(|w| Outgoing {
+            response: fanout.response(w),
+            fragment: w.fragment,
+        }));
+        Ok(())
+    }
+
     fn has_room(&self) -> bool {
         self.queued.lock().unwrap().len() < self.capacity
     }

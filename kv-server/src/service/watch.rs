@@ -1,14 +1,18 @@
 //! `etcdserverpb.Watch`: many watchers multiplexed over one bidirectional stream.
 //!
-//! Each stream has one bounded queue of responses. The engine's watch hub fills it without
-//! ever waiting (a full queue makes the stream's watchers victims, then unsynced); the stream's
-//! own requests (create, cancel, progress) wait for room instead, so a client that floods
-//! creates is slowed, not the store. A background task ([`run`]) catches unsynced watchers up
-//! from storage, retries victims and sends periodic progress.
+//! Each stream has one queue, bounded by the responses it stands for: single responses, and
+//! fan-out items (one revision for many of the stream's watchers) expanded only when drained.
+//! The engine's watch hub fills it without ever waiting (a full queue makes the stream's
+//! watchers victims, then unsynced); the stream's own requests (create, cancel, progress) wait
+//! for room instead, so a client that floods creates is slowed, not the store. A background
+//! task ([`run`]) catches unsynced watchers up from storage, retries victims and sends
+//! periodic progress.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,7 +21,8 @@ use futures::task::AtomicWaker;
 use kv_core::proto::etcdserverpb::{
     ResponseHeader, WatchRequest, WatchResponse, watch_request::RequestUnion,
 };
-use kv_core::watch::{INVALID_WATCH_ID, Outgoing, StreamId, WatchSink, WatchSpec};
+use kv_core::proto::mvccpb::Event;
+use kv_core::watch::{Fanout, INVALID_WATCH_ID, Outgoing, StreamId, WatchSink, WatchSpec};
 use prost::Message;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -27,8 +32,9 @@ use crate::config::GRPC_OVERHEAD_BYTES;
 use crate::node::Node;
 use crate::service::pending::BoxStream;
 
-/// Responses queued per stream before its watchers become victims (etcd queues 128; a deeper
-/// queue lets one stream carry a thousand watchers of one hot prefix without falling behind).
+/// Responses queued per stream before its watchers become victims, a fan-out item counting one
+/// per watcher (etcd queues 128; a deeper queue lets one stream carry a thousand watchers of
+/// one hot prefix without falling behind, and a fan-out item costs a few bytes per watcher).
 pub const STREAM_QUEUE: usize = 16384;
 /// Queued responses looked at together when the client reads slower than they are produced.
 const MERGE_SCAN: usize = STREAM_QUEUE;
@@ -53,23 +59,97 @@ const BACKLOG_TICK: Duration = Duration::from_millis(10);
 /// How often it looks for work when nobody woke it.
 const IDLE_TICK: Duration = Duration::from_millis(50);
 
-struct QueueSink {
-    queue: mpsc::Sender<Outgoing>,
-    /// Wakes a lingering [`Responses`] once the queue passes [`LINGER_MAX_QUEUED`].
-    filling: Arc<AtomicWaker>,
+/// What a stream's queue carries.
+enum Item {
+    /// A response for one watcher.
+    One(Outgoing),
+    /// One revision for several watchers, expanded when drained.
+    Fanout(Fanout),
 }
 
-impl WatchSink for QueueSink {
-    fn try_send(&self, out: Outgoing) -> Result<(), Outgoing> {
-        self.queue.try_send(out).map_err(|e| e.into_inner())?;
-        if self.queue.capacity() < STREAM_QUEUE - LINGER_MAX_QUEUED {
+impl Item {
+    /// Responses it stands for.
+    fn weight(&self) -> usize {
+        match self {
+            Item::One(_) => 1,
+            Item::Fanout(f) => f.weight(),
+        }
+    }
+}
+
+/// A stream's outgoing queue, bounded by the responses it stands for (a fan-out item for a
+/// thousand watchers weighs a thousand) rather than by items.
+struct StreamQueue {
+    tx: mpsc::UnboundedSender<Item>,
+    /// Responses queued and not yet drained.
+    queued: AtomicUsize,
+    /// Wakes a lingering [`Responses`] once the queue passes [`LINGER_MAX_QUEUED`].
+    filling: AtomicWaker,
+    /// Wakes the request reader waiting for room.
+    room: Notify,
+}
+
+impl StreamQueue {
+    /// Queues `item`. A receiver that went away in the meantime drops it: nobody would read
+    /// it (the stream is closing).
+    fn push(&self, item: Item) {
+        let weight = item.weight();
+        let before = self.queued.fetch_add(weight, Ordering::AcqRel);
+        if self.tx.send(item).is_err() {
+            self.queued.fetch_sub(weight, Ordering::AcqRel);
+            return;
+        }
+        if before + weight >= LINGER_MAX_QUEUED {
             self.filling.wake();
         }
+    }
+
+    /// Whether a response can be queued now.
+    fn open_with_room(&self) -> bool {
+        self.has_room() && !self.tx.is_closed()
+    }
+
+    /// Counts `weight` responses drained, waking a request reader if room appeared.
+    fn drained(&self, weight: usize) {
+        let before = self.queued.fetch_sub(weight, Ordering::AcqRel);
+        if before >= STREAM_QUEUE && before - weight < STREAM_QUEUE {
+            self.room.notify_waiters();
+        }
+    }
+
+    /// Waits until the queue has room (the stream's own requests wait; the hub never does).
+    async fn room(&self) {
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.has_room() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl WatchSink for StreamQueue {
+    fn try_send(&self, out: Outgoing) -> Result<(), Outgoing> {
+        if !self.open_with_room() {
+            return Err(out);
+        }
+        self.push(Item::One(out));
+        Ok(())
+    }
+
+    fn try_send_fanout(&self, fanout: Fanout) -> Result<(), Fanout> {
+        if !self.open_with_room() {
+            return Err(fanout);
+        }
+        self.push(Item::Fanout(fanout));
         Ok(())
     }
 
     fn has_room(&self) -> bool {
-        self.queue.capacity() > 0
+        self.queued.load(Ordering::Acquire) < STREAM_QUEUE
     }
 }
 
@@ -101,7 +181,8 @@ impl Drop for StreamGuard {
 /// The response stream: queued responses, headers filled, split when a watcher asked for
 /// fragments.
 struct Responses {
-    queue: mpsc::Receiver<Outgoing>,
+    rx: mpsc::UnboundedReceiver<Item>,
+    queue: Arc<StreamQueue>,
     node: Arc<Node>,
     ready: std::collections::VecDeque<WatchResponse>,
     /// Set after a busy drain: the next drain waits for it or for the queue to fill.
@@ -109,7 +190,6 @@ struct Responses {
     /// Responses drained since `window_start`, to tell a busy stream from a quiet one.
     window_start: tokio::time::Instant,
     window_drained: usize,
-    filling: Arc<AtomicWaker>,
     _guard: StreamGuard,
 }
 
@@ -119,10 +199,11 @@ impl Responses {
         let Some(deadline) = self.linger.as_mut() else {
             return false;
         };
-        if self.queue.len() < LINGER_MAX_QUEUED {
-            self.filling.register(cx.waker());
+        let queued = |q: &StreamQueue| q.queued.load(Ordering::Acquire);
+        if queued(&self.queue) < LINGER_MAX_QUEUED {
+            self.queue.filling.register(cx.waker());
             // Looked at again after registering, so a send in between is not missed.
-            if self.queue.len() < LINGER_MAX_QUEUED && deadline.as_mut().poll(cx).is_pending() {
+            if queued(&self.queue) < LINGER_MAX_QUEUED && deadline.as_mut().poll(cx).is_pending() {
                 return true;
             }
         }
@@ -141,26 +222,31 @@ impl Stream for Responses {
         if self.lingering(cx) {
             return Poll::Pending;
         }
-        let first = match self.queue.poll_recv(cx) {
-            Poll::Ready(Some(out)) => out,
+        let first = match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(item)) => item,
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => return Poll::Pending,
         };
         // Whatever else is already queued goes out with it, merged per watcher: under load
         // fewer, larger messages; when idle, no wait at all.
+        let mut weight = first.weight();
         let mut batch = vec![first];
-        while batch.len() < MERGE_SCAN {
-            match self.queue.try_recv() {
-                Ok(out) => batch.push(out),
+        while weight < MERGE_SCAN {
+            match self.rx.try_recv() {
+                Ok(item) => {
+                    weight += item.weight();
+                    batch.push(item);
+                }
                 Err(_) => break,
             }
         }
+        self.queue.drained(weight);
         let now = tokio::time::Instant::now();
         if now.duration_since(self.window_start) > LINGER {
             self.window_start = now;
             self.window_drained = 0;
         }
-        self.window_drained += batch.len();
+        self.window_drained += weight;
         if self.window_drained >= BUSY_DRAIN {
             self.window_start = now;
             self.window_drained = 0;
@@ -185,50 +271,85 @@ impl Stream for Responses {
     }
 }
 
-fn event_bytes(response: &WatchResponse) -> usize {
-    response
-        .events
-        .iter()
+/// Sums the key and value bytes of `events`.
+fn event_bytes<'a>(events: impl IntoIterator<Item = &'a Event>) -> usize {
+    events
+        .into_iter()
         .flat_map(|e| e.kv.iter().chain(e.prev_kv.iter()))
         .map(|kv| kv.key.len() + kv.value.len())
         .sum()
 }
 
-/// Merges consecutive event responses of the same watcher (later events appended to its
-/// earlier response, which moves them ahead of other watchers' responses only). Responses of
-/// watchers that asked for fragments merge too (kv-client and etcd's Go client always ask):
-/// the merged response is cut into fragments afterwards if it outgrows the limit. Anything
-/// else (created, canceled, compacted, progress) is passed through as a barrier: nothing of
-/// that watcher, or of any watcher for a stream-wide progress, is merged across it.
-fn merge(batch: Vec<Outgoing>) -> Vec<Outgoing> {
+/// Builds the drained items' responses, merging each watcher's event responses (later events
+/// appended to its earlier response, which moves them ahead of other watchers' responses
+/// only). A fan-out item becomes one response per watcher here, or joins the watcher's open
+/// one. Responses of watchers that asked for fragments merge too (kv-client and etcd's Go
+/// client always ask): the merged response is cut into fragments afterwards if it outgrows
+/// the limit. Anything else (created, canceled, compacted, progress) is passed through as a
+/// barrier: nothing of that watcher, or of any watcher for a stream-wide progress, is merged
+/// across it.
+fn merge(batch: Vec<Item>) -> Vec<Outgoing> {
     let mut out: Vec<(Outgoing, usize)> = Vec::with_capacity(batch.len());
-    let mut open: std::collections::HashMap<i64, usize> = Default::default();
-    for o in batch {
-        let r = &o.response;
-        let plain = !r.events.is_empty() && !r.created && !r.canceled && r.compact_revision == 0;
-        if !plain {
-            if r.watch_id == INVALID_WATCH_ID {
-                open.clear();
-            } else {
-                open.remove(&r.watch_id);
+    let mut open: HashMap<i64, usize> = HashMap::default();
+    for item in batch {
+        match item {
+            Item::One(o) => {
+                let r = &o.response;
+                let plain =
+                    !r.events.is_empty() && !r.created && !r.canceled && r.compact_revision == 0;
+                if !plain {
+                    if r.watch_id == INVALID_WATCH_ID {
+                        open.clear();
+                    } else {
+                        open.remove(&r.watch_id);
+                    }
+                    out.push((o, 0));
+                    continue;
+                }
+                let bytes = event_bytes(&r.events);
+                if let Some(&i) = open.get(&r.watch_id) {
+                    let (target, size) = &mut out[i];
+                    if target.response.events.len() + r.events.len() <= MERGE_MAX_EVENTS
+                        && *size + bytes <= MERGE_MAX_BYTES
+                    {
+                        *size += bytes;
+                        target.response.header = o.response.header;
+                        target.response.events.extend(o.response.events);
+                        continue;
+                    }
+                }
+                open.insert(r.watch_id, out.len());
+                out.push((o, bytes));
             }
-            out.push((o, 0));
-            continue;
-        }
-        let bytes = event_bytes(r);
-        if let Some(&i) = open.get(&r.watch_id) {
-            let (target, size) = &mut out[i];
-            if target.response.events.len() + r.events.len() <= MERGE_MAX_EVENTS
-                && *size + bytes <= MERGE_MAX_BYTES
-            {
-                *size += bytes;
-                target.response.header = o.response.header;
-                target.response.events.extend(o.response.events);
-                continue;
+            Item::Fanout(f) => {
+                for w in &f.watchers {
+                    let bytes = event_bytes(f.events_of(w));
+                    if let Some(&i) = open.get(&w.watch_id) {
+                        let (target, size) = &mut out[i];
+                        let count = f.events_of(w).count();
+                        if target.response.events.len() + count <= MERGE_MAX_EVENTS
+                            && *size + bytes <= MERGE_MAX_BYTES
+                        {
+                            *size += bytes;
+                            if let Some(h) = target.response.header.as_mut() {
+                                h.revision = f.revision;
+                            }
+                            target.response.events.extend(f.events_of(w).cloned());
+                            continue;
+                        }
+                    }
+                    open.insert(w.watch_id, out.len());
+                    let response = f.response(w);
+                    out.push((
+                        Outgoing {
+                            response,
+                            fragment: w.fragment,
+                        },
+                        bytes,
+                    ));
+                }
             }
         }
-        open.insert(r.watch_id, out.len());
-        out.push((o, bytes));
     }
     out.into_iter().map(|(o, _)| o).collect()
 }
@@ -271,21 +392,22 @@ impl kv_core::proto::etcdserverpb::watch_server::Watch for WatchService {
         &self,
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-        let filling = Arc::new(AtomicWaker::new());
-        let hub_sink = Arc::new(QueueSink {
-            queue: tx.clone(),
-            filling: filling.clone(),
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queue = Arc::new(StreamQueue {
+            tx,
+            queued: AtomicUsize::new(0),
+            filling: AtomicWaker::new(),
+            room: Notify::new(),
         });
-        let stream = self.node.store.watch_hub().open_stream(hub_sink);
+        let stream = self.node.store.watch_hub().open_stream(queue.clone());
         let responses = Responses {
-            queue: rx,
+            rx,
+            queue: queue.clone(),
             node: self.node.clone(),
             ready: Default::default(),
             linger: None,
             window_start: tokio::time::Instant::now(),
             window_drained: 0,
-            filling,
             _guard: StreamGuard {
                 node: self.node.clone(),
                 stream,
@@ -296,7 +418,7 @@ impl kv_core::proto::etcdserverpb::watch_server::Watch for WatchService {
             self.wake.clone(),
             stream,
             request.into_inner(),
-            tx,
+            queue,
         ));
         Ok(Response::new(Box::pin(responses)))
     }
@@ -309,53 +431,56 @@ async fn serve_requests(
     wake: Arc<Notify>,
     stream: StreamId,
     mut inbound: Streaming<WatchRequest>,
-    tx: mpsc::Sender<Outgoing>,
+    queue: Arc<StreamQueue>,
 ) {
     let hub = node.store.watch_hub();
     while let Ok(Some(req)) = inbound.message().await {
         let Some(request) = req.request_union else {
             continue;
         };
-        // Wait for room first, so the announcement never blocks the hub.
-        let Ok(permit) = tx.reserve().await else {
+        // Wait for room first, so a client flooding requests is slowed, not the hub.
+        queue.room().await;
+        if queue.tx.is_closed() {
             return;
-        };
-        let queue = |response| Outgoing {
-            response,
-            fragment: false,
+        }
+        let send = |response| {
+            queue.push(Item::One(Outgoing {
+                response,
+                fragment: false,
+            }))
         };
         match request {
             RequestUnion::CreateRequest(create) => match WatchSpec::from_request(&create) {
                 Ok(spec) => {
                     let past = spec.start_revision != 0 && spec.start_revision <= hub.revision();
-                    hub.create(stream, spec, |created| permit.send(queue(created)));
+                    hub.create(stream, spec, send);
                     if past {
                         wake.notify_one();
                     }
                 }
-                Err(reason) => permit.send(queue(WatchResponse {
+                Err(reason) => send(WatchResponse {
                     header: node.header(hub.revision()),
                     watch_id: INVALID_WATCH_ID,
                     created: true,
                     canceled: true,
                     cancel_reason: reason.to_string(),
                     ..Default::default()
-                })),
+                }),
             },
             RequestUnion::CancelRequest(cancel) => {
                 // An unknown id gets no answer, as in etcd.
                 if hub.cancel(stream, cancel.watch_id) {
-                    permit.send(queue(WatchResponse {
+                    send(WatchResponse {
                         header: node.header(hub.revision()),
                         watch_id: cancel.watch_id,
                         canceled: true,
                         ..Default::default()
-                    }));
+                    });
                 }
             }
             RequestUnion::ProgressRequest(_) => {
                 hub.request_progress(stream, |progress| {
-                    permit.send(queue(progress));
+                    send(progress);
                     true
                 });
                 wake.notify_one();
@@ -420,6 +545,25 @@ mod tests {
         }
     }
 
+    fn one(batch: Vec<Outgoing>) -> Vec<Item> {
+        batch.into_iter().map(Item::One).collect()
+    }
+
+    /// (watch id, header revision, events) of each response.
+    fn shape(merged: &[Outgoing]) -> Vec<(i64, i64, usize)> {
+        merged
+            .iter()
+            .map(|o| {
+                let r = &o.response;
+                (
+                    r.watch_id,
+                    r.header.as_ref().map_or(0, |h| h.revision),
+                    r.events.len(),
+                )
+            })
+            .collect()
+    }
+
     fn out(watch_id: i64, revision: i64, events: usize) -> Outgoing {
         Outgoing {
             response: WatchResponse {
@@ -456,20 +600,8 @@ mod tests {
             progress,
             out(1, 6, 1),
         ];
-        let merged = merge(batch);
-        let shape: Vec<(i64, i64, usize)> = merged
-            .iter()
-            .map(|o| {
-                let r = &o.response;
-                (
-                    r.watch_id,
-                    r.header.as_ref().map_or(0, |h| h.revision),
-                    r.events.len(),
-                )
-            })
-            .collect();
         assert_eq!(
-            shape,
+            shape(&merge(one(batch))),
             vec![
                 (1, 5, 5),
                 (2, 3, 2),
@@ -483,7 +615,7 @@ mod tests {
         let big: Vec<Outgoing> = (0..3)
             .map(|r| out(7, r, MERGE_MAX_EVENTS / 2 - 1))
             .collect();
-        assert_eq!(merge(big).len(), 2);
+        assert_eq!(merge(one(big)).len(), 2);
     }
 
     #[test]
@@ -500,7 +632,7 @@ mod tests {
             fragmenting(1, 4),
             fragmenting(2, 4),
         ];
-        let merged = merge(batch);
+        let merged = merge(one(batch));
         assert_eq!(merged.len(), 2);
         assert!(
             merged
@@ -511,6 +643,44 @@ mod tests {
             merged[0].response.header.as_ref().map(|h| h.revision),
             Some(4)
         );
+    }
+
+    #[test]
+    fn fanouts_expand_per_watcher_and_merge_with_its_other_responses() {
+        let events: Arc<[Event]> = vec![event(10), event(20)].into();
+        let fanout = |revision, watchers: &[(i64, &[u32])]| {
+            let mut f = Fanout::new(revision, events.clone(), Arc::from(Vec::new()));
+            for (id, picks) in watchers {
+                f.push(*id, true, false, picks.iter().copied());
+            }
+            Item::Fanout(f)
+        };
+        let batch = vec![
+            fanout(3, &[(1, &[0]), (2, &[0, 1])]),
+            Item::One(out(1, 4, 1)),
+            fanout(5, &[(1, &[1]), (2, &[1])]),
+            Item::One(Outgoing {
+                response: WatchResponse {
+                    watch_id: 2,
+                    canceled: true,
+                    ..Default::default()
+                },
+                fragment: false,
+            }),
+            fanout(6, &[(1, &[0])]),
+        ];
+        assert_eq!(batch.iter().map(Item::weight).sum::<usize>(), 7);
+        let merged = merge(batch);
+        assert_eq!(shape(&merged), vec![(1, 6, 4), (2, 5, 3), (2, 0, 0)]);
+        assert!(merged[0].fragment);
+        // Watcher 1's events in order: revision 3's first, 4's, 5's second, 6's first.
+        let sizes: Vec<usize> = merged[0]
+            .response
+            .events
+            .iter()
+            .map(|e| e.kv.as_ref().map_or(0, |kv| kv.value.len()))
+            .collect();
+        assert_eq!(sizes, vec![10, 10, 20, 10]);
     }
 
     #[test]
