@@ -769,9 +769,16 @@ impl Store {
     /// A consistent copy of the replicated state: both tables except member-local metadata,
     /// framed and checksummed. Made durable first, so the log may be purged behind it.
     pub fn snapshot(&self) -> Result<Vec<u8>, EngineError> {
-        let _state = self.write_state();
+        self.snapshot_then(|| {})
+    }
+
+    /// [`Store::snapshot`], calling `consistent` once the copied state is fixed (a backend
+    /// read view: later commits do not change it), before the long part, the serialization.
+    /// Neither applies nor reads wait for that part.
+    pub fn snapshot_then(&self, consistent: impl FnOnce()) -> Result<Vec<u8>, EngineError> {
         self.backend.sync()?;
         let read = self.backend.read()?;
+        consistent();
         let mut out = SNAPSHOT_MAGIC.to_vec();
         for (tag, table) in [(0u8, Table::Kv), (1u8, Table::Meta)] {
             read.scan(table, &[], None, &mut |k, v| {
@@ -1179,6 +1186,42 @@ mod lease_tests {
         other.restore(&s.snapshot().unwrap()).unwrap();
         assert_eq!(other.leases(), vec![(7, 30)]);
         assert_eq!(keys_of(&other, 7), vec![b"x".to_vec(), b"y".to_vec()]);
+    }
+
+    #[test]
+    fn writes_and_reads_go_on_while_a_snapshot_serializes() {
+        // A snapshot used to hold the state's write lock for the whole serialization (about a
+        // second at a million keys): every apply and every read waited. Now only the view is
+        // fixed under it; this write and read, made while the copy is still being taken,
+        // would have deadlocked then.
+        let dir = tempfile::tempdir().unwrap();
+        let backend = crate::backend::RedbBackend::open(&dir.path().join("kv.redb")).unwrap();
+        let s = Store::open(Box::new(backend), config()).unwrap();
+        run(&s, 1, put("before", 0)).unwrap();
+        let mut during = None;
+        let data = s
+            .snapshot_then(|| {
+                during = Some(run(&s, 2, put("during", 0)));
+                assert_eq!(s.revision(), 3);
+            })
+            .unwrap();
+        assert!(matches!(during, Some(Ok(_))));
+        // The copy is of the state when its view was fixed: the write made during it is not in.
+        let other = Store::open(Box::new(MemoryBackend::new()), config()).unwrap();
+        other.restore(&data).unwrap();
+        assert_eq!(other.revision(), 2);
+        let keys = |st: &Store| -> Vec<Vec<u8>> {
+            let all = st
+                .range(&RangeRequest {
+                    key: vec![0],
+                    range_end: vec![0],
+                    ..Default::default()
+                })
+                .unwrap();
+            all.kvs.iter().map(|kv| kv.key.to_vec()).collect()
+        };
+        assert_eq!(keys(&other), vec![b"before".to_vec()]);
+        assert_eq!(keys(&s), vec![b"before".to_vec(), b"during".to_vec()]);
     }
 }
 

@@ -63,8 +63,8 @@ impl Applier for EngineApplier {
         Ok(self.store.raft_meta())
     }
 
-    fn snapshot(&self) -> Result<Vec<u8>, io::Error> {
-        Ok(self.store.snapshot()?)
+    fn snapshot(&self, consistent: &mut dyn FnMut()) -> Result<Vec<u8>, io::Error> {
+        Ok(self.store.snapshot_then(consistent)?)
     }
 
     fn restore(&self, data: &[u8]) -> Result<(), io::Error> {

@@ -89,8 +89,10 @@ pub trait Applier: Send + Sync + 'static {
     /// The meta stored by the last `apply_batch`/`restore` (`None` on a fresh store).
     fn meta(&self) -> Result<Option<Vec<u8>>, io::Error>;
 
-    /// A consistent full copy of the state (including meta). Called right after [`Applier::sync`].
-    fn snapshot(&self) -> Result<Vec<u8>, io::Error>;
+    /// A consistent full copy of the state (including meta). Called right after
+    /// [`Applier::sync`], with applies held back; calls `consistent` as soon as the state it
+    /// copies is fixed, so that applies resume while the copy is serialized.
+    fn snapshot(&self, consistent: &mut dyn FnMut()) -> Result<Vec<u8>, io::Error>;
 
     /// Replaces the whole state with a snapshot produced by `snapshot()`, durably.
     fn restore(&self, data: &[u8]) -> Result<(), io::Error>;

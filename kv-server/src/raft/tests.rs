@@ -71,8 +71,10 @@ impl Applier for MemApplier {
         Ok(self.state.lock().unwrap().meta.clone())
     }
 
-    fn snapshot(&self) -> Result<Vec<u8>, io::Error> {
-        postcard::to_allocvec(&*self.state.lock().unwrap()).map_err(io::Error::other)
+    fn snapshot(&self, consistent: &mut dyn FnMut()) -> Result<Vec<u8>, io::Error> {
+        let data = postcard::to_allocvec(&*self.state.lock().unwrap()).map_err(io::Error::other);
+        consistent();
+        data
     }
 
     fn restore(&self, data: &[u8]) -> Result<(), io::Error> {
