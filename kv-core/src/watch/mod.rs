@@ -457,6 +457,7 @@ impl WatchHub {
         let mut prev_at: Vec<Option<u32>> = vec![None; events.len()];
         // One fan-out per stream hit, with the hub keys of its watchers.
         let mut fanouts: Vec<(StreamId, Fanout, Vec<u64>)> = Vec::new();
+        let mut slot_of: HashMap<StreamId, usize> = HashMap::new();
         let mut behind: Vec<(u64, WatchResponse)> = Vec::new();
         for group in hit.chunk_by(|a, b| a.0 == b.0) {
             let key = group[0].0;
@@ -502,17 +503,18 @@ impl WatchHub {
                 behind.push((key, response));
                 continue;
             }
-            // Watchers of one stream are mostly created together, so mostly adjacent here.
-            let slot = match fanouts.iter().rposition(|(st, _, _)| *st == w.stream) {
-                Some(slot) => slot,
-                None => {
+            // Watchers of one stream are mostly created together, so mostly adjacent here;
+            // many one-watcher streams (a client each) go through the map.
+            let slot = match fanouts.last() {
+                Some((st, _, _)) if *st == w.stream => fanouts.len() - 1,
+                _ => *slot_of.entry(w.stream).or_insert_with(|| {
                     fanouts.push((
                         w.stream,
                         Fanout::new(revision, shared.clone(), Arc::from(Vec::new())),
                         Vec::new(),
                     ));
                     fanouts.len() - 1
-                }
+                }),
             };
             let (_, fanout, members) = &mut fanouts[slot];
             fanout.push(w.id, w.fragment, w.prev_kv, picks);
