@@ -91,8 +91,9 @@ pub struct StoreStatus {
 /// The MVCC state machine over a backend.
 ///
 /// Locking: `state` is a std `RwLock` (never held across an await): reads take it shared for
-/// the duration of one request, apply takes it exclusively for one batch. `last_sync` is only
-/// touched under the state write lock.
+/// the duration of one request, apply takes it exclusively for one batch, up to a commit that
+/// is never a disk sync. `last_sync` is held while the backend syncs (periodically after an
+/// apply, and for snapshots), outside the state lock, so reads go on during a sync.
 pub struct Store {
     backend: Box<dyn Backend>,
     state: RwLock<State>,
@@ -474,29 +475,28 @@ impl Store {
             }
         }
         drop(read);
-        let mut last_sync = self.last_sync.lock().unwrap_or_else(|e| e.into_inner());
-        let durability = if last_sync.elapsed() >= SYNC_INTERVAL {
-            *last_sync = Instant::now();
-            Durability::Immediate
-        } else {
-            Durability::Relaxed
-        };
-        if let Err(e) = self.backend.commit(batch, durability) {
+        if let Err(e) = self.backend.commit(batch, Durability::Relaxed) {
             // The in-memory state ran ahead of storage: rebuild it from what is stored so
             // that the next attempt starts from the truth.
             *state = Self::load(self.backend.as_ref())?;
             return Err(e.into());
         }
-        drop(last_sync);
-        if events.is_empty() {
-            return Ok(outcomes);
-        }
         // Apply runs on one thread, so handing over after the lock is released keeps
         // revisions in order, and a full feed never blocks readers.
         drop(state);
-        let cheap = || self.hub.watcher_count() <= INLINE_FEED_WATCHERS;
-        if let Some(FeedItem::Events(events)) = self.feed.offer(FeedItem::Events(events), cheap) {
-            self.notify_inline(&self.read_state(), &events)?;
+        if !events.is_empty() {
+            let cheap = || self.hub.watcher_count() <= INLINE_FEED_WATCHERS;
+            if let Some(FeedItem::Events(events)) = self.feed.offer(FeedItem::Events(events), cheap)
+            {
+                self.notify_inline(&self.read_state(), &events)?;
+            }
+        }
+        // The periodic sync runs with the state unlocked: it used to be this batch's commit,
+        // and every read waited for the disk with it.
+        let mut last_sync = self.last_sync.lock().unwrap_or_else(|e| e.into_inner());
+        if last_sync.elapsed() >= SYNC_INTERVAL {
+            self.backend.sync()?;
+            *last_sync = Instant::now();
         }
         Ok(outcomes)
     }
@@ -548,7 +548,7 @@ impl Store {
     /// the watch feeder, so that a caller may run it on an async worker: no periodic sync is
     /// due and the feeder's queue has room.
     pub fn apply_is_quick(&self) -> bool {
-        // Held only around a commit: if it is taken, a sync may be under way.
+        // Held while apply decides on and runs a periodic sync: if taken, one may be under way.
         let Ok(last_sync) = self.last_sync.try_lock() else {
             return false;
         };
@@ -706,11 +706,13 @@ impl Store {
         })
     }
 
-    /// Makes everything applied so far durable.
+    /// Makes everything applied so far durable. Reads go on meanwhile: the sync only
+    /// flushes commits that are already visible.
     pub fn sync(&self) -> Result<(), EngineError> {
-        let _state = self.write_state();
-        *self.last_sync.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-        Ok(self.backend.sync()?)
+        let mut last_sync = self.last_sync.lock().unwrap_or_else(|e| e.into_inner());
+        self.backend.sync()?;
+        *last_sync = Instant::now();
+        Ok(())
     }
 
     /// Gives back free backend space (Maintenance.Defragment).
@@ -1186,6 +1188,71 @@ mod lease_tests {
         other.restore(&s.snapshot().unwrap()).unwrap();
         assert_eq!(other.leases(), vec![(7, 30)]);
         assert_eq!(keys_of(&other, 7), vec![b"x".to_vec(), b"y".to_vec()]);
+    }
+
+    use crate::backend::BackendError;
+
+    /// A memory backend whose `sync` waits until the test lets it finish.
+    struct SlowSync {
+        inner: MemoryBackend,
+        entered: std::sync::mpsc::SyncSender<()>,
+        release: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl Backend for SlowSync {
+        fn read(&self) -> Result<Box<dyn crate::backend::BackendRead + '_>, BackendError> {
+            self.inner.read()
+        }
+        fn commit(&self, batch: WriteBatch, d: Durability) -> Result<(), BackendError> {
+            self.inner.commit(batch, d)
+        }
+        fn sync(&self) -> Result<(), BackendError> {
+            let _ = self.entered.send(());
+            let _ = self.release.lock().unwrap().recv();
+            self.inner.sync()
+        }
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn size_in_use(&self) -> u64 {
+            self.inner.size_in_use()
+        }
+        fn defragment(&self) -> Result<(), BackendError> {
+            self.inner.defragment()
+        }
+    }
+
+    #[test]
+    fn reads_go_on_while_the_backend_syncs() {
+        // A sync used to hold the state's write lock, so every read waited for the disk.
+        let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+        let (release, release_rx) = std::sync::mpsc::channel();
+        let backend = SlowSync {
+            inner: MemoryBackend::new(),
+            entered: entered_tx,
+            release: Mutex::new(release_rx),
+        };
+        let s = Store::open(Box::new(backend), config()).unwrap();
+        run(&s, 1, put("k", 0)).unwrap();
+        let s = &s;
+        std::thread::scope(|scope| {
+            let syncing = scope.spawn(move || s.sync());
+            let limit = std::time::Duration::from_secs(10);
+            entered.recv_timeout(limit).expect("the sync started");
+            let (done, read) = std::sync::mpsc::channel();
+            scope.spawn(move || {
+                let got = s.range(&RangeRequest {
+                    key: b"k".to_vec(),
+                    ..Default::default()
+                });
+                let _ = done.send(got.map(|r| r.kvs.len()));
+            });
+            let got = read.recv_timeout(limit);
+            // Let the sync finish either way, so a failure ends instead of hanging.
+            release.send(()).unwrap();
+            syncing.join().unwrap().unwrap();
+            assert_eq!(got.ok().and_then(|r| r.ok()), Some(1), "the read waited");
+        });
     }
 
     #[test]
