@@ -117,17 +117,24 @@ impl StreamQueue {
         }
     }
 
-    /// Waits until the queue has room (the stream's own requests wait; the hub never does).
+    /// Waits until the queue has room or its reader is gone (the stream's own requests wait;
+    /// the hub never does).
     async fn room(&self) {
         loop {
             let notified = self.room.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.has_room() {
+            if self.has_room() || self.tx.is_closed() {
                 return;
             }
             notified.await;
         }
+    }
+
+    /// The reader went away: wakes a request reader waiting for room, which would otherwise
+    /// wait for good (nothing drains the queue any more).
+    fn reader_gone(&self) {
+        self.room.notify_waiters();
     }
 }
 
@@ -209,6 +216,13 @@ impl Responses {
         }
         self.linger = None;
         false
+    }
+}
+
+impl Drop for Responses {
+    fn drop(&mut self) {
+        self.rx.close();
+        self.queue.reader_gone();
     }
 }
 
@@ -681,6 +695,30 @@ mod tests {
             .map(|e| e.kv.as_ref().map_or(0, |kv| kv.value.len()))
             .collect();
         assert_eq!(sizes, vec![10, 10, 20, 10]);
+    }
+
+    #[tokio::test]
+    async fn a_request_waiting_for_room_ends_when_the_reader_goes() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let queue = Arc::new(StreamQueue {
+            tx,
+            queued: AtomicUsize::new(STREAM_QUEUE),
+            filling: AtomicWaker::new(),
+            room: Notify::new(),
+        });
+        let waiting = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.room().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        // What dropping `Responses` does.
+        rx.close();
+        queue.reader_gone();
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the waiting request reader was released")
+            .unwrap();
     }
 
     #[test]
