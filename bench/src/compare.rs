@@ -31,6 +31,32 @@ pub struct CompareOptions {
     pub launcher: Launcher,
     /// Where to write every result as JSON.
     pub json: Option<PathBuf>,
+    /// Also measure memory each round ([`memory_probes`]), each probe on a fresh deployment.
+    pub memory: bool,
+}
+
+/// The memory targets' workloads: a million keys written once each, and a hundred thousand
+/// watchers of one key each. Their figure is the servers' RSS at the end of the window.
+fn memory_probes(base: &Settings) -> Vec<(&'static str, Workload, Settings)> {
+    vec![
+        (
+            "1M keys (put)",
+            Workload::Put,
+            Settings {
+                keys: 1_000_000,
+                ops: Some(1_000_000),
+                ..base.clone()
+            },
+        ),
+        (
+            "100k watchers",
+            Workload::WatchDistinct,
+            Settings {
+                watchers: 100_000,
+                ..base.clone()
+            },
+        ),
+    ]
 }
 
 /// One result of a comparison, in its JSON.
@@ -73,6 +99,8 @@ pub async fn compare(options: &CompareOptions) -> Result<bool, Error> {
         Err(why) => println!("etcd skipped: {why}"),
     }
     let mut runs: BTreeMap<(usize, Workload), Runs> = BTreeMap::new();
+    // RSS in KiB per (server, probe), over the rounds; `None` where a probe failed.
+    let mut memory: BTreeMap<(usize, &'static str), Vec<Option<u64>>> = BTreeMap::new();
     let mut entries = Vec::new();
     for round in 1..=options.rounds {
         let mut order = kinds.clone();
@@ -92,20 +120,33 @@ pub async fn compare(options: &CompareOptions) -> Result<bool, Error> {
                 kind.name(),
                 if members == 1 { "" } else { "s" }
             );
-            let deployment =
-                tokio::task::spawn_blocking(move || Deployment::start(kind, &binary, members))
-                    .await
-                    .map_err(|e| Error::Process(format!("starting {}: {e}", kind.name())))??;
-            deployment.wait_for_leader().await?;
-            let settings = Settings {
-                endpoints: deployment.endpoints.clone(),
-                server_pids: deployment.pids(),
-                ..options.settings.clone()
-            };
-            let report = run(&settings, &options.workloads).await?;
-            // Stops the members and removes their data before the next server starts.
-            drop(deployment);
+            let report = run_fresh(
+                kind,
+                &binary,
+                members,
+                &options.settings,
+                &options.workloads,
+            )
+            .await?;
             let k = kinds.iter().position(|&x| x == kind).unwrap_or(0);
+            if options.memory {
+                for (label, workload, settings) in memory_probes(&options.settings) {
+                    println!("-- memory: {label}");
+                    let probe = run_fresh(kind, &binary, members, &settings, &[workload]).await?;
+                    let rss = probe
+                        .results
+                        .iter()
+                        .find(|r| r.passed)
+                        .and_then(|r| r.server_rss_kib);
+                    memory.entry((k, label)).or_default().push(rss);
+                    entries.extend(probe.results.into_iter().map(|result| Entry {
+                        server: kind.name(),
+                        round,
+                        members,
+                        result,
+                    }));
+                }
+            }
             for r in report.results {
                 let workload: Workload = r.workload.parse()?;
                 let slot = runs.entry((k, workload)).or_default();
@@ -129,10 +170,80 @@ pub async fn compare(options: &CompareOptions) -> Result<bool, Error> {
     }
     println!();
     print!("{}", table(options, &kinds, &runs));
+    if options.memory {
+        print!("{}", memory_table(&kinds, &memory));
+    }
     if let Some(path) = &options.json {
         write_json(path, &entries)?;
     }
-    Ok(runs.values().all(|r| r.failed == 0))
+    Ok(runs.values().all(|r| r.failed == 0) && memory.values().flatten().all(|rss| rss.is_some()))
+}
+
+/// Starts `kind` fresh, runs `workloads` with `settings` against it, and stops it (removing
+/// its data) before returning.
+async fn run_fresh(
+    kind: ServerKind,
+    binary: &std::path::Path,
+    members: usize,
+    settings: &Settings,
+    workloads: &[Workload],
+) -> Result<crate::run::RunReport, Error> {
+    let binary = binary.to_path_buf();
+    let deployment = tokio::task::spawn_blocking(move || Deployment::start(kind, &binary, members))
+        .await
+        .map_err(|e| Error::Process(format!("starting {}: {e}", kind.name())))??;
+    deployment.wait_for_leader().await?;
+    let settings = Settings {
+        endpoints: deployment.endpoints.clone(),
+        server_pids: deployment.pids(),
+        ..settings.clone()
+    };
+    let report = run(&settings, workloads).await;
+    // Stops the members and removes their data before the next server starts.
+    drop(deployment);
+    report
+}
+
+/// Median RSS per memory probe and server (MiB, summed over members), and ours/etcd.
+fn memory_table(
+    kinds: &[ServerKind],
+    memory: &BTreeMap<(usize, &'static str), Vec<Option<u64>>>,
+) -> String {
+    let mut out = format!(
+        "\nmemory: server RSS at the end of the window, MiB (median)\n{:<17} {:>11} {:>11} {:>9}\n",
+        "probe", "kv-server", "etcd", "ours/etcd"
+    );
+    let mib = |k: usize, label: &'static str| {
+        let values: Vec<f64> = memory
+            .get(&(k, label))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|&kib| kib as f64 / 1024.0)
+            .collect();
+        median(&values)
+    };
+    let mut labels: Vec<&'static str> = memory.keys().map(|(_, l)| *l).collect();
+    labels.sort_unstable();
+    labels.dedup();
+    for label in labels {
+        let ours = mib(0, label);
+        let etcd = (kinds.len() > 1).then(|| mib(1, label)).flatten();
+        let ratio = match (ours, etcd) {
+            (Some(o), Some(e)) if e > 0.0 => format!("{:.2}x", o / e),
+            _ => "-".into(),
+        };
+        let line = format!(
+            "{:<17} {:>11} {:>11} {:>9}",
+            label,
+            figure(ours, 0),
+            figure(etcd, 0),
+            ratio
+        );
+        out += line.trim_end();
+        out.push('\n');
+    }
+    out
 }
 
 /// `12345` for a rate, `-` when not measured.
@@ -210,4 +321,45 @@ fn table(
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_table_gives_median_mib_and_the_ratio() {
+        let mut memory: BTreeMap<(usize, &'static str), Vec<Option<u64>>> = BTreeMap::new();
+        memory.insert(
+            (0, "1M keys (put)"),
+            vec![Some(500 << 10), Some(600 << 10), None],
+        );
+        memory.insert((1, "1M keys (put)"), vec![Some(640 << 10), Some(620 << 10)]);
+        memory.insert((0, "100k watchers"), vec![Some(175 << 10)]);
+        let table = memory_table(&[ServerKind::KvServer, ServerKind::Etcd], &memory);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[1].starts_with("memory:"), "{table}");
+        // A failed probe (None) is left out of the median; no etcd figure gives no ratio.
+        assert_eq!(
+            lines[3].split_whitespace().collect::<Vec<_>>(),
+            ["100k", "watchers", "175", "-", "-"]
+        );
+        assert_eq!(
+            lines[4].split_whitespace().collect::<Vec<_>>(),
+            ["1M", "keys", "(put)", "550", "630", "0.87x"]
+        );
+    }
+
+    #[test]
+    fn memory_probes_are_a_million_keys_and_a_hundred_thousand_watchers() {
+        let base = Settings::default();
+        let probes = memory_probes(&base);
+        assert_eq!(probes[0].1, Workload::Put);
+        assert_eq!(
+            (probes[0].2.keys, probes[0].2.ops),
+            (1_000_000, Some(1_000_000))
+        );
+        assert_eq!(probes[1].1, Workload::WatchDistinct);
+        assert_eq!(probes[1].2.watchers, 100_000);
+    }
 }

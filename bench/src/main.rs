@@ -9,6 +9,8 @@
 //! # kv-server against etcd, both started fresh each round (build kv-server first):
 //! cargo build --release -p kv-bench -p kv-server
 //! target/release/kv-bench compare --rounds 3 --duration 3s [--members 3] [--etcd PATH]
+//! # ...and the memory targets (RSS with 1M keys, with 100,000 watchers), each on a fresh server:
+//! target/release/kv-bench compare --rounds 1 --memory
 //! ```
 //!
 //! Workloads (`--workloads all` or a comma-separated list): put-seq, put, get,
@@ -144,6 +146,11 @@ struct CompareArgs {
     /// Write every result (server, round and result fields) to this file as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also measure memory each round, each probe on a fresh deployment: RSS with a million
+    /// keys written once each (put, --keys 1000000 --ops 1000000) and with 100,000 one-key
+    /// watchers (watch-distinct --watchers 100000). Adds several minutes per round.
+    #[arg(long)]
+    memory: bool,
     #[command(flatten)]
     load: Load,
 }
@@ -168,6 +175,7 @@ async fn compare(args: CompareArgs) -> Result<bool, kv_bench::Error> {
         settings,
         launcher: Launcher::find(args.kv_server, args.etcd)?,
         json: args.json,
+        memory: args.memory,
     };
     kv_bench::compare(&options).await
 }
@@ -271,6 +279,12 @@ mod tests {
             panic!("not compare: {cli:?}");
         };
         assert_eq!((args.rounds, args.members), (3, 1));
+        assert!(!args.memory);
+        let cli = Cli::try_parse_from(["kv-bench", "compare", "--memory"]).expect("parses");
+        let Command::Compare(args) = cli.command else {
+            panic!("not compare: {cli:?}");
+        };
+        assert!(args.memory);
         assert_eq!(args.load.duration, Duration::from_secs(3));
         assert!(Cli::try_parse_from(["kv-bench", "compare", "--members", "0"]).is_err());
     }
