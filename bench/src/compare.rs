@@ -229,21 +229,25 @@ fn memory_table(
     for label in labels {
         let ours = mib(0, label);
         let etcd = (kinds.len() > 1).then(|| mib(1, label)).flatten();
-        let ratio = match (ours, etcd) {
-            (Some(o), Some(e)) if e > 0.0 => format!("{:.2}x", o / e),
-            _ => "-".into(),
-        };
         let line = format!(
             "{:<17} {:>11} {:>11} {:>9}",
             label,
             figure(ours, 0),
             figure(etcd, 0),
-            ratio
+            ratio(ours, etcd)
         );
         out += line.trim_end();
         out.push('\n');
     }
     out
+}
+
+/// `1.23x` for ours/etcd, `-` when either is missing.
+fn ratio(ours: Option<f64>, etcd: Option<f64>) -> String {
+    match (ours, etcd) {
+        (Some(o), Some(e)) if e > 0.0 => format!("{:.2}x", o / e),
+        _ => "-".into(),
+    }
 }
 
 /// `12345` for a rate, `-` when not measured.
@@ -291,17 +295,13 @@ fn table(
         let p99 = |r: &Runs| r.median(|x| Some(x.latency_ms.p99));
         let cpu = |r: &Runs| r.median(|x| x.server_cpu_us_per_op);
         let (ours_rate, etcd_rate) = (rate(ours), etcd.and_then(rate));
-        let ratio = match (ours_rate, etcd_rate) {
-            (Some(o), Some(e)) if e > 0.0 => Some(o / e),
-            _ => None,
-        };
         let mut line = format!(
             "{:<17} {:<14} {:>11} {:>11} {:>9} {:>10} {:>10} {:>11} {:>11}",
             workload.name(),
             format!("{}/s", workload.unit()),
             figure(ours_rate, 0),
             figure(etcd_rate, 0),
-            ratio.map_or_else(|| "-".into(), |r| format!("{r:.2}x")),
+            ratio(ours_rate, etcd_rate),
             figure(p99(ours), 2),
             figure(etcd.and_then(p99), 2),
             figure(cpu(ours), 1),

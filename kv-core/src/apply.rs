@@ -449,8 +449,6 @@ mod tests {
         out.pop().unwrap().map(|_| ())
     }
 
-    /// etcd's `compareKV` leaves the result at 0 for a target it does not know, so such a
-    /// compare holds for EQUAL (and fails for NOT_EQUAL) whatever the key holds.
     #[test]
     fn only_txns_reading_single_keys_at_every_depth_count_as_single_key_reads() {
         use super::txn_reads_single_keys;
@@ -487,6 +485,8 @@ mod tests {
         )));
     }
 
+    /// etcd's `compareKV` leaves the result at 0 for a target it does not know, so such a
+    /// compare holds for EQUAL (and fails for NOT_EQUAL) whatever the key holds.
     #[test]
     fn compare_with_unknown_target_is_equal() {
         use super::compare_kv;

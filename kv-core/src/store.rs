@@ -1121,6 +1121,25 @@ mod lease_tests {
         store.lease(id).map(|(_, k)| k).unwrap_or_default()
     }
 
+    /// Every live key-value, read now.
+    fn everything(store: &Store) -> RangeResponse {
+        store
+            .range(&RangeRequest {
+                key: vec![0],
+                range_end: vec![0],
+                ..Default::default()
+            })
+            .unwrap()
+    }
+
+    fn live_keys(store: &Store) -> Vec<Vec<u8>> {
+        everything(store)
+            .kvs
+            .iter()
+            .map(|kv| kv.key.to_vec())
+            .collect()
+    }
+
     #[test]
     fn put_attaches_delete_detaches_revoke_deletes_in_one_revision() {
         let s = Store::open(Box::new(MemoryBackend::new()), config()).unwrap();
@@ -1150,15 +1169,8 @@ mod lease_tests {
             panic!("not a revoke response");
         };
         assert_eq!(r.header.unwrap().revision, before + 1);
-        let all = s
-            .range(&RangeRequest {
-                key: vec![0],
-                range_end: vec![0],
-                ..Default::default()
-            })
-            .unwrap();
-        let live: Vec<_> = all.kvs.iter().map(|kv| kv.key.clone()).collect();
-        assert_eq!(live, vec![b"c".to_vec(), b"d".to_vec()]);
+        let all = everything(&s);
+        assert_eq!(live_keys(&s), vec![b"c".to_vec(), b"d".to_vec()]);
         assert!(all.kvs.iter().all(|kv| kv.mod_revision != before + 1));
         assert_eq!(run(&s, 14, revoke), Err(KvError::LeaseNotFound));
         // A revoke of a lease with no keys changes no revision.
@@ -1277,18 +1289,8 @@ mod lease_tests {
         let other = Store::open(Box::new(MemoryBackend::new()), config()).unwrap();
         other.restore(&data).unwrap();
         assert_eq!(other.revision(), 2);
-        let keys = |st: &Store| -> Vec<Vec<u8>> {
-            let all = st
-                .range(&RangeRequest {
-                    key: vec![0],
-                    range_end: vec![0],
-                    ..Default::default()
-                })
-                .unwrap();
-            all.kvs.iter().map(|kv| kv.key.to_vec()).collect()
-        };
-        assert_eq!(keys(&other), vec![b"before".to_vec()]);
-        assert_eq!(keys(&s), vec![b"before".to_vec(), b"during".to_vec()]);
+        assert_eq!(live_keys(&other), vec![b"before".to_vec()]);
+        assert_eq!(live_keys(&s), vec![b"before".to_vec(), b"during".to_vec()]);
     }
 }
 

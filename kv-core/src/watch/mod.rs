@@ -458,7 +458,9 @@ impl WatchHub {
         // One fan-out per stream hit, with the hub keys of its watchers.
         let mut fanouts: Vec<(StreamId, Fanout, Vec<u64>)> = Vec::new();
         let mut slot_of: HashMap<StreamId, usize> = HashMap::new();
-        let mut behind: Vec<(u64, WatchResponse)> = Vec::new();
+        // Victims' shares, made into responses for their held buffers at the end.
+        let mut behind = Fanout::new(revision, shared.clone(), Arc::from(Vec::new()));
+        let mut behind_keys: Vec<u64> = Vec::new();
         for group in hit.chunk_by(|a, b| a.0 == b.0) {
             let key = group[0].0;
             let Some(w) = s.watchers.get(&key) else {
@@ -493,14 +495,8 @@ impl WatchHub {
             }
             if w.group != Group::Synced {
                 // A victim's events join its held responses, behind what it already holds.
-                let list = if w.prev_kv { &with_prev[..] } else { events };
-                let response = WatchResponse {
-                    header: header(revision),
-                    watch_id: w.id,
-                    events: picks.iter().map(|&i| list[i as usize].clone()).collect(),
-                    ..Default::default()
-                };
-                behind.push((key, response));
+                behind.push(w.id, w.fragment, w.prev_kv, picks);
+                behind_keys.push(key);
                 continue;
             }
             // Watchers of one stream are mostly created together, so mostly adjacent here;
@@ -532,17 +528,12 @@ impl WatchHub {
                         }
                     }
                 }
-                Err(fanout) => {
-                    // The queue is full: each watcher tries alone, then holds its events.
-                    for (fw, key) in fanout.watchers.iter().zip(members) {
-                        s.deliver_live(key, revision, fanout.response(fw));
-                    }
-                }
+                // The queue is full: each watcher tries alone, then holds its events.
+                Err(fanout) => s.deliver_each(&fanout, members),
             }
         }
-        for (key, response) in behind {
-            s.deliver_live(key, revision, response);
-        }
+        behind.with_prev = with_prev;
+        s.deliver_each(&behind, behind_keys);
     }
 
     /// Retries victims and pending progress requests, and sends periodic progress responses
@@ -740,6 +731,14 @@ impl HubState {
         match self.streams.get(&stream) {
             Some(st) => st.sink.try_send_fanout(fanout),
             None => Err(fanout),
+        }
+    }
+
+    /// Delivers a fan-out watcher by watcher (`keys`: their hub keys, in its order), each by
+    /// [`HubState::deliver_live`].
+    fn deliver_each(&mut self, fanout: &Fanout, keys: Vec<u64>) {
+        for (fw, key) in fanout.watchers.iter().zip(keys) {
+            self.deliver_live(key, fanout.revision, fanout.response(fw));
         }
     }
 

@@ -104,6 +104,11 @@ impl StreamQueue {
         }
     }
 
+    /// Responses queued and not yet drained.
+    fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
     /// Whether a response can be queued now.
     fn open_with_room(&self) -> bool {
         self.has_room() && !self.tx.is_closed()
@@ -156,7 +161,7 @@ impl WatchSink for StreamQueue {
     }
 
     fn has_room(&self) -> bool {
-        self.queued.load(Ordering::Acquire) < STREAM_QUEUE
+        self.queued() < STREAM_QUEUE
     }
 }
 
@@ -206,11 +211,10 @@ impl Responses {
         let Some(deadline) = self.linger.as_mut() else {
             return false;
         };
-        let queued = |q: &StreamQueue| q.queued.load(Ordering::Acquire);
-        if queued(&self.queue) < LINGER_MAX_QUEUED {
+        if self.queue.queued() < LINGER_MAX_QUEUED {
             self.queue.filling.register(cx.waker());
             // Looked at again after registering, so a send in between is not missed.
-            if queued(&self.queue) < LINGER_MAX_QUEUED && deadline.as_mut().poll(cx).is_pending() {
+            if self.queue.queued() < LINGER_MAX_QUEUED && deadline.as_mut().poll(cx).is_pending() {
                 return true;
             }
         }
@@ -303,69 +307,90 @@ fn event_bytes<'a>(events: impl IntoIterator<Item = &'a Event>) -> usize {
 /// barrier: nothing of that watcher, or of any watcher for a stream-wide progress, is merged
 /// across it.
 fn merge(batch: Vec<Item>) -> Vec<Outgoing> {
-    let mut out: Vec<(Outgoing, usize)> = Vec::with_capacity(batch.len());
-    let mut open: HashMap<i64, usize> = HashMap::default();
+    let mut merged = Merged::default();
     for item in batch {
         match item {
-            Item::One(o) => {
+            Item::One(mut o) => {
                 let r = &o.response;
                 let plain =
                     !r.events.is_empty() && !r.created && !r.canceled && r.compact_revision == 0;
                 if !plain {
-                    if r.watch_id == INVALID_WATCH_ID {
-                        open.clear();
-                    } else {
-                        open.remove(&r.watch_id);
-                    }
-                    out.push((o, 0));
+                    merged.barrier(o);
                     continue;
                 }
-                let bytes = event_bytes(&r.events);
-                if let Some(&i) = open.get(&r.watch_id) {
-                    let (target, size) = &mut out[i];
-                    if target.response.events.len() + r.events.len() <= MERGE_MAX_EVENTS
-                        && *size + bytes <= MERGE_MAX_BYTES
-                    {
-                        *size += bytes;
-                        target.response.header = o.response.header;
-                        target.response.events.extend(o.response.events);
-                        continue;
-                    }
+                let (id, count, bytes) = (r.watch_id, r.events.len(), event_bytes(&r.events));
+                let revision = r.header.as_ref().map_or(0, |h| h.revision);
+                let events = &mut o.response.events;
+                if !merged.join(id, revision, count, bytes, |to| to.append(events)) {
+                    merged.open(o, bytes);
                 }
-                open.insert(r.watch_id, out.len());
-                out.push((o, bytes));
             }
             Item::Fanout(f) => {
                 for w in &f.watchers {
-                    let bytes = event_bytes(f.events_of(w));
-                    if let Some(&i) = open.get(&w.watch_id) {
-                        let (target, size) = &mut out[i];
-                        let count = f.events_of(w).count();
-                        if target.response.events.len() + count <= MERGE_MAX_EVENTS
-                            && *size + bytes <= MERGE_MAX_BYTES
-                        {
-                            *size += bytes;
-                            if let Some(h) = target.response.header.as_mut() {
-                                h.revision = f.revision;
-                            }
-                            target.response.events.extend(f.events_of(w).cloned());
-                            continue;
-                        }
+                    let (count, bytes) = (f.events_of(w).count(), event_bytes(f.events_of(w)));
+                    let events = f.events_of(w).cloned();
+                    if !merged.join(w.watch_id, f.revision, count, bytes, |to| to.extend(events)) {
+                        let response = f.response(w);
+                        let fragment = w.fragment;
+                        merged.open(Outgoing { response, fragment }, bytes);
                     }
-                    open.insert(w.watch_id, out.len());
-                    let response = f.response(w);
-                    out.push((
-                        Outgoing {
-                            response,
-                            fragment: w.fragment,
-                        },
-                        bytes,
-                    ));
                 }
             }
         }
     }
-    out.into_iter().map(|(o, _)| o).collect()
+    merged.out.into_iter().map(|(o, _)| o).collect()
+}
+
+/// [`merge`]'s output so far: responses with their key and value bytes, and which of them
+/// each watcher's later events may still join.
+#[derive(Default)]
+struct Merged {
+    out: Vec<(Outgoing, usize)>,
+    open: HashMap<i64, usize>,
+}
+
+impl Merged {
+    /// Appends `count` events of `bytes` (of `revision`; `append` moves them) to the open
+    /// response of `watch_id`, if it has one with room; false otherwise.
+    fn join(
+        &mut self,
+        watch_id: i64,
+        revision: i64,
+        count: usize,
+        bytes: usize,
+        append: impl FnOnce(&mut Vec<Event>),
+    ) -> bool {
+        let Some(&i) = self.open.get(&watch_id) else {
+            return false;
+        };
+        let (target, size) = &mut self.out[i];
+        if target.response.events.len() + count > MERGE_MAX_EVENTS
+            || *size + bytes > MERGE_MAX_BYTES
+        {
+            return false;
+        }
+        *size += bytes;
+        target.response.header.get_or_insert_default().revision = revision;
+        append(&mut target.response.events);
+        true
+    }
+
+    /// Starts a new response that its watcher's later events may join.
+    fn open(&mut self, out: Outgoing, bytes: usize) {
+        self.open.insert(out.response.watch_id, self.out.len());
+        self.out.push((out, bytes));
+    }
+
+    /// Passes `out` through: nothing of its watcher (of any, for a stream-wide progress) is
+    /// merged across it.
+    fn barrier(&mut self, out: Outgoing) {
+        if out.response.watch_id == INVALID_WATCH_ID {
+            self.open.clear();
+        } else {
+            self.open.remove(&out.response.watch_id);
+        }
+        self.out.push((out, 0));
+    }
 }
 
 /// etcd's `sendFragments`: a response over `limit` bytes with more than one event is cut into
