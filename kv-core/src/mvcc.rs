@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use prost::Message;
+use prost::bytes::{Buf, Bytes};
 
 use crate::backend::{BackendRead, Table, WriteBatch};
 use crate::error::{EngineError, Error as Failure, KvError};
@@ -43,17 +44,19 @@ impl Record {
         out
     }
 
-    /// Decodes bytes written by [`Record::encode`].
-    pub fn decode(bytes: &[u8]) -> Result<Self, EngineError> {
-        let (kind, body) = bytes
-            .split_first()
-            .ok_or_else(|| EngineError::Corrupt("empty history record".into()))?;
-        let tombstone = match *kind {
+    /// Decodes bytes written by [`Record::encode`]. The key and value come out as slices of
+    /// `bytes`, not copies: a range reads many records into one buffer and decodes them all
+    /// from it, instead of two allocations per key (a third of a large range's CPU).
+    pub fn decode(mut bytes: Bytes) -> Result<Self, EngineError> {
+        if bytes.is_empty() {
+            return Err(EngineError::Corrupt("empty history record".into()));
+        }
+        let tombstone = match bytes.get_u8() {
             RECORD_PUT => false,
             RECORD_TOMBSTONE => true,
             other => return Err(EngineError::Corrupt(format!("unknown record kind {other}"))),
         };
-        let kv = KeyValue::decode(body)
+        let kv = KeyValue::decode(bytes)
             .map_err(|e| EngineError::Corrupt(format!("undecodable history record: {e}")))?;
         Ok(Self { tombstone, kv })
     }
@@ -114,35 +117,29 @@ impl Source<'_> {
             return revs.iter().map(|&rev| self.record(rev)).collect();
         }
         let (from, last) = (revs[order[0]].to_bytes(), revs[order[order.len() - 1]]);
-        let mut found: Vec<Option<Record>> = (0..revs.len()).map(|_| None).collect();
+        // Records' bytes are copied into a few chunk buffers; `spans` says where each lies.
+        let mut chunks = Chunks::default();
+        let mut spans: Vec<Option<Span>> = vec![None; revs.len()];
         let mut next = 0;
-        let mut failed: Option<EngineError> = None;
         self.backend
             .scan(Table::Kv, &from, None, &mut |key, value| {
                 while next < order.len() && revs[order[next]].to_bytes().as_slice() < key {
                     // Not in storage; reported below as the point read would.
                     next += 1;
                 }
+                let mut span = None;
                 while next < order.len() && revs[order[next]].to_bytes().as_slice() == key {
-                    match Record::decode(value) {
-                        Ok(record) => found[order[next]] = Some(record),
-                        Err(e) => {
-                            failed = Some(e);
-                            return false;
-                        }
-                    }
+                    spans[order[next]] = Some(*span.get_or_insert_with(|| chunks.push(value)));
                     next += 1;
                 }
                 next < order.len() && Revision::from_bytes(key).is_none_or(|r| r < last)
             })?;
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        found
+        let chunks = chunks.freeze();
+        spans
             .into_iter()
             .zip(revs)
-            .map(|(record, &rev)| match record {
-                Some(record) => Ok(record),
+            .map(|(span, &rev)| match span {
+                Some(span) => Record::decode(chunks[span.chunk].slice(span.start..span.end)),
                 None => self.record(rev),
             })
             .collect()
@@ -161,7 +158,55 @@ impl Source<'_> {
                 rev.main, rev.sub
             ))
         })?;
-        Record::decode(&bytes)
+        Record::decode(Bytes::from(bytes))
+    }
+}
+
+/// Where one record's bytes lie in [`Chunks`].
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    chunk: usize,
+    start: usize,
+    end: usize,
+}
+
+/// Buffers that a scan copies many records into, so that decoded keys and values are slices
+/// of a few allocations rather than two allocations each. Chunks stay below glibc's mmap
+/// threshold, so they are reused from the heap rather than mapped and unmapped per read, and
+/// no buffer is ever grown by copying.
+#[derive(Debug, Default)]
+struct Chunks {
+    done: Vec<Vec<u8>>,
+    open: Vec<u8>,
+}
+
+impl Chunks {
+    const SIZE: usize = 64 * 1024;
+
+    /// Copies `value` in and says where it went.
+    fn push(&mut self, value: &[u8]) -> Span {
+        if self.open.capacity() - self.open.len() < value.len() {
+            let full = std::mem::replace(
+                &mut self.open,
+                Vec::with_capacity(Self::SIZE.max(value.len())),
+            );
+            if !full.is_empty() {
+                self.done.push(full);
+            }
+        }
+        let start = self.open.len();
+        self.open.extend_from_slice(value);
+        Span {
+            chunk: self.done.len(),
+            start,
+            end: self.open.len(),
+        }
+    }
+
+    /// The chunks, indexed as the spans say.
+    fn freeze(mut self) -> Vec<Bytes> {
+        self.done.push(self.open);
+        self.done.into_iter().map(Bytes::from).collect()
     }
 }
 
@@ -454,8 +499,27 @@ mod tests {
                 lease: 0,
             },
         };
-        assert_eq!(Record::decode(&r.encode()).unwrap(), r);
-        assert!(Record::decode(&[]).is_err());
-        assert!(Record::decode(&[9, 1, 2]).is_err());
+        assert_eq!(Record::decode(r.encode().into()).unwrap(), r);
+        assert!(Record::decode(Bytes::new()).is_err());
+        assert!(Record::decode(Bytes::from_static(&[9, 1, 2])).is_err());
+    }
+
+    /// Records copied into chunks come back byte for byte, whether they fill a chunk
+    /// exactly, spill into the next one, or are bigger than a chunk on their own.
+    #[test]
+    fn chunked_records_come_back_whole() {
+        let sizes = [10, Chunks::SIZE - 10, 1, Chunks::SIZE + 5, 0, 300, Chunks::SIZE, 7];
+        let values: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (0..n).map(|j| (i * 31 + j) as u8).collect())
+            .collect();
+        let mut chunks = Chunks::default();
+        let spans: Vec<Span> = values.iter().map(|v| chunks.push(v)).collect();
+        let frozen = chunks.freeze();
+        assert!(frozen.len() > 1, "the values must spread over several chunks");
+        for (span, value) in spans.iter().zip(&values) {
+            assert_eq!(&frozen[span.chunk][span.start..span.end], value.as_slice());
+        }
     }
 }

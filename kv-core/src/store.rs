@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use prost::Message;
+use prost::bytes::Bytes;
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -166,7 +167,7 @@ impl Store {
         read.scan(Table::Kv, &[], None, &mut |k, v| {
             let parsed = Revision::from_bytes(k)
                 .ok_or_else(|| EngineError::Corrupt("bad revision key in history".into()))
-                .and_then(|rev| Ok((rev, Record::decode(v)?)));
+                .and_then(|rev| Ok((rev, Record::decode(Bytes::copy_from_slice(v))?)));
             match parsed {
                 Ok((rev, rec)) => {
                     if rec.tombstone {
@@ -910,7 +911,7 @@ fn read_history(
             upto = rev.main - 1;
             return false;
         }
-        match Record::decode(v) {
+        match Record::decode(Bytes::copy_from_slice(v)) {
             Ok(rec) => {
                 let kind = if rec.tombstone {
                     EventType::Delete
