@@ -508,7 +508,16 @@ mod tests {
     /// exactly, spill into the next one, or are bigger than a chunk on their own.
     #[test]
     fn chunked_records_come_back_whole() {
-        let sizes = [10, Chunks::SIZE - 10, 1, Chunks::SIZE + 5, 0, 300, Chunks::SIZE, 7];
+        let sizes = [
+            10,
+            Chunks::SIZE - 10,
+            1,
+            Chunks::SIZE + 5,
+            0,
+            300,
+            Chunks::SIZE,
+            7,
+        ];
         let values: Vec<Vec<u8>> = sizes
             .iter()
             .enumerate()
@@ -517,7 +526,10 @@ mod tests {
         let mut chunks = Chunks::default();
         let spans: Vec<Span> = values.iter().map(|v| chunks.push(v)).collect();
         let frozen = chunks.freeze();
-        assert!(frozen.len() > 1, "the values must spread over several chunks");
+        assert!(
+            frozen.len() > 1,
+            "the values must spread over several chunks"
+        );
         for (span, value) in spans.iter().zip(&values) {
             assert_eq!(&frozen[span.chunk][span.start..span.end], value.as_slice());
         }

@@ -12,6 +12,7 @@
 //! Commands and responses are opaque bytes ([`Command`], [`Response`]): the engine encodes its
 //! commands itself (protobuf), which keeps the openraft type configuration non-generic.
 
+mod forward;
 pub mod log_store;
 pub mod membership;
 pub mod network;
@@ -289,6 +290,8 @@ struct Inner<A: Applier> {
     cluster_id: u64,
     /// Connections to other members' peer URLs for forwarding, by URL.
     peers: Mutex<BTreeMap<String, network::PeerConnection>>,
+    /// The stream client writes are forwarded to the leader on, while this is a follower.
+    forwarder: Mutex<Option<Arc<forward::Forwarder>>>,
     /// Who answers [`LeaderCalls`] forwarded here (set once the server is assembled).
     leader_calls: std::sync::OnceLock<Arc<dyn LeaderCalls>>,
     /// Linearizable reads waiting for the next shared read barrier.
@@ -383,6 +386,7 @@ impl<A: Applier> RaftNode<A> {
                 log_store: Mutex::new(Some(log_store)),
                 cluster_id: cfg.cluster_id,
                 peers: Mutex::new(BTreeMap::new()),
+                forwarder: Mutex::new(None),
                 leader_calls: std::sync::OnceLock::new(),
                 reads: Mutex::new(ReadBatch::default()),
             }),
@@ -448,6 +452,61 @@ impl<A: Applier> RaftNode<A> {
         Ok(())
     }
 
+    /// The peer URL of the leader when this member knows one and it is another member.
+    fn leader_elsewhere(&self) -> Option<String> {
+        let rx = self.inner.raft.server_metrics();
+        let m = rx.borrow_watched();
+        let leader = m.current_leader.filter(|&id| id != self.inner.node_id)?;
+        m.membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone())
+    }
+
+    /// Forwards a write to the leader at `addr` on the shared stream (or, to a leader of a
+    /// version without it, in a call of its own) and returns its encoded answer.
+    async fn forward(
+        &self,
+        addr: &str,
+        cmd: &[u8],
+        timeout: Duration,
+    ) -> Result<Vec<u8>, network::PeerError> {
+        let forwarder = {
+            let mut slot = self
+                .inner
+                .forwarder
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match slot.as_ref() {
+                Some(f) if f.addr() == addr && f.usable() => f.clone(),
+                _ => {
+                    let conn = self
+                        .peer(addr)
+                        .map_err(|e| network::PeerError::NotDelivered {
+                            addr: addr.to_string(),
+                            reason: e.to_string(),
+                        })?;
+                    let f = Arc::new(forward::Forwarder::open(conn));
+                    *slot = Some(f.clone());
+                    f
+                }
+            }
+        };
+        match forwarder.forward(cmd, timeout).await {
+            Err(network::PeerError::Unsupported { .. }) => {
+                let conn = self
+                    .peer(addr)
+                    .map_err(|e| network::PeerError::NotDelivered {
+                        addr: addr.to_string(),
+                        reason: e.to_string(),
+                    })?;
+                conn.call_raw(network::PeerCall::Propose, cmd.to_vec(), timeout)
+                    .await
+            }
+            answer => answer,
+        }
+    }
+
     /// A connection to the member at `addr`, reused across calls.
     pub(crate) fn peer(&self, addr: &str) -> Result<network::PeerConnection, RaftError> {
         let mut peers = self.inner.peers.lock().unwrap_or_else(|p| p.into_inner());
@@ -478,35 +537,44 @@ impl<A: Applier> RaftNode<A> {
     /// leader it waits (up to [`REQUEST_TIMEOUT`]) for one.
     pub async fn propose(&self, cmd: Vec<u8>) -> Result<Vec<u8>, RaftError> {
         let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        // A follower that knows the leader forwards at once; asking its own Raft core first
+        // only to hear "forward to the leader" cost a round through the core per write.
+        let mut known = self.leader_elsewhere();
         loop {
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let write = self.inner.raft.client_write(Command(cmd.clone()));
-            // A leader cut off from its quorum never commits: give up at the deadline, with
-            // the outcome unknown (the entry may still commit after the partition heals).
-            let Ok(written) = tokio::time::timeout(remaining, write).await else {
-                return Err(RaftError::Timeout("proposal not committed in time".into()));
-            };
-            let leader = match written {
-                Ok(resp) => return Ok(resp.data.0),
-                Err(openraft::errors::RaftError::APIError(e)) => match e {
-                    ClientWriteError::ForwardToLeader(f) => f,
-                    ClientWriteError::LogEntryDiscarded(f) => {
-                        return Err(RaftError::LeaderChanged {
-                            leader: f.leader_id,
-                        });
+            let target = match known.take() {
+                Some(target) => Some(target),
+                None => {
+                    let write = self.inner.raft.client_write(Command(cmd.clone()));
+                    // A leader cut off from its quorum never commits: give up at the
+                    // deadline, with the outcome unknown (the entry may still commit after
+                    // the partition heals).
+                    let Ok(written) = tokio::time::timeout(remaining, write).await else {
+                        return Err(RaftError::Timeout("proposal not committed in time".into()));
+                    };
+                    let leader = match written {
+                        Ok(resp) => return Ok(resp.data.0),
+                        Err(openraft::errors::RaftError::APIError(e)) => match e {
+                            ClientWriteError::ForwardToLeader(f) => f,
+                            ClientWriteError::LogEntryDiscarded(f) => {
+                                return Err(RaftError::LeaderChanged {
+                                    leader: f.leader_id,
+                                });
+                            }
+                            other => return Err(RaftError::Fatal(other.to_string())),
+                        },
+                        Err(openraft::errors::RaftError::Fatal(e)) => return Err(e.into()),
+                    };
+                    match (leader.leader_id, leader.leader_node) {
+                        (Some(id), Some(node)) if id != self.inner.node_id => Some(node.addr),
+                        _ => None,
                     }
-                    other => return Err(RaftError::Fatal(other.to_string())),
-                },
-                Err(openraft::errors::RaftError::Fatal(e)) => return Err(e.into()),
+                }
             };
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match (leader.leader_id, leader.leader_node) {
-                (Some(id), Some(node)) if id != self.inner.node_id && !remaining.is_zero() => {
-                    let conn = self.peer(&node.addr)?;
-                    match conn
-                        .call_raw(network::PeerCall::Propose, cmd.clone(), remaining)
-                        .await
-                    {
+            match target {
+                Some(addr) if !remaining.is_zero() => {
+                    match self.forward(&addr, &cmd, remaining).await {
                         Ok(bytes) => {
                             let answer: Result<Vec<u8>, ForwardError> =
                                 postcard::from_bytes(&bytes).map_err(|e| {

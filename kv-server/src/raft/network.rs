@@ -4,11 +4,16 @@
 //! postcard; every call carries our cluster id so a member of another cluster is refused.
 
 use std::future::Future;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use kv_core::proto::kvserverpb::{PeerRequest, peer_client::PeerClient};
+use futures::{Stream, StreamExt};
+
+use kv_core::proto::kvserverpb::{PeerRequest, PeerResponse, peer_client::PeerClient};
 use openraft::RaftNetworkFactory;
 use openraft::RaftNetworkV2;
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::errors::RPCError;
 use openraft::errors::ReplicationClosed;
 use openraft::errors::StreamingError;
@@ -17,6 +22,7 @@ use openraft::network::RPCOption;
 use openraft::raft::AppendEntriesRequest;
 use openraft::raft::AppendEntriesResponse;
 use openraft::raft::SnapshotResponse;
+use openraft::raft::StreamAppendResult;
 use openraft::raft::TransferLeaderRequest;
 use openraft::raft::TransferLeaderResponse;
 use openraft::raft::VoteRequest;
@@ -58,6 +64,14 @@ pub enum PeerError {
         /// What failed.
         reason: String,
     },
+    /// The peer does not know the call (a member of an older version): nothing was done there.
+    #[error("peer {addr} does not serve {call}")]
+    Unsupported {
+        /// The peer URL.
+        addr: String,
+        /// The call.
+        call: String,
+    },
     /// The peer answered with something we cannot decode.
     #[error("peer {addr} sent an undecodable answer: {reason}")]
     Garbled {
@@ -81,6 +95,10 @@ pub struct PeerConnection {
 pub enum PeerCall {
     /// Raft replication.
     AppendEntries,
+    /// Pipelined Raft replication.
+    StreamAppend,
+    /// A stream of forwarded client writes.
+    ProposeStream,
     /// Raft election.
     Vote,
     /// Raft pre-vote.
@@ -140,7 +158,8 @@ impl PeerConnection {
         let mut c = self.client.clone();
         let fut = async move {
             match call {
-                PeerCall::AppendEntries => c.append_entries(req).await,
+                PeerCall::AppendEntries | PeerCall::StreamAppend => c.append_entries(req).await,
+                PeerCall::ProposeStream => c.propose(req).await,
                 PeerCall::Vote => c.vote(req).await,
                 PeerCall::PreVote => c.pre_vote(req).await,
                 PeerCall::TransferLeader => c.transfer_leader(req).await,
@@ -153,18 +172,7 @@ impl PeerConnection {
         };
         match tokio::time::timeout(timeout, fut).await {
             Ok(Ok(resp)) => Ok(resp.into_inner().data),
-            // tonic reports a failed connection as Unavailable, and our Peer service answers
-            // Unavailable only before handling a call (its Raft is stopped).
-            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
-                Err(PeerError::NotDelivered {
-                    addr: self.addr.clone(),
-                    reason: format!("{call:?}: {}", status.message()),
-                })
-            }
-            Ok(Err(status)) => Err(PeerError::Unreachable {
-                addr: self.addr.clone(),
-                reason: format!("{call:?}: {}", status.message()),
-            }),
+            Ok(Err(status)) => Err(self.failed_call(call, status)),
             Err(_) => Err(PeerError::Unreachable {
                 addr: self.addr.clone(),
                 reason: format!("{call:?}: timed out after {timeout:?}"),
@@ -221,6 +229,154 @@ impl PeerConnection {
         postcard::from_bytes(&answer).map_err(garbled)
     }
 
+    /// Opens a replication pipeline: each request of `input` is sent as soon as openraft
+    /// yields it, without waiting for the answers to earlier ones, and the answers come back
+    /// in order. The stream fails once an answer is owed and none has come for `ttl`.
+    pub async fn stream_append<S>(
+        &self,
+        input: S,
+        ttl: Duration,
+    ) -> Result<
+        impl Stream<Item = Result<StreamAppendResult<TypeConfig>, PeerError>> + use<S>,
+        PeerError,
+    >
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + 'static,
+    {
+        let owed = Arc::new(Owed::default());
+        let sent = owed.clone();
+        let cluster_id = self.cluster_id;
+        let addr = self.addr.clone();
+        // The request side ends (and the peer then ends its answers) when this member is
+        // isolated, or if a request cannot be encoded, which serde types here never fail.
+        let requests = input.scan((), move |_, req| {
+            let encoded = postcard::to_allocvec(&req)
+                .inspect_err(|e| tracing::error!(%addr, "cannot encode AppendEntries: {e}"));
+            let message = match encoded {
+                Ok(data) if !crate::failpoint::isolated() => {
+                    sent.sent();
+                    Some(PeerRequest { cluster_id, data })
+                }
+                _ => None,
+            };
+            std::future::ready(message)
+        });
+        let answers = self
+            .open_stream(PeerCall::StreamAppend, requests, ttl)
+            .await?;
+        let addr = self.addr.clone();
+        Ok(futures::stream::unfold(Some(answers), move |answers| {
+            let (owed, addr) = (owed.clone(), addr.clone());
+            async move {
+                let mut answers = answers?;
+                let failed = |reason: String| {
+                    Some((
+                        Err(PeerError::Unreachable {
+                            addr: addr.clone(),
+                            reason,
+                        }),
+                        None,
+                    ))
+                };
+                loop {
+                    match tokio::time::timeout(ttl, answers.message()).await {
+                        Err(_) if owed.stalled(ttl) => {
+                            return failed(format!("StreamAppend: no answer for {ttl:?}"));
+                        }
+                        Err(_) => continue,
+                        Ok(Ok(None)) => return None,
+                        Ok(Err(status)) => {
+                            return failed(format!("StreamAppend: {}", status.message()));
+                        }
+                        Ok(Ok(Some(_))) if crate::failpoint::isolated() => {
+                            return failed("StreamAppend: isolated by failpoint".into());
+                        }
+                        Ok(Ok(Some(answer))) => {
+                            owed.answered();
+                            return match postcard::from_bytes(&answer.data) {
+                                Ok(result) => Some((Ok(result), Some(answers))),
+                                Err(e) => Some((
+                                    Err(PeerError::Garbled {
+                                        addr: addr.clone(),
+                                        reason: e.to_string(),
+                                    }),
+                                    None,
+                                )),
+                            };
+                        }
+                    }
+                }
+            }
+        }))
+    }
+
+    /// Opens a bidirectional stream (`StreamAppend` or `ProposeStream`) with `requests` as its
+    /// sending half, waiting at most `timeout` for the peer to accept it.
+    pub async fn open_stream<S>(
+        &self,
+        call: PeerCall,
+        requests: S,
+        timeout: Duration,
+    ) -> Result<tonic::Streaming<PeerResponse>, PeerError>
+    where
+        S: Stream<Item = PeerRequest> + Send + 'static,
+    {
+        if crate::failpoint::isolated() {
+            return Err(PeerError::NotDelivered {
+                addr: self.addr.clone(),
+                reason: "isolated by failpoint".into(),
+            });
+        }
+        let mut c = self.client.clone();
+        let opened = async move {
+            match call {
+                PeerCall::ProposeStream => c.propose_stream(requests).await,
+                _ => c.stream_append(requests).await,
+            }
+        };
+        match tokio::time::timeout(timeout, opened).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+                Err(PeerError::Unsupported {
+                    addr: self.addr.clone(),
+                    call: format!("{call:?}"),
+                })
+            }
+            Ok(Err(status)) => Err(self.failed_call(call, status)),
+            Err(_) => Err(PeerError::Unreachable {
+                addr: self.addr.clone(),
+                reason: format!("{call:?}: no answer to the stream's opening in {timeout:?}"),
+            }),
+        }
+    }
+
+    /// The peer URL.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The cluster id every message carries.
+    pub fn cluster_id(&self) -> u64 {
+        self.cluster_id
+    }
+
+    /// The error for a call the peer answered with `status`.
+    fn failed_call(&self, call: PeerCall, status: tonic::Status) -> PeerError {
+        // tonic reports a failed connection as Unavailable, and our Peer service answers
+        // Unavailable only before handling a call (its Raft is stopped).
+        if status.code() == tonic::Code::Unavailable {
+            PeerError::NotDelivered {
+                addr: self.addr.clone(),
+                reason: format!("{call:?}: {}", status.message()),
+            }
+        } else {
+            PeerError::Unreachable {
+                addr: self.addr.clone(),
+                reason: format!("{call:?}: {}", status.message()),
+            }
+        }
+    }
+
     /// Sends a serde value and decodes a serde answer.
     pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
@@ -237,6 +393,43 @@ impl PeerConnection {
             addr: self.addr.clone(),
             reason: e.to_string(),
         })
+    }
+}
+
+/// How many answers a replication pipeline is owed, and since when it last made progress: a
+/// stream may rightly sit silent for minutes, but not while a request waits for its answer.
+#[derive(Debug)]
+struct Owed {
+    state: Mutex<(u64, Instant)>,
+}
+
+impl Default for Owed {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new((0, Instant::now())),
+        }
+    }
+}
+
+impl Owed {
+    fn sent(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.0 == 0 {
+            state.1 = Instant::now();
+        }
+        state.0 += 1;
+    }
+
+    fn answered(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.0 = state.0.saturating_sub(1);
+        state.1 = Instant::now();
+    }
+
+    /// True when an answer is owed and nothing has come for `ttl`.
+    fn stalled(&self, ttl: Duration) -> bool {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.0 > 0 && state.1.elapsed() >= ttl
     }
 }
 
@@ -260,6 +453,9 @@ impl GrpcNetwork {
 /// openraft's client for one target member.
 pub struct RaftPeer {
     conn: Result<PeerConnection, String>,
+    /// Set once the target turned out not to know `StreamAppend` (a member of an older
+    /// version, mid rolling upgrade): replication then goes one request at a time.
+    sequential: Arc<AtomicBool>,
 }
 
 impl RaftPeer {
@@ -286,6 +482,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
     async fn new_client(&mut self, _target: u64, node: &openraft::BasicNode) -> Self::Network {
         RaftPeer {
             conn: PeerConnection::new(&node.addr, self.cluster_id).map_err(|e| e.to_string()),
+            sequential: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -299,6 +496,42 @@ impl RaftNetworkV2<TypeConfig> for RaftPeer {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.rpc(PeerCall::AppendEntries, &rpc, &option).await
+    }
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
+            RPCError<TypeConfig>,
+        >,
+    >
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        if self.sequential.load(Ordering::Relaxed) {
+            return openraft::network::stream_append_sequential(self, input, option);
+        }
+        Box::pin(async move {
+            let conn = self.conn()?;
+            let answers = match conn.stream_append(input, option.hard_ttl()).await {
+                Ok(answers) => answers,
+                Err(e @ PeerError::Unsupported { .. }) => {
+                    // The requests this session took are resent by openraft's next session.
+                    tracing::info!("{e}: replicating one request at a time");
+                    self.sequential.store(true, Ordering::Relaxed);
+                    return Err(RPCError::Unreachable(unreachable(e)));
+                }
+                Err(e) => return Err(RPCError::Unreachable(unreachable(e))),
+            };
+            let answers: BoxStream<'s, _> = Box::pin(
+                answers.map(|answer| answer.map_err(|e| RPCError::Unreachable(unreachable(e)))),
+            );
+            Ok(answers)
+        })
     }
 
     async fn vote(

@@ -1,14 +1,22 @@
 //! The peer network, server side: `kvserverpb.Peer` on the peer URL, handing openraft's RPCs
 //! to the local Raft and serving followers' forwarded proposals and read-index requests.
 
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
 use kv_core::proto::kvserverpb::{PeerRequest, PeerResponse, peer_server::Peer};
 use openraft::ReadPolicy;
+use openraft::raft::AppendEntriesRequest;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::types::{Snapshot, SnapshotMeta, Vote};
-use super::{Applier, ForwardError, MemberChange, MemberChangeError, RaftNode};
+use super::types::{Snapshot, SnapshotMeta, TypeConfig, Vote};
+use super::{Applier, ForwardError, MemberChange, MemberChangeError, RaftNode, forward};
+
+/// Answers to forwarded writes queued for one follower's stream before its proposers wait.
+const FORWARDED_ANSWERS: usize = 1024;
+use crate::service::pending::BoxStream;
 
 /// The Peer service of one member.
 pub struct PeerService<A: Applier> {
@@ -30,17 +38,22 @@ impl<A: Applier> PeerService<A> {
     }
 
     fn check_cluster(&self, req: &PeerRequest) -> Result<(), Status> {
-        if crate::failpoint::isolated() {
-            return Err(Status::unavailable("isolated by failpoint"));
-        }
-        if req.cluster_id != self.cluster_id {
-            return Err(Status::failed_precondition(format!(
-                "peer belongs to cluster {:x}, this member to {:x}",
-                req.cluster_id, self.cluster_id
-            )));
-        }
-        Ok(())
+        check_cluster(self.cluster_id, req)
     }
+}
+
+/// Refuses a message from another cluster, or any message while this member is isolated.
+fn check_cluster(cluster_id: u64, req: &PeerRequest) -> Result<(), Status> {
+    if crate::failpoint::isolated() {
+        return Err(Status::unavailable("isolated by failpoint"));
+    }
+    if req.cluster_id != cluster_id {
+        return Err(Status::failed_precondition(format!(
+            "peer belongs to cluster {:x}, this member to {:x}",
+            req.cluster_id, cluster_id
+        )));
+    }
+    Ok(())
 }
 
 fn answer<T: Serialize>(value: &T) -> Result<Response<PeerResponse>, Status> {
@@ -67,6 +80,44 @@ impl<A: Applier> Peer for PeerService<A> {
             .await
             .map_err(stopped)?;
         answer(&resp)
+    }
+
+    type StreamAppendStream = BoxStream<PeerResponse>;
+
+    async fn stream_append(
+        &self,
+        request: Request<Streaming<PeerRequest>>,
+    ) -> Result<Response<Self::StreamAppendStream>, Status> {
+        let cluster_id = self.cluster_id;
+        // A bad message ends the requests; the answers to the good ones before it still go
+        // back, then the stream ends with the reason.
+        let refused: Arc<Mutex<Option<Status>>> = Arc::default();
+        let refusal = refused.clone();
+        let requests = request.into_inner().scan((), move |_, message| {
+            let opened = message.and_then(|m| {
+                check_cluster(cluster_id, &m)?;
+                postcard::from_bytes::<AppendEntriesRequest<TypeConfig>>(&m.data)
+                    .map_err(|e| Status::invalid_argument(format!("undecodable peer message: {e}")))
+            });
+            std::future::ready(match opened {
+                Ok(req) => Some(req),
+                Err(status) => {
+                    *refusal.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
+                    None
+                }
+            })
+        });
+        let answers = self.node.raft().stream_append(requests).map(|result| {
+            let result = result.map_err(stopped)?;
+            let data = postcard::to_allocvec(&result)
+                .map_err(|e| Status::internal(format!("cannot encode peer answer: {e}")))?;
+            Ok(PeerResponse { data })
+        });
+        let last = futures::stream::once(async move {
+            refused.lock().unwrap_or_else(|e| e.into_inner()).take()
+        })
+        .filter_map(|refusal| std::future::ready(refusal.map(Err)));
+        Ok(Response::new(Box::pin(answers.chain(last))))
     }
 
     async fn vote(&self, request: Request<PeerRequest>) -> Result<Response<PeerResponse>, Status> {
@@ -136,6 +187,53 @@ impl<A: Applier> Peer for PeerService<A> {
         self.check_cluster(&req)?;
         let result: Result<Vec<u8>, ForwardError> = self.node.propose_here(req.data).await;
         answer(&result)
+    }
+
+    type ProposeStreamStream = BoxStream<PeerResponse>;
+
+    async fn propose_stream(
+        &self,
+        request: Request<Streaming<PeerRequest>>,
+    ) -> Result<Response<Self::ProposeStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (answers, rx) = tokio::sync::mpsc::channel(FORWARDED_ANSWERS);
+        let (node, cluster_id) = (self.node.clone(), self.cluster_id);
+        // Each write is proposed as it arrives, without waiting for those before it, as the
+        // unary calls were; the answers go back as they come.
+        tokio::spawn(async move {
+            loop {
+                let opened = inbound.message().await.and_then(|message| {
+                    let Some(message) = message else {
+                        return Ok(None);
+                    };
+                    check_cluster(cluster_id, &message)?;
+                    forward::unframe(message.data)
+                        .map(Some)
+                        .ok_or_else(|| Status::invalid_argument("forwarded write without an id"))
+                });
+                let (id, cmd) = match opened {
+                    Ok(Some(write)) => write,
+                    Ok(None) => break,
+                    Err(status) => {
+                        let _ = answers.send(Err(status)).await;
+                        break;
+                    }
+                };
+                let (node, answers) = (node.clone(), answers.clone());
+                tokio::spawn(async move {
+                    let result: Result<Vec<u8>, ForwardError> = node.propose_here(cmd).await;
+                    let answer = postcard::to_allocvec(&result)
+                        .map(|body| PeerResponse {
+                            data: forward::frame(id, &body),
+                        })
+                        .map_err(|e| Status::internal(format!("cannot encode peer answer: {e}")));
+                    let _ = answers.send(answer).await;
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn read_index(

@@ -428,3 +428,182 @@ mod suite {
             .unwrap();
     }
 }
+
+/// Three in-process members, each serving `kvserverpb.Peer` on its own loopback port.
+mod three_members {
+    use std::convert::Infallible;
+    use std::task::{Context, Poll};
+
+    use kv_core::proto::kvserverpb::peer_server::PeerServer;
+    use tokio::net::TcpListener;
+    use tokio_stream::wrappers::TcpListenerStream;
+    use tonic::codegen::http;
+    use tonic::server::NamedService;
+
+    use super::*;
+    use crate::raft::peer::PeerService;
+
+    /// A member's Peer service as a member of an older version serves it: without the two
+    /// stream calls, which it answers Unimplemented as any gRPC server answers unknown methods.
+    #[derive(Clone)]
+    struct WithoutStreams(PeerServer<PeerService<MemApplier>>);
+
+    impl NamedService for WithoutStreams {
+        const NAME: &'static str = <PeerServer<PeerService<MemApplier>> as NamedService>::NAME;
+    }
+
+    impl tower::Service<http::Request<tonic::body::Body>> for WithoutStreams {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = Infallible;
+        type Future = std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>,
+        >;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            tower::Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.0, cx)
+        }
+
+        fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+            let path = req.uri().path();
+            if path.ends_with("/StreamAppend") || path.ends_with("/ProposeStream") {
+                let answer = tonic::Status::unimplemented("").into_http();
+                return Box::pin(async move { Ok(answer) });
+            }
+            Box::pin(self.0.call(req))
+        }
+    }
+
+    struct Cluster {
+        nodes: Vec<(RaftNode<MemApplier>, Arc<MemApplier>)>,
+        servers: Vec<tokio::task::JoinHandle<()>>,
+        _dirs: Vec<TempDir>,
+    }
+
+    impl Cluster {
+        async fn start(streams: bool) -> Self {
+            let mut listeners = Vec::new();
+            let mut members = BTreeMap::new();
+            for id in 1..=3u64 {
+                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let url = format!("http://{}", listener.local_addr().unwrap());
+                members.insert(id, url);
+                listeners.push(listener);
+            }
+            let (mut nodes, mut servers, mut dirs) = (Vec::new(), Vec::new(), Vec::new());
+            for (listener, id) in listeners.into_iter().zip(1..=3u64) {
+                let dir = TempDir::new().unwrap();
+                let config = RaftConfig {
+                    node_id: id,
+                    members: members.clone(),
+                    ..cfg(&dir)
+                };
+                let applier = Arc::new(MemApplier::default());
+                let node = RaftNode::start(config, applier.clone()).await.unwrap();
+                let service = PeerServer::new(PeerService::new(node.clone(), 7));
+                let incoming = TcpListenerStream::new(listener);
+                let router = if streams {
+                    tonic::transport::Server::builder().add_service(service)
+                } else {
+                    tonic::transport::Server::builder().add_service(WithoutStreams(service))
+                };
+                servers.push(tokio::spawn(async move {
+                    let _ = router.serve_with_incoming(incoming).await;
+                }));
+                nodes.push((node, applier));
+                dirs.push(dir);
+            }
+            Self {
+                nodes,
+                servers,
+                _dirs: dirs,
+            }
+        }
+
+        /// A member that follows an elected leader.
+        async fn follower(&self) -> &RaftNode<MemApplier> {
+            loop {
+                let leader = self.nodes[0].0.status().leader;
+                let agreed = self.nodes.iter().all(|(n, _)| n.status().leader == leader);
+                if let (Some(leader), true) = (leader, agreed) {
+                    let follower = self
+                        .nodes
+                        .iter()
+                        .find(|(n, _)| n.status().node_id != leader);
+                    return &follower.unwrap().0;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
+        /// Waits until every member applied `cmds`, in the same order.
+        async fn all_applied(&self, cmds: &[(u64, Vec<u8>)]) {
+            for (node, applier) in &self.nodes {
+                wait_status_applied(node, cmds.last().unwrap().0).await;
+                let got: Vec<_> = applier
+                    .state()
+                    .cmds
+                    .into_iter()
+                    .filter(|(index, _)| *index >= cmds[0].0)
+                    .collect();
+                assert_eq!(
+                    got,
+                    cmds,
+                    "member {} applied other commands",
+                    node.status().node_id
+                );
+            }
+        }
+
+        async fn stop(self) {
+            for (node, _) in &self.nodes {
+                node.shutdown().await.unwrap();
+            }
+            for server in self.servers {
+                server.abort();
+            }
+        }
+    }
+
+    /// Writes sent to a follower are forwarded on its one stream to the leader, all of them
+    /// answered with their own outcome, and every member applies them through the pipelined
+    /// replication stream.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forwarded_writes_share_one_stream_and_replicate() {
+        tokio::time::timeout(TEST_TIMEOUT, async {
+            let cluster = Cluster::start(true).await;
+            let follower = cluster.follower().await;
+            let proposed = propose_many(follower, "f", 300, 32).await;
+            cluster.all_applied(&proposed).await;
+            let forwarder = follower.inner.forwarder.lock().unwrap().clone().unwrap();
+            assert!(forwarder.usable());
+            assert!(
+                forwarder.streamed() >= 300,
+                "only {} writes went on the stream",
+                forwarder.streamed()
+            );
+            cluster.stop().await;
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    /// Members of an older version know neither stream: writes are forwarded one call each
+    /// and replication goes one request at a time, and nothing is lost on the way.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn members_without_the_streams_still_forward_and_replicate() {
+        tokio::time::timeout(TEST_TIMEOUT, async {
+            let cluster = Cluster::start(false).await;
+            let follower = cluster.follower().await;
+            let proposed = propose_many(follower, "g", 100, 8).await;
+            cluster.all_applied(&proposed).await;
+            let forwarder = follower.inner.forwarder.lock().unwrap().clone().unwrap();
+            assert!(
+                forwarder.usable(),
+                "an unsupported stream is kept, to go unary"
+            );
+            cluster.stop().await;
+        })
+        .await
+        .expect("test timed out");
+    }
+}

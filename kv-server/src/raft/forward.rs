@@ -1,0 +1,259 @@
+//! Client writes a follower forwards to the leader, over one long-lived stream per leader:
+//! many writes in flight at once, each tagged with an id and answered in any order. A unary
+//! call per write cost the follower and the leader an HTTP/2 stream each; with clients spread
+//! over all members of a 3-member cluster, two writes in three take this path.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kv_core::proto::kvserverpb::PeerRequest;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use super::network::{PeerCall, PeerConnection, PeerError};
+
+/// Bytes of the id in front of every forwarded write and every answer.
+const ID_BYTES: usize = 8;
+
+/// Time for the leader to accept a new stream.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A message body behind its id.
+pub(crate) fn frame(id: u64, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ID_BYTES + body.len());
+    out.extend_from_slice(&id.to_le_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Takes the id off the front of a framed message; `None` when it is too short to have one.
+pub(crate) fn unframe(mut data: Vec<u8>) -> Option<(u64, Vec<u8>)> {
+    let id = u64::from_le_bytes(*data.first_chunk::<ID_BYTES>()?);
+    data.drain(..ID_BYTES);
+    Some((id, data))
+}
+
+/// Where a forwarding stream stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Opening or open: writes may be forwarded.
+    Open,
+    /// Ended (the leader went, or the connection broke): a new stream is needed.
+    Closed,
+    /// The leader is of a version without `ProposeStream`: forward one write per call.
+    Unsupported,
+}
+
+/// A forwarded write waiting for its answer.
+struct Waiter {
+    answer: oneshot::Sender<Result<Vec<u8>, PeerError>>,
+    /// Taken by the stream's sending half: from then on the leader may have it, and a lost
+    /// answer means the outcome is unknown rather than that nothing happened.
+    sent: bool,
+}
+
+/// The writes in flight on one stream.
+struct Book {
+    state: State,
+    next_id: u64,
+    waiting: HashMap<u64, Waiter>,
+}
+
+/// One follower's stream of forwarded writes to one leader.
+pub(crate) struct Forwarder {
+    addr: String,
+    queue: mpsc::UnboundedSender<(u64, Vec<u8>)>,
+    book: Arc<Mutex<Book>>,
+}
+
+fn lock(book: &Mutex<Book>) -> MutexGuard<'_, Book> {
+    book.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Forwarder {
+    /// Opens a stream to the leader at `conn` (in the background; writes queue meanwhile).
+    /// Dropping the forwarder ends the stream once the writes on it are answered.
+    pub(crate) fn open(conn: PeerConnection) -> Self {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let book = Arc::new(Mutex::new(Book {
+            state: State::Open,
+            next_id: 0,
+            waiting: HashMap::new(),
+        }));
+        let addr = conn.addr().to_string();
+        tokio::spawn(drive(conn, rx, book.clone()));
+        Self { addr, queue, book }
+    }
+
+    /// The leader's peer URL.
+    pub(crate) fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// False once the stream has ended and a new one is needed.
+    pub(crate) fn usable(&self) -> bool {
+        lock(&self.book).state != State::Closed
+    }
+
+    /// How many writes were put on this stream.
+    #[cfg(test)]
+    pub(crate) fn streamed(&self) -> u64 {
+        lock(&self.book).next_id
+    }
+
+    /// Forwards one encoded write and waits (at most `timeout`) for the leader's answer, an
+    /// encoded `Result<Vec<u8>, ForwardError>` as the unary `Propose` call returns.
+    pub(crate) async fn forward(
+        &self,
+        cmd: &[u8],
+        timeout: Duration,
+    ) -> Result<Vec<u8>, PeerError> {
+        let not_delivered = |reason: &str| PeerError::NotDelivered {
+            addr: self.addr.clone(),
+            reason: reason.into(),
+        };
+        let (tx, rx) = oneshot::channel();
+        let id = {
+            let mut book = lock(&self.book);
+            match book.state {
+                State::Open => {}
+                State::Closed => return Err(not_delivered("forwarding stream ended")),
+                State::Unsupported => {
+                    return Err(PeerError::Unsupported {
+                        addr: self.addr.clone(),
+                        call: format!("{:?}", PeerCall::ProposeStream),
+                    });
+                }
+            }
+            let id = book.next_id;
+            book.next_id += 1;
+            let waiter = Waiter {
+                answer: tx,
+                sent: false,
+            };
+            book.waiting.insert(id, waiter);
+            id
+        };
+        if self.queue.send((id, frame(id, cmd))).is_err() {
+            lock(&self.book).waiting.remove(&id);
+            return Err(not_delivered("forwarding stream ended"));
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(answer)) => answer,
+            // The driver answers every waiter it drops; this is only its task being torn down.
+            Ok(Err(_)) => Err(PeerError::Unreachable {
+                addr: self.addr.clone(),
+                reason: "forwarding stream stopped".into(),
+            }),
+            Err(_) => match lock(&self.book).waiting.remove(&id) {
+                // Removed before the sending half took it, so it is never sent.
+                Some(Waiter { sent: false, .. }) => Err(not_delivered("timed out in the queue")),
+                _ => Err(PeerError::Unreachable {
+                    addr: self.addr.clone(),
+                    reason: format!("ProposeStream: no answer in {timeout:?}"),
+                }),
+            },
+        }
+    }
+}
+
+/// Runs one stream: sends what the queue holds, hands each answer to its waiter, and when
+/// the stream ends answers every waiter left with what is known of its write.
+async fn drive(
+    conn: PeerConnection,
+    queue: mpsc::UnboundedReceiver<(u64, Vec<u8>)>,
+    book: Arc<Mutex<Book>>,
+) {
+    let cluster_id = conn.cluster_id();
+    let marks = book.clone();
+    let requests = UnboundedReceiverStream::new(queue)
+        .take_while(|_| std::future::ready(!crate::failpoint::isolated()))
+        .filter_map(move |(id, data)| {
+            // A write whose caller gave up before it was taken is not sent at all.
+            let taken = lock(&marks).waiting.get_mut(&id).map(|w| w.sent = true);
+            std::future::ready(taken.map(|()| PeerRequest { cluster_id, data }))
+        });
+    // Whether the leader may have taken writes off this stream: not when it refused the
+    // stream before handling it, even though the sending half may already have taken some.
+    let mut delivered = true;
+    let end = match conn
+        .open_stream(PeerCall::ProposeStream, requests, OPEN_TIMEOUT)
+        .await
+    {
+        Err(PeerError::Unsupported { .. }) => {
+            delivered = false;
+            State::Unsupported
+        }
+        Err(e) => {
+            tracing::debug!("forwarding stream not opened: {e}");
+            delivered = !matches!(e, PeerError::NotDelivered { .. });
+            State::Closed
+        }
+        Ok(mut answers) => {
+            loop {
+                let message = match answers.message().await {
+                    Ok(Some(message)) => message,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(addr = conn.addr(), "forwarding stream: {status}");
+                        break;
+                    }
+                };
+                if crate::failpoint::isolated() {
+                    break;
+                }
+                let Some((id, answer)) = unframe(message.data) else {
+                    tracing::warn!(
+                        addr = conn.addr(),
+                        "forwarding stream: answer without an id"
+                    );
+                    break;
+                };
+                if let Some(waiter) = lock(&book).waiting.remove(&id) {
+                    let _ = waiter.answer.send(Ok(answer));
+                }
+            }
+            State::Closed
+        }
+    };
+    let left = {
+        let mut book = lock(&book);
+        book.state = end;
+        std::mem::take(&mut book.waiting)
+    };
+    let addr = conn.addr().to_string();
+    for waiter in left.into_values() {
+        let reason = "forwarding stream ended".to_string();
+        let error = if waiter.sent && delivered {
+            PeerError::Unreachable {
+                addr: addr.clone(),
+                reason,
+            }
+        } else {
+            PeerError::NotDelivered {
+                addr: addr.clone(),
+                reason,
+            }
+        };
+        let _ = waiter.answer.send(Err(error));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn framing_round_trips_and_refuses_short_messages() {
+        let framed = frame(0x0102_0304_0506_0708, b"write");
+        assert_eq!(framed.len(), ID_BYTES + 5);
+        assert_eq!(
+            unframe(framed),
+            Some((0x0102_0304_0506_0708, b"write".to_vec()))
+        );
+        assert_eq!(unframe(frame(7, b"")), Some((7, Vec::new())));
+        assert_eq!(unframe(vec![1, 2, 3]), None);
+    }
+}
