@@ -1,6 +1,7 @@
 //! kv-server: the etcd v3 gRPC services over the kv-core engine, Raft in front of it, and the
 //! `kv-server` binary's start-up and flags.
 
+pub mod allocator;
 pub mod compaction;
 pub mod config;
 pub mod errors;
