@@ -11,9 +11,9 @@ unsafe extern "C" {
 
 /// mimalloc's arena eager-commit option as the process runs with it (0 once `allocator.c`
 /// has run). The server logs it at startup, which also keeps the tuning in the link.
-pub fn arena_eager_commit() -> i64 {
+pub fn arena_eager_commit() -> std::ffi::c_long {
     // SAFETY: a C function without arguments that only reads mimalloc's option table.
-    i64::from(unsafe { kv_allocator_arena_eager_commit() })
+    unsafe { kv_allocator_arena_eager_commit() }
 }
 
 #[cfg(test)]
