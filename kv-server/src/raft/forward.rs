@@ -97,6 +97,12 @@ impl Forwarder {
         lock(&self.book).state != State::Closed
     }
 
+    /// True once the leader turned out not to serve the stream.
+    #[cfg(test)]
+    pub(crate) fn unsupported(&self) -> bool {
+        lock(&self.book).state == State::Unsupported
+    }
+
     /// How many writes were put on this stream.
     #[cfg(test)]
     pub(crate) fn streamed(&self) -> u64 {

@@ -471,6 +471,13 @@ impl<A: Applier> RaftNode<A> {
         cmd: &[u8],
         timeout: Duration,
     ) -> Result<Vec<u8>, network::PeerError> {
+        let connect = || {
+            self.peer(addr)
+                .map_err(|e| network::PeerError::NotDelivered {
+                    addr: addr.to_string(),
+                    reason: e.to_string(),
+                })
+        };
         let forwarder = {
             let mut slot = self
                 .inner
@@ -480,13 +487,7 @@ impl<A: Applier> RaftNode<A> {
             match slot.as_ref() {
                 Some(f) if f.addr() == addr && f.usable() => f.clone(),
                 _ => {
-                    let conn = self
-                        .peer(addr)
-                        .map_err(|e| network::PeerError::NotDelivered {
-                            addr: addr.to_string(),
-                            reason: e.to_string(),
-                        })?;
-                    let f = Arc::new(forward::Forwarder::open(conn));
+                    let f = Arc::new(forward::Forwarder::open(connect()?));
                     *slot = Some(f.clone());
                     f
                 }
@@ -494,13 +495,8 @@ impl<A: Applier> RaftNode<A> {
         };
         match forwarder.forward(cmd, timeout).await {
             Err(network::PeerError::Unsupported { .. }) => {
-                let conn = self
-                    .peer(addr)
-                    .map_err(|e| network::PeerError::NotDelivered {
-                        addr: addr.to_string(),
-                        reason: e.to_string(),
-                    })?;
-                conn.call_raw(network::PeerCall::Propose, cmd.to_vec(), timeout)
+                connect()?
+                    .call_raw(network::PeerCall::Propose, cmd.to_vec(), timeout)
                     .await
             }
             answer => answer,

@@ -564,46 +564,49 @@ mod three_members {
         }
     }
 
+    /// Proposes `n` writes from `tasks` tasks through a follower of a new cluster whose
+    /// members serve the streams or not, checks that every member applied them all in one
+    /// order, and returns the follower's forwarder.
+    async fn forward_through_a_follower(
+        streams: bool,
+        n: usize,
+        tasks: usize,
+    ) -> Arc<forward::Forwarder> {
+        let cluster = Cluster::start(streams).await;
+        let follower = cluster.follower().await;
+        let proposed = propose_many(follower, "f", n, tasks).await;
+        cluster.all_applied(&proposed).await;
+        let forwarder = follower.inner.forwarder.lock().unwrap().clone().unwrap();
+        cluster.stop().await;
+        forwarder
+    }
+
     /// Writes sent to a follower are forwarded on its one stream to the leader, all of them
     /// answered with their own outcome, and every member applies them through the pipelined
     /// replication stream.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn forwarded_writes_share_one_stream_and_replicate() {
-        tokio::time::timeout(TEST_TIMEOUT, async {
-            let cluster = Cluster::start(true).await;
-            let follower = cluster.follower().await;
-            let proposed = propose_many(follower, "f", 300, 32).await;
-            cluster.all_applied(&proposed).await;
-            let forwarder = follower.inner.forwarder.lock().unwrap().clone().unwrap();
-            assert!(forwarder.usable());
-            assert!(
-                forwarder.streamed() >= 300,
-                "only {} writes went on the stream",
-                forwarder.streamed()
-            );
-            cluster.stop().await;
-        })
-        .await
-        .expect("test timed out");
+        let forwarder =
+            tokio::time::timeout(TEST_TIMEOUT, forward_through_a_follower(true, 300, 32))
+                .await
+                .expect("test timed out");
+        assert!(forwarder.usable() && !forwarder.unsupported());
+        let streamed = forwarder.streamed();
+        assert!(streamed >= 300, "only {streamed} writes went on the stream");
     }
 
     /// Members of an older version know neither stream: writes are forwarded one call each
     /// and replication goes one request at a time, and nothing is lost on the way.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn members_without_the_streams_still_forward_and_replicate() {
-        tokio::time::timeout(TEST_TIMEOUT, async {
-            let cluster = Cluster::start(false).await;
-            let follower = cluster.follower().await;
-            let proposed = propose_many(follower, "g", 100, 8).await;
-            cluster.all_applied(&proposed).await;
-            let forwarder = follower.inner.forwarder.lock().unwrap().clone().unwrap();
-            assert!(
-                forwarder.usable(),
-                "an unsupported stream is kept, to go unary"
-            );
-            cluster.stop().await;
-        })
-        .await
-        .expect("test timed out");
+        let forwarder =
+            tokio::time::timeout(TEST_TIMEOUT, forward_through_a_follower(false, 100, 8))
+                .await
+                .expect("test timed out");
+        assert!(forwarder.unsupported(), "the forwarder knows to go unary");
+        assert!(
+            forwarder.usable(),
+            "and is kept, so later writes go unary at once"
+        );
     }
 }
