@@ -158,6 +158,7 @@ impl PeerConnection {
         let mut c = self.client.clone();
         let fut = async move {
             match call {
+                // The stream calls' one-request forms (`open_stream` opens the streams).
                 PeerCall::AppendEntries | PeerCall::StreamAppend => c.append_entries(req).await,
                 PeerCall::ProposeStream => c.propose(req).await,
                 PeerCall::Vote => c.vote(req).await,
@@ -330,8 +331,11 @@ impl PeerConnection {
         let mut c = self.client.clone();
         let opened = async move {
             match call {
+                PeerCall::StreamAppend => c.stream_append(requests).await,
                 PeerCall::ProposeStream => c.propose_stream(requests).await,
-                _ => c.stream_append(requests).await,
+                other => Err(tonic::Status::invalid_argument(format!(
+                    "{other:?} is not a stream call"
+                ))),
             }
         };
         match tokio::time::timeout(timeout, opened).await {
