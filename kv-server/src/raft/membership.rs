@@ -182,13 +182,18 @@ impl<A: Applier> RaftNode<A> {
 
     /// The current leader's peer URL, as far as this node knows.
     pub(crate) fn leader_addr(&self) -> Option<String> {
-        let rx = self.inner.raft.metrics();
+        self.leader().map(|(_, addr)| addr)
+    }
+
+    /// The current leader's id and peer URL, as far as this node knows. Read from the server
+    /// metrics, which change only with the vote, role, leader or membership (the full
+    /// metrics change with every write).
+    pub(crate) fn leader(&self) -> Option<(u64, String)> {
+        let rx = self.inner.raft.server_metrics();
         let m = rx.borrow_watched();
         let leader = m.current_leader?;
-        m.membership_config
-            .membership()
-            .get_node(&leader)
-            .map(|n| n.addr.clone())
+        let node = m.membership_config.membership().get_node(&leader)?;
+        Some((leader, node.addr.clone()))
     }
 
     /// Executes a membership change, on the leader only.

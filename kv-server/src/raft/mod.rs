@@ -217,6 +217,14 @@ pub struct Leadership {
     pub term: u64,
 }
 
+/// What proposing on this member's own Raft came to.
+enum WrittenHere {
+    /// This member leads: the applier's response.
+    Applied(Vec<u8>),
+    /// Another member leads (its peer URL), or no member does (`None`).
+    LeaderIs(Option<String>),
+}
+
 /// How a proposal or read-index request forwarded to the leader failed, as sent back to the
 /// follower that forwarded it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -452,17 +460,6 @@ impl<A: Applier> RaftNode<A> {
         Ok(())
     }
 
-    /// The peer URL of the leader when this member knows one and it is another member.
-    fn leader_elsewhere(&self) -> Option<String> {
-        let rx = self.inner.raft.server_metrics();
-        let m = rx.borrow_watched();
-        let leader = m.current_leader.filter(|&id| id != self.inner.node_id)?;
-        m.membership_config
-            .membership()
-            .get_node(&leader)
-            .map(|n| n.addr.clone())
-    }
-
     /// Forwards a write to the leader at `addr` on the shared stream (or, to a leader of a
     /// version without it, in a call of its own) and returns its encoded answer.
     async fn forward(
@@ -528,6 +525,37 @@ impl<A: Applier> RaftNode<A> {
         }
     }
 
+    /// Proposes `cmd` to this member's own Raft (waiting at most `timeout`): its response
+    /// once applied here as leader, or the leader to forward it to (another member's URL, or
+    /// none while there is no leader).
+    async fn write_here(&self, cmd: &[u8], timeout: Duration) -> Result<WrittenHere, RaftError> {
+        let write = self.inner.raft.client_write(Command(cmd.to_vec()));
+        // A leader cut off from its quorum never commits: give up at the deadline, with the
+        // outcome unknown (the entry may still commit after the partition heals).
+        let Ok(written) = tokio::time::timeout(timeout, write).await else {
+            return Err(RaftError::Timeout("proposal not committed in time".into()));
+        };
+        let leader = match written {
+            Ok(resp) => return Ok(WrittenHere::Applied(resp.data.0)),
+            Err(openraft::errors::RaftError::APIError(e)) => match e {
+                ClientWriteError::ForwardToLeader(f) => f,
+                ClientWriteError::LogEntryDiscarded(f) => {
+                    return Err(RaftError::LeaderChanged {
+                        leader: f.leader_id,
+                    });
+                }
+                other => return Err(RaftError::Fatal(other.to_string())),
+            },
+            Err(openraft::errors::RaftError::Fatal(e)) => return Err(e.into()),
+        };
+        Ok(WrittenHere::LeaderIs(
+            match (leader.leader_id, leader.leader_node) {
+                (Some(id), Some(node)) if id != self.inner.node_id => Some(node.addr),
+                _ => None,
+            },
+        ))
+    }
+
     /// Proposes a command, waits until it is committed and applied, returns the applier's
     /// response. On a follower the proposal is forwarded to the leader; while there is no
     /// leader it waits (up to [`REQUEST_TIMEOUT`]) for one.
@@ -535,37 +563,17 @@ impl<A: Applier> RaftNode<A> {
         let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
         // A follower that knows the leader forwards at once; asking its own Raft core first
         // only to hear "forward to the leader" cost a round through the core per write.
-        let mut known = self.leader_elsewhere();
+        let mut known = self
+            .leader()
+            .and_then(|(id, addr)| (id != self.inner.node_id).then_some(addr));
         loop {
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             let target = match known.take() {
-                Some(target) => Some(target),
-                None => {
-                    let write = self.inner.raft.client_write(Command(cmd.clone()));
-                    // A leader cut off from its quorum never commits: give up at the
-                    // deadline, with the outcome unknown (the entry may still commit after
-                    // the partition heals).
-                    let Ok(written) = tokio::time::timeout(remaining, write).await else {
-                        return Err(RaftError::Timeout("proposal not committed in time".into()));
-                    };
-                    let leader = match written {
-                        Ok(resp) => return Ok(resp.data.0),
-                        Err(openraft::errors::RaftError::APIError(e)) => match e {
-                            ClientWriteError::ForwardToLeader(f) => f,
-                            ClientWriteError::LogEntryDiscarded(f) => {
-                                return Err(RaftError::LeaderChanged {
-                                    leader: f.leader_id,
-                                });
-                            }
-                            other => return Err(RaftError::Fatal(other.to_string())),
-                        },
-                        Err(openraft::errors::RaftError::Fatal(e)) => return Err(e.into()),
-                    };
-                    match (leader.leader_id, leader.leader_node) {
-                        (Some(id), Some(node)) if id != self.inner.node_id => Some(node.addr),
-                        _ => None,
-                    }
-                }
+                Some(addr) => Some(addr),
+                None => match self.write_here(&cmd, remaining).await? {
+                    WrittenHere::Applied(out) => return Ok(out),
+                    WrittenHere::LeaderIs(addr) => addr,
+                },
             };
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             match target {
@@ -735,17 +743,12 @@ impl<A: Applier> RaftNode<A> {
             addr: String::new(),
             reason: reason.into(),
         };
-        let status = self.status();
-        match status.leader {
-            None => return Err(not_delivered("no leader")),
-            Some(id) if id == self.inner.node_id => {
-                return Err(not_delivered("this is the leader"));
-            }
-            Some(_) => {}
+        let (leader, addr) = self
+            .leader()
+            .ok_or_else(|| not_delivered("no known leader"))?;
+        if leader == self.inner.node_id {
+            return Err(not_delivered("this is the leader"));
         }
-        let addr = self
-            .leader_addr()
-            .ok_or_else(|| not_delivered("leader address unknown"))?;
         let conn = self
             .peer(&addr)
             .map_err(|e| not_delivered(&e.to_string()))?;

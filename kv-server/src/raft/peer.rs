@@ -13,10 +13,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::types::{Snapshot, SnapshotMeta, TypeConfig, Vote};
 use super::{Applier, ForwardError, MemberChange, MemberChangeError, RaftNode, forward};
+use crate::service::pending::BoxStream;
 
 /// Answers to forwarded writes queued for one follower's stream before its proposers wait.
 const FORWARDED_ANSWERS: usize = 1024;
-use crate::service::pending::BoxStream;
 
 /// The Peer service of one member.
 pub struct PeerService<A: Applier> {
@@ -33,8 +33,7 @@ impl<A: Applier> PeerService<A> {
     fn open<T: DeserializeOwned>(&self, req: Request<PeerRequest>) -> Result<T, Status> {
         let req = req.into_inner();
         self.check_cluster(&req)?;
-        postcard::from_bytes(&req.data)
-            .map_err(|e| Status::invalid_argument(format!("undecodable peer message: {e}")))
+        decode(&req.data)
     }
 
     fn check_cluster(&self, req: &PeerRequest) -> Result<(), Status> {
@@ -56,10 +55,22 @@ fn check_cluster(cluster_id: u64, req: &PeerRequest) -> Result<(), Status> {
     Ok(())
 }
 
+/// A peer message's payload.
+fn decode<T: DeserializeOwned>(data: &[u8]) -> Result<T, Status> {
+    postcard::from_bytes(data)
+        .map_err(|e| Status::invalid_argument(format!("undecodable peer message: {e}")))
+}
+
+/// An answer's payload.
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Status> {
+    postcard::to_allocvec(value)
+        .map_err(|e| Status::internal(format!("cannot encode peer answer: {e}")))
+}
+
 fn answer<T: Serialize>(value: &T) -> Result<Response<PeerResponse>, Status> {
-    let data = postcard::to_allocvec(value)
-        .map_err(|e| Status::internal(format!("cannot encode peer answer: {e}")))?;
-    Ok(Response::new(PeerResponse { data }))
+    Ok(Response::new(PeerResponse {
+        data: encode(value)?,
+    }))
 }
 
 fn stopped(e: impl std::fmt::Display) -> Status {
@@ -96,8 +107,7 @@ impl<A: Applier> Peer for PeerService<A> {
         let requests = request.into_inner().scan((), move |_, message| {
             let opened = message.and_then(|m| {
                 check_cluster(cluster_id, &m)?;
-                postcard::from_bytes::<AppendEntriesRequest<TypeConfig>>(&m.data)
-                    .map_err(|e| Status::invalid_argument(format!("undecodable peer message: {e}")))
+                decode::<AppendEntriesRequest<TypeConfig>>(&m.data)
             });
             std::future::ready(match opened {
                 Ok(req) => Some(req),
@@ -108,9 +118,7 @@ impl<A: Applier> Peer for PeerService<A> {
             })
         });
         let answers = self.node.raft().stream_append(requests).map(|result| {
-            let result = result.map_err(stopped)?;
-            let data = postcard::to_allocvec(&result)
-                .map_err(|e| Status::internal(format!("cannot encode peer answer: {e}")))?;
+            let data = encode(&result.map_err(stopped)?)?;
             Ok(PeerResponse { data })
         });
         let last = futures::stream::once(async move {
@@ -222,11 +230,9 @@ impl<A: Applier> Peer for PeerService<A> {
                 let (node, answers) = (node.clone(), answers.clone());
                 tokio::spawn(async move {
                     let result: Result<Vec<u8>, ForwardError> = node.propose_here(cmd).await;
-                    let answer = postcard::to_allocvec(&result)
-                        .map(|body| PeerResponse {
-                            data: forward::frame(id, &body),
-                        })
-                        .map_err(|e| Status::internal(format!("cannot encode peer answer: {e}")));
+                    let answer = encode(&result).map(|body| PeerResponse {
+                        data: forward::frame(id, &body),
+                    });
                     let _ = answers.send(answer).await;
                 });
             }

@@ -136,9 +136,10 @@ impl StreamQueue {
         }
     }
 
-    /// The reader went away: wakes a request reader waiting for room, which would otherwise
-    /// wait for good (nothing drains the queue any more).
-    fn reader_gone(&self) {
+    /// The reader went away: closes its end (`rx`) and wakes a request reader waiting for
+    /// room, which would otherwise wait for good (nothing drains the queue any more).
+    fn reader_gone(&self, rx: &mut mpsc::UnboundedReceiver<Item>) {
+        rx.close();
         self.room.notify_waiters();
     }
 }
@@ -225,8 +226,7 @@ impl Responses {
 
 impl Drop for Responses {
     fn drop(&mut self) {
-        self.rx.close();
-        self.queue.reader_gone();
+        self.queue.reader_gone(&mut self.rx);
     }
 }
 
@@ -738,8 +738,7 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
         // What dropping `Responses` does.
-        rx.close();
-        queue.reader_gone();
+        queue.reader_gone(&mut rx);
         tokio::time::timeout(Duration::from_secs(10), waiting)
             .await
             .expect("the waiting request reader was released")
