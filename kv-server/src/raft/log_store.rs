@@ -235,12 +235,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
         let (from, to) = to_range(&range);
-        let raw = self.wal.entries(from, to)?;
-        let mut out = Vec::with_capacity(raw.len());
-        for bytes in raw {
-            let entry: Entry = decode(&bytes)?;
-            out.push(entry);
-        }
+        let mut out = Vec::new();
+        self.wal.visit_entries(from, to, |bytes| {
+            out.push(decode::<Entry>(bytes)?);
+            Ok(())
+        })?;
         Ok(out)
     }
 
