@@ -11,5 +11,6 @@ pub mod lessor;
 pub mod node;
 pub mod oversize;
 pub mod raft;
+pub mod runtime;
 pub mod server;
 pub mod service;

@@ -11,8 +11,17 @@ use kv_server::server;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    match kv_server::runtime::builder().build() {
+        Ok(rt) => rt.block_on(run()),
+        Err(e) => {
+            eprintln!("kv-server: cannot start the runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> std::process::ExitCode {
     let flags = Flags::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&flags.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -27,6 +36,10 @@ async fn main() -> std::process::ExitCode {
     tracing::debug!(
         "allocator: mimalloc, arena eager commit {}",
         kv_server::allocator::arena_eager_commit()
+    );
+    tracing::debug!(
+        "runtime: woken tasks run in order (LIFO slot off): {}",
+        kv_server::runtime::LIFO_SLOT_DISABLED
     );
 
     let running = match server::start(&flags).await {
