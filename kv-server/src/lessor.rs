@@ -237,8 +237,8 @@ impl Lessor {
     /// to [`REQUEST_TIMEOUT`]) while there is none. Both calls are safe to repeat.
     async fn on_leader(&self, call: LeaseCall) -> Result<LeaseAnswer, Status> {
         let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
-        let request = postcard::to_allocvec(&call)
-            .map_err(|e| Status::internal(format!("cannot encode lease call: {e}")))?;
+        // Encoded only to forward: the leader answers from its clock without it.
+        let mut request: Option<Vec<u8>> = None;
         loop {
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             if remaining.is_zero() {
@@ -253,7 +253,17 @@ impl Lessor {
                     answer => return Ok(answer),
                 }
             } else {
-                match self.raft.call_leader(request.clone(), remaining).await {
+                let bytes = match &request {
+                    Some(bytes) => bytes.clone(),
+                    None => {
+                        let bytes = postcard::to_allocvec(&call).map_err(|e| {
+                            Status::internal(format!("cannot encode lease call: {e}"))
+                        })?;
+                        request = Some(bytes.clone());
+                        bytes
+                    }
+                };
+                match self.raft.call_leader(bytes, remaining).await {
                     Ok(bytes) => match postcard::from_bytes(&bytes) {
                         Ok(LeaseAnswer::NotLeader) => {}
                         Ok(LeaseAnswer::Failed(why)) => return Err(Status::unavailable(why)),
@@ -282,21 +292,26 @@ impl Lessor {
         // A new leader may not have applied a grant the old one acknowledged yet: before
         // saying "no such lease", catch up with what is committed (as etcd's
         // `waitAppliedIndex`).
-        if self.store.lease_ttl(id).is_none()
+        let known = self.store.lease_ttl(id);
+        if known.is_none()
             && let Err(e) = self.raft.wait_applied_committed(limit).await
         {
             return LeaseAnswer::Failed(raft_status(&e).message().to_string());
         }
         match call {
-            LeaseCall::Renew(id) => LeaseAnswer::Renewed(self.renew_here(*id)),
+            LeaseCall::Renew(id) => LeaseAnswer::Renewed(self.renew_here(*id, known)),
             LeaseCall::TimeToLive { id, keys } => {
                 LeaseAnswer::TimeToLive(self.time_to_live_here(*id, *keys))
             }
         }
     }
 
-    fn renew_here(&self, id: i64) -> Option<i64> {
-        let ttl = self.store.lease_ttl(id)?;
+    /// Renews lease `id`, whose granted TTL is `known` if already read.
+    fn renew_here(&self, id: i64, known: Option<i64>) -> Option<i64> {
+        let ttl = match known {
+            Some(ttl) => ttl,
+            None => self.store.lease_ttl(id)?,
+        };
         let now = Instant::now();
         let mut s = self.clock.lock();
         match s.deadlines.renew(id, ttl, now) {

@@ -663,8 +663,8 @@ impl Wal {
 
     /// Calls `visit` with each entry with index in `[from, to)` that exists, in order.
     /// Records that lie next to each other in a segment (a batch, or batches appended one
-    /// after another) are read with one `pread` per [`READ_SPAN`] bytes, not one per entry:
-    /// applying a batch of a thousand writes read them one syscall each.
+    /// after another) are read with one `pread` per [`READ_SPAN`] bytes. One `pread` per
+    /// entry cost applying a batch of a thousand writes a thousand syscalls.
     pub fn visit_entries(
         &self,
         from: u64,

@@ -12,8 +12,6 @@ use kv_core::proto::etcdserverpb::{
     LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus,
     LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, lease_server::Lease,
 };
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::node::Node;
@@ -66,7 +64,7 @@ impl Lease for LeaseService {
         request: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
         let node = self.node.clone();
-        let mut answers = request
+        let answers = request
             .into_inner()
             .map(move |msg| {
                 let node = node.clone();
@@ -85,16 +83,16 @@ impl Lease for LeaseService {
                 }
             })
             .buffered(KEEPALIVE_WINDOW);
-        let (tx, rx) = mpsc::channel(KEEPALIVE_WINDOW);
-        tokio::spawn(async move {
-            while let Some(answer) = answers.next().await {
-                let failed = answer.is_err();
-                if tx.send(answer).await.is_err() || failed {
-                    break;
-                }
-            }
+        // The stream ends with its first error. It is answered by the task that sends the
+        // responses, not by a task of its own passing them on through a channel: that hop
+        // cost a wake-up per keep-alive.
+        let mut failed = false;
+        let answers = answers.take_while(move |answer| {
+            let go_on = !failed;
+            failed = answer.is_err();
+            std::future::ready(go_on)
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn lease_time_to_live(
