@@ -237,8 +237,6 @@ impl Lessor {
     /// to [`REQUEST_TIMEOUT`]) while there is none. Both calls are safe to repeat.
     async fn on_leader(&self, call: LeaseCall) -> Result<LeaseAnswer, Status> {
         let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
-        // Encoded only to forward: the leader answers from its clock without it.
-        let mut request: Option<Vec<u8>> = None;
         loop {
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             if remaining.is_zero() {
@@ -253,17 +251,10 @@ impl Lessor {
                     answer => return Ok(answer),
                 }
             } else {
-                let bytes = match &request {
-                    Some(bytes) => bytes.clone(),
-                    None => {
-                        let bytes = postcard::to_allocvec(&call).map_err(|e| {
-                            Status::internal(format!("cannot encode lease call: {e}"))
-                        })?;
-                        request = Some(bytes.clone());
-                        bytes
-                    }
-                };
-                match self.raft.call_leader(bytes, remaining).await {
+                // Encoded only to forward: the leader answers from its clock without it.
+                let request = postcard::to_allocvec(&call)
+                    .map_err(|e| Status::internal(format!("cannot encode lease call: {e}")))?;
+                match self.raft.call_leader(request, remaining).await {
                     Ok(bytes) => match postcard::from_bytes(&bytes) {
                         Ok(LeaseAnswer::NotLeader) => {}
                         Ok(LeaseAnswer::Failed(why)) => return Err(Status::unavailable(why)),

@@ -53,6 +53,7 @@ const MAX_RECORD: usize = 1 << 30;
 const ZERO_CHUNK: usize = 1 << 20;
 /// Zeros written ahead of the records at a time (see [`Wal::write`]).
 const ZERO_AHEAD: usize = 256 << 10;
+/// The zeros both [`Wal::write`] and recovery's tail clearing write from.
 static ZEROS: [u8; ZERO_AHEAD] = [0; ZERO_AHEAD];
 /// Most bytes [`Wal::visit_entries`] reads with one `pread` (a longer record is read whole).
 const READ_SPAN: u64 = 1 << 20;
@@ -479,7 +480,7 @@ impl Wal {
         let from = state.write_at.max(state.zeroed_to);
         if from < self.segment_bytes && from - state.write_at < ZERO_AHEAD as u64 / 2 {
             let len = (ZERO_AHEAD as u64).min(self.segment_bytes - from);
-            file.write_all_at(&ZEROS[..len as usize], from)?;
+            write_zeros(&file, from, len)?;
             state.zeroed_to = from + len;
         }
         Ok((seq, file, at))
@@ -760,17 +761,27 @@ fn is_zero_at(file: &File, at: u64) -> io::Result<bool> {
     Ok(head == [0; 4])
 }
 
+/// Writes `len` zero bytes at `at`, from [`ZEROS`].
+fn write_zeros(file: &File, mut at: u64, len: u64) -> io::Result<()> {
+    let end = at + len;
+    while at < end {
+        let n = (end - at).min(ZEROS.len() as u64);
+        file.write_all_at(&ZEROS[..n as usize], at)?;
+        at += n;
+    }
+    Ok(())
+}
+
 /// Zeroes whatever non-zero bytes lie in `[from, len)`, then syncs if it wrote any.
 fn zero_tail(file: &File, from: u64, len: u64) -> io::Result<()> {
     let mut chunk = vec![0u8; ZERO_CHUNK];
-    let zeros = vec![0u8; ZERO_CHUNK];
     let mut at = from;
     let mut wrote = false;
     while at < len {
         let n = ZERO_CHUNK.min((len - at) as usize);
         file.read_exact_at(&mut chunk[..n], at)?;
         if chunk[..n].iter().any(|b| *b != 0) {
-            file.write_all_at(&zeros[..n], at)?;
+            write_zeros(file, at, n as u64)?;
             wrote = true;
         }
         at += n as u64;

@@ -205,11 +205,8 @@ struct Responses {
     ready: std::collections::VecDeque<WatchResponse>,
     /// Set after a busy drain: the next drain waits for it or for the queue to fill.
     linger: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Responses drained since `window_start`, and the queue items (revisions, or single
-    /// responses) they came in, to tell a busy fan-out stream from others.
-    window_start: tokio::time::Instant,
-    window_drained: usize,
-    window_items: usize,
+    /// What it drained lately, to tell a busy fan-out stream from others.
+    window: DrainWindow,
     _guard: StreamGuard,
 }
 
@@ -235,6 +232,39 @@ impl Responses {
 /// worth lingering on (see [`BUSY_DRAIN`] and [`BUSY_SPREAD`]).
 fn busy_fanout(responses: usize, items: usize) -> bool {
     responses >= BUSY_DRAIN && responses >= BUSY_SPREAD * items
+}
+
+/// The responses a stream drained within the last [`LINGER`] or so, and the queue items
+/// (revisions, or single responses) they came in.
+struct DrainWindow {
+    start: tokio::time::Instant,
+    responses: usize,
+    items: usize,
+}
+
+impl DrainWindow {
+    fn new(now: tokio::time::Instant) -> Self {
+        Self {
+            start: now,
+            responses: 0,
+            items: 0,
+        }
+    }
+
+    /// Counts a drain of `responses` from `items` at `now`; true when that makes the stream
+    /// a busy fan-out, which then starts counting afresh.
+    fn busy_after(&mut self, now: tokio::time::Instant, responses: usize, items: usize) -> bool {
+        if now.duration_since(self.start) > LINGER {
+            *self = Self::new(now);
+        }
+        self.responses += responses;
+        self.items += items;
+        let busy = busy_fanout(self.responses, self.items);
+        if busy {
+            *self = Self::new(now);
+        }
+        busy
+    }
 }
 
 impl Drop for Responses {
@@ -272,18 +302,10 @@ impl Stream for Responses {
             }
         }
         self.queue.drained(weight);
-        let now = tokio::time::Instant::now();
-        if now.duration_since(self.window_start) > LINGER {
-            self.window_start = now;
-            self.window_drained = 0;
-            self.window_items = 0;
-        }
-        self.window_drained += weight;
-        self.window_items += batch.len();
-        if busy_fanout(self.window_drained, self.window_items) {
-            self.window_start = now;
-            self.window_drained = 0;
-            self.window_items = 0;
+        if self
+            .window
+            .busy_after(tokio::time::Instant::now(), weight, batch.len())
+        {
             self.linger = Some(Box::pin(tokio::time::sleep(LINGER)));
         }
         let limit = self.node.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
@@ -461,9 +483,7 @@ impl kv_core::proto::etcdserverpb::watch_server::Watch for WatchService {
             node: self.node.clone(),
             ready: Default::default(),
             linger: None,
-            window_start: tokio::time::Instant::now(),
-            window_drained: 0,
-            window_items: 0,
+            window: DrainWindow::new(tokio::time::Instant::now()),
             _guard: StreamGuard {
                 node: self.node.clone(),
                 stream,
@@ -645,6 +665,21 @@ mod tests {
         assert!(!busy_fanout(5_000, 5_000));
         assert!(!busy_fanout(5_000, 5_000 / BUSY_SPREAD + 1));
         assert!(busy_fanout(5_000, 5_000 / BUSY_SPREAD));
+    }
+
+    #[test]
+    fn the_drain_window_counts_within_a_linger_and_starts_afresh() {
+        let t0 = tokio::time::Instant::now();
+        let mut w = DrainWindow::new(t0);
+        // Fan-out drains adding up within one window.
+        assert!(!w.busy_after(t0, 200, 1));
+        assert!(w.busy_after(t0 + LINGER / 2, 200, 1));
+        // A busy verdict starts a new window; drains further apart than a linger never add up.
+        assert!(!w.busy_after(t0 + LINGER / 2, 200, 1));
+        assert!(!w.busy_after(t0 + LINGER * 2, 200, 1));
+        // Distinct keys: many responses, one item each.
+        let mut w = DrainWindow::new(t0);
+        assert!(!w.busy_after(t0, 1_000, 1_000));
     }
 
     #[test]
