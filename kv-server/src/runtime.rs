@@ -18,7 +18,23 @@
 //! WAL sync thread, apply, connection), and each now unparks the other worker: one client
 //! writing one key after another got about 80 µs slower per write (p50 0.40-0.45 → 0.49-0.50
 //! ms, server CPU per write 249-289 → 328-331 µs), and keep-alives cost a little more CPU.
-//! Whether the throughput is worth that latency is still open.
+//!
+//! # Why it stays off
+//! The slot off meets more of the benchmark targets than the slot on: linearizable gets,
+//! concurrent puts and CAS against etcd 3.5.1 need it, while a lone writer's p99 stays near
+//! etcd's either way (2026-11-27, `kv-bench compare` against etcd 3.4: 1.37 vs 1.60 ms with
+//! the slot off). A scheduler trace of a lone writer (`perf record -e sched:*`) shows where
+//! its time goes: each hop between the two workers and the WAL sync thread is a wake-up that
+//! costs 25-40 µs of context switching on this kind of VM, and with the slot off tokio wakes
+//! the idle worker at more of them.
+//!
+//! Getting both by keeping the slot and making each connection wait before its first write
+//! until its worker had run the other ready tasks (a yield through tokio's deferred wake-ups)
+//! did batch the writes (7k instead of 30k `writev` in 3 s of puts) but not the CPU: 64-76 µs
+//! per put against 52-58 with the slot off, so the slot's cost under load is more than the
+//! unbatched writes, and the experiment was dropped. (What did leave reads and watch
+//! responses one `write` each, with the slot on or off, was `h2` writing out every DATA frame
+//! of 256 bytes or more before buffering the next; [`crate::coalesce`] deals with that.)
 //!
 //! # Why a cfg
 //! tokio offers `disable_lifo_slot` only when built with `--cfg tokio_unstable`, which the

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::TryStreamExt;
 use kv_core::backend::RedbBackend;
 use kv_core::proto::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
@@ -15,6 +16,7 @@ use kv_core::{Store, StoreConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::coalesce::CoalescingStream;
 use crate::config::{ClusterState, Flags, GRPC_OVERHEAD_BYTES, url_list};
 use crate::identity::{self, STATE_FILE};
 use crate::lessor::{LeaseClock, Lessor};
@@ -268,8 +270,10 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
             .add_service(health_service.clone());
         let stop = cancel.clone();
         // Small request/response exchanges must not wait for Nagle + delayed ACK (~40 ms).
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            // Responses finished in one burst leave in one write (`coalesce` says why).
+            .map_ok(CoalescingStream::new);
         serving.spawn(
             router.serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
         );
