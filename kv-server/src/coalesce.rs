@@ -94,8 +94,8 @@ impl<S> CoalescingStream<S> {
     fn turn_has_come(&mut self, cx: &mut Context<'_>) -> bool {
         self.turn.connection.register(cx.waker());
         if self.state == TurnState::Idle {
-            // The last turn has come (or none was asked for), so no wake-up is pending and
-            // the flag can be reset.
+            // The last turn has come (or none was asked for), so no wake-up is on its way
+            // and the flag can be reset.
             self.turn.come.store(false, Ordering::Release);
             // `yield_now` hands the waker it is polled with to the worker's deferred list;
             // the worker wakes that list once it has nothing queued. Polled outside a
@@ -107,7 +107,11 @@ impl<S> CoalescingStream<S> {
             }
             self.state = TurnState::Waiting;
         }
-        self.turn.come.load(Ordering::Acquire)
+        if self.turn.come.load(Ordering::Acquire) {
+            self.state = TurnState::Idle;
+            return true;
+        }
+        false
     }
 }
 
@@ -128,7 +132,7 @@ impl<S: AsyncWrite + Unpin> CoalescingStream<S> {
         } else {
             self.held.clear();
         }
-        self.state = TurnState::Idle;
+        // A turn still asked for stays asked for: its wake-up is on its way.
         Poll::Ready(Ok(()))
     }
 
