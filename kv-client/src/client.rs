@@ -3,16 +3,22 @@
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use hyper_util::rt::TokioIo;
 use kv_core::proto::etcdserverpb::StatusRequest;
+use tokio::net::TcpStream;
 use tonic::Status;
+use tonic::codegen::http::Uri;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::cluster::Cluster;
+use crate::coalesce::CoalescingStream;
 use crate::error::{Effect, Error, Result};
 use crate::kv::Kv;
 use crate::lease::Lease;
@@ -148,8 +154,7 @@ impl Client {
             let channel = Endpoint::from_shared(url.clone())
                 .map_err(|_| Error::InvalidEndpoint(url.clone()))?
                 .connect_timeout(options.connect_timeout)
-                .tcp_nodelay(true)
-                .connect_lazy();
+                .connect_with_connector_lazy(Dialer);
             list.push((url, channel));
         }
         if list.is_empty() {
@@ -327,9 +332,70 @@ impl Client {
     }
 }
 
+/// Dials a member: TCP without Nagle's delay (small requests must not wait ~40 ms for an
+/// ACK), writes coalesced per burst of requests ([`crate::coalesce`]).
+#[derive(Debug, Clone, Copy)]
+struct Dialer;
+
+impl tower::Service<Uri> for Dialer {
+    type Response = TokioIo<CoalescingStream<TcpStream>>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        Box::pin(async move {
+            let invalid = || {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("endpoint {uri} names no host and port"),
+                )
+            };
+            // An IPv6 literal comes bracketed (`[::1]`); the resolver wants it bare.
+            let host = uri.host().ok_or_else(invalid)?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let port = match (uri.port_u16(), uri.scheme_str()) {
+                (Some(port), _) => port,
+                (None, Some("https")) => 443,
+                (None, _) => 80,
+            };
+            let stream = TcpStream::connect((host, port)).await?;
+            stream.set_nodelay(true)?;
+            Ok(TokioIo::new(CoalescingStream::new(stream)))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_dialer_reaches_the_member_without_nagle() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepting = tokio::spawn(async move { listener.accept().await.map(|(s, _)| s) });
+        let uri: Uri = format!("http://127.0.0.1:{port}").parse().unwrap();
+        let io = tower::Service::call(&mut Dialer, uri).await.unwrap();
+        let accepted = accepting.await.unwrap().unwrap();
+        assert_eq!(
+            accepted.peer_addr().unwrap(),
+            io.inner().inner().local_addr().unwrap()
+        );
+        assert!(io.inner().inner().nodelay().unwrap());
+    }
+
+    #[tokio::test]
+    async fn the_dialer_refuses_an_endpoint_without_a_host() {
+        let err = tower::Service::call(&mut Dialer, Uri::from_static("/only/a/path"))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+    }
 
     /// A client whose calls are answered by the test's closure (its endpoint never dialled).
     fn offline_client(options: ClientOptions) -> Client {

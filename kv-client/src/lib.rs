@@ -120,6 +120,7 @@
 
 mod client;
 mod cluster;
+pub mod coalesce;
 mod error;
 mod kv;
 mod lease;

@@ -2,7 +2,6 @@
 //! `kv-server` binary's start-up and flags.
 
 pub mod allocator;
-pub mod coalesce;
 pub mod compaction;
 pub mod config;
 pub mod errors;

@@ -34,7 +34,7 @@
 //! per put against 52-58 with the slot off, so the slot's cost under load is more than the
 //! unbatched writes, and the experiment was dropped. (What did leave reads and watch
 //! responses one `write` each, with the slot on or off, was `h2` writing out every DATA frame
-//! of 256 bytes or more before buffering the next; [`crate::coalesce`] deals with that.)
+//! of 256 bytes or more before buffering the next; [`kv_client::coalesce`] deals with that.)
 //!
 //! # Why a cfg
 //! tokio offers `disable_lifo_slot` only when built with `--cfg tokio_unstable`, which the

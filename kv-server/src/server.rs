@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::TryStreamExt;
+use kv_client::coalesce::CoalescingStream;
 use kv_core::backend::RedbBackend;
 use kv_core::proto::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
@@ -16,7 +17,6 @@ use kv_core::{Store, StoreConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::coalesce::CoalescingStream;
 use crate::config::{ClusterState, Flags, GRPC_OVERHEAD_BYTES, url_list};
 use crate::identity::{self, STATE_FILE};
 use crate::lessor::{LeaseClock, Lessor};

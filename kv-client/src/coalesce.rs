@@ -1,19 +1,20 @@
-//! Client connections that write their responses together.
+//! Connections that write what finishes in one burst together: the server's client
+//! connections and this client's connections to members both use it.
 //!
 //! # Why
 //! HTTP/2 (the `h2` crate under tonic) writes to the socket every time a connection's task has
-//! sent what it had, and sooner when a response carries a DATA frame of 256 bytes or more
+//! sent what it had, and sooner when a message carries a DATA frame of 256 bytes or more
 //! (such a frame is written straight from its own buffer, so the next frame must wait for
-//! that write). A get of a 256-byte value, or a watch response, therefore cost a `writev` of
-//! its own: 87k `writev` for 85k serializable gets, and one per watch response during a
-//! watch fan-out. On a VM each of those is several microseconds of kernel time.
+//! that write). A get of a 256-byte value, a put of one, or a watch response therefore cost a
+//! `writev` of its own: 87k `writev` for 85k serializable gets on the server. On a VM each of
+//! those is several microseconds of kernel time.
 //!
 //! [`CoalescingStream`] sits between `h2` and the socket and keeps what `h2` writes until the
-//! worker thread running the connection has run the other tasks that are ready: request tasks
-//! finishing in the same burst then add their responses, and one `write` sends them all.
+//! worker thread running the connection has run the other tasks that are ready: tasks
+//! finishing in the same burst then add their messages, and one `write` sends them all.
 //! It asks the worker for that turn with tokio's `yield_now`, whose wake-up tokio defers until
 //! the worker has no queued task left (or at its periodic driver poll, every 61 tasks), so a
-//! response never waits on a timer: a lone request pays one extra poll of its connection, a
+//! message never waits on a timer: a lone request pays one extra poll of its connection, a
 //! few microseconds.
 //!
 //! # How it keeps `h2` going
@@ -40,7 +41,7 @@ pub const SOFT_LIMIT: usize = 64 * 1024;
 const RETAINED: usize = 16 * 1024;
 
 /// A byte stream whose writes wait for the end of the worker's current burst of tasks, so
-/// that responses completed together leave in one system call.
+/// that messages completed together leave in one system call.
 pub struct CoalescingStream<S> {
     inner: S,
     held: Vec<u8>,
@@ -78,6 +79,11 @@ impl Wake for Turn {
 }
 
 impl<S> CoalescingStream<S> {
+    /// The wrapped stream, e.g. to read its socket options.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
     /// Wraps `inner`.
     pub fn new(inner: S) -> Self {
         CoalescingStream {
