@@ -21,6 +21,8 @@ const KEY: &str = "failover/w";
 struct Writes {
     acked: Vec<i64>,
     unknown: Vec<i64>,
+    /// Of `unknown`, those a surviving member itself answered with its proposal timeout.
+    timed_out_by_member: Vec<i64>,
 }
 
 /// Puts `0..WRITES` to `KEY`, one at a time, 10 ms apart; an unknown outcome is recorded, not
@@ -35,6 +37,9 @@ async fn write_all(client: Client, last_acked: Arc<AtomicI64>) -> Writes {
             }
             Err(Error::OutcomeUnknown(why)) => {
                 eprintln!("put {i}: outcome unknown ({why})");
+                if why.to_string().contains("etcdserver: request timed out") {
+                    writes.timed_out_by_member.push(i);
+                }
                 writes.unknown.push(i);
             }
             Err(e) => panic!("put {i} failed: {e}"),
@@ -96,7 +101,7 @@ async fn collect_until(stream: &mut WatchStream, last: i64) -> Vec<i64> {
     seen
 }
 
-async fn failover_scenario(members: &mut impl Members) {
+async fn failover_scenario(members: &mut impl Members, member_timeouts_allowed: usize) {
     let leader = wait_leader_among(members, &[0, 1, 2], Duration::from_secs(15)).await;
     // The leader first, so the member in use is the one whose death also forces an election.
     let mut endpoints = vec![members.endpoint_of(leader).unwrap()];
@@ -156,8 +161,15 @@ async fn failover_scenario(members: &mut impl Members) {
         kill_time.elapsed(),
         writes.unknown
     );
+    // etcd 3.4 has a re-election race of its own: a surviving follower can forward the next
+    // put to the leader just killed and answer "request timed out" when it never commits.
+    // That member's verdict is allowed on etcd, once; our server must not need it.
+    let member_verdicts = writes
+        .timed_out_by_member
+        .len()
+        .min(member_timeouts_allowed);
     assert!(
-        writes.unknown.len() <= 1,
+        writes.unknown.len() - member_verdicts <= 1,
         "only the write in flight at the kill may be unknown"
     );
     assert_eq!(
@@ -209,7 +221,7 @@ async fn failover_scenario(members: &mut impl Members) {
 async fn reads_writes_watch_and_lease_survive_the_kill_of_the_member_in_use() {
     tokio::time::timeout(Duration::from_secs(120), async {
         let mut cluster = Cluster::start(3);
-        failover_scenario(&mut cluster).await;
+        failover_scenario(&mut cluster, 0).await;
     })
     .await
     .expect("test timed out");
@@ -221,7 +233,7 @@ async fn reads_writes_watch_and_lease_survive_the_kill_of_the_member_in_use_on_e
         Ok(c) => c,
         Err(why) => return eprintln!("skipped: {why}"),
     };
-    tokio::time::timeout(Duration::from_secs(120), failover_scenario(&mut cluster))
+    tokio::time::timeout(Duration::from_secs(120), failover_scenario(&mut cluster, 1))
         .await
         .expect("test timed out");
 }
