@@ -351,7 +351,7 @@ impl tower::Service<Uri> for Dialer {
             let invalid = || {
                 std::io::Error::new(
                     std::io::ErrorKind::InvalidInput,
-                    format!("endpoint {uri} names no host and port"),
+                    format!("endpoint {uri} names no host"),
                 )
             };
             // An IPv6 literal comes bracketed (`[::1]`); the resolver wants it bare.
