@@ -20,9 +20,10 @@
 //! # How it keeps `h2` going
 //! A write is taken into the buffer at once. A flush with bytes buffered reports success and
 //! asks for a turn; `h2` flushes at the end of every pass over its connection, so when the
-//! turn wakes the connection task its next flush writes the buffer out. More than
-//! [`SOFT_LIMIT`] bytes buffered are written at once, so a large range reply streams as
-//! before. Shutdown writes everything first.
+//! turn wakes the connection task its next flush writes the buffer out. A write that would
+//! take the buffer past [`SOFT_LIMIT`] goes to the socket at once, behind the buffered bytes
+//! in the same system call and without being copied, so a large range reply or a watch
+//! stream under load streams as before. Shutdown writes everything first.
 
 use std::io;
 use std::pin::Pin;
@@ -122,7 +123,7 @@ impl<S> CoalescingStream<S> {
 }
 
 impl<S: AsyncWrite + Unpin> CoalescingStream<S> {
-    /// Writes every held byte to the socket.
+    /// Writes every held byte to the socket, at the end of a burst.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.sent < self.held.len() {
             let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.held[self.sent..]))?;
@@ -142,18 +143,54 @@ impl<S: AsyncWrite + Unpin> CoalescingStream<S> {
         Poll::Ready(Ok(()))
     }
 
-    /// Takes `len` more bytes (`fill` appends them) unless that would pass the soft limit,
-    /// in which case the held bytes go first.
+    /// Writes the held bytes and then `bufs` in one system call, `bufs` without copying
+    /// them; returns how many bytes of `bufs` the socket took (none if it took only held
+    /// ones).
+    fn poll_write_through(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let held = &self.held[self.sent..];
+        let mut slices = Vec::with_capacity(bufs.len() + 1);
+        slices.push(io::IoSlice::new(held));
+        slices.extend(bufs.iter().map(|b| io::IoSlice::new(b)));
+        let n = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, &slices))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        let from_held = n.min(held.len());
+        self.sent += from_held;
+        if self.sent == self.held.len() {
+            // Mid-burst: the buffer's capacity is kept for the rest of it.
+            self.sent = 0;
+            self.held.clear();
+        }
+        Poll::Ready(Ok(n - from_held))
+    }
+
+    /// Takes `bufs` (`len` bytes) into the buffer, or, when that would pass the soft limit,
+    /// writes the held bytes and them to the socket at once.
     fn poll_take(
         &mut self,
         cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
         len: usize,
-        fill: impl FnOnce(&mut Vec<u8>),
     ) -> Poll<io::Result<usize>> {
-        if !self.held.is_empty() && self.held.len() + len > SOFT_LIMIT {
-            ready!(self.poll_drain(cx))?;
+        while !self.held.is_empty() && self.held.len() + len > SOFT_LIMIT {
+            let taken = ready!(self.poll_write_through(cx, bufs))?;
+            if taken > 0 {
+                return Poll::Ready(Ok(taken));
+            }
         }
-        fill(&mut self.held);
+        if self.held.capacity() < self.held.len() + len {
+            // Straight to the soft limit rather than doubling up to it: a streaming
+            // connection would otherwise copy its buffer over and over as it grows.
+            self.held.reserve(SOFT_LIMIT.max(len));
+        }
+        for b in bufs {
+            self.held.extend_from_slice(b);
+        }
         Poll::Ready(Ok(len))
     }
 }
@@ -175,7 +212,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CoalescingStream<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.get_mut()
-            .poll_take(cx, buf.len(), |held| held.extend_from_slice(buf))
+            .poll_take(cx, &[io::IoSlice::new(buf)], buf.len())
     }
 
     fn poll_write_vectored(
@@ -184,15 +221,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CoalescingStream<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let len = bufs.iter().map(|b| b.len()).sum();
-        self.get_mut().poll_take(cx, len, |held| {
-            for b in bufs {
-                held.extend_from_slice(b);
-            }
-        })
+        self.get_mut().poll_take(cx, bufs, len)
     }
 
     /// Vectored: `h2` then hands over large DATA payloads without copying them into its own
-    /// buffer first; they are copied once, here.
+    /// buffer first; they are copied at most once, here.
     fn is_write_vectored(&self) -> bool {
         true
     }
@@ -233,10 +266,13 @@ mod tests {
     use tokio::io::AsyncWriteExt;
     use tokio::sync::mpsc;
 
-    /// A socket stand-in that records every write it is given.
+    /// A socket stand-in that records every write it is given: at most `cap` bytes of each
+    /// when set, and vectored writes as one when `vectored`.
     #[derive(Clone, Default)]
     struct Recorder {
         writes: Arc<Mutex<Vec<Vec<u8>>>>,
+        vectored: bool,
+        cap: Option<usize>,
     }
 
     impl Recorder {
@@ -252,11 +288,31 @@ mod tests {
     impl AsyncWrite for Recorder {
         fn poll_write(
             self: Pin<&mut Self>,
-            _: &mut Context<'_>,
+            cx: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<io::Result<usize>> {
-            self.writes.lock().unwrap().push(buf.to_vec());
-            Poll::Ready(Ok(buf.len()))
+            self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let bufs = if self.vectored {
+                bufs
+            } else {
+                &bufs[..bufs.len().min(1)]
+            };
+            let mut taken: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            taken.truncate(self.cap.unwrap_or(usize::MAX));
+            let n = taken.len();
+            self.writes.lock().unwrap().push(taken);
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.vectored
         }
 
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -343,6 +399,38 @@ mod tests {
         assert_eq!(recorder.writes().len(), 3);
         drop(tx);
         conn.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn past_the_soft_limit_the_write_follows_the_held_bytes_in_one_call() {
+        let recorder = Recorder {
+            vectored: true,
+            ..Recorder::default()
+        };
+        let mut stream = CoalescingStream::new(recorder.clone());
+        let small = vec![1u8; 100];
+        let large: Vec<u8> = (0..SOFT_LIMIT).map(|i| (i % 251) as u8).collect();
+        stream.write_all(&small).await.unwrap();
+        assert!(recorder.writes().is_empty());
+        stream.write_all(&large).await.unwrap();
+        assert_eq!(
+            recorder.writes().len(),
+            1,
+            "held bytes and the write together"
+        );
+        assert_eq!(recorder.bytes(), [small.clone(), large.clone()].concat());
+        // A socket taking less than offered: nothing is lost, repeated or reordered.
+        let partial = Recorder {
+            vectored: true,
+            cap: Some(7_000),
+            ..Recorder::default()
+        };
+        let mut stream = CoalescingStream::new(partial.clone());
+        stream.write_all(&small).await.unwrap();
+        stream.write_all(&large).await.unwrap();
+        stream.write_all(&small).await.unwrap();
+        stream.shutdown().await.unwrap();
+        assert_eq!(partial.bytes(), [small.clone(), large, small].concat());
     }
 
     #[tokio::test]
