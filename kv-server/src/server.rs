@@ -9,7 +9,7 @@ use kv_client::coalesce::CoalescingStream;
 use kv_core::backend::RedbBackend;
 use kv_core::proto::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
-    lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
+    lease_server::LeaseServer, maintenance_server::MaintenanceServer,
 };
 use kv_core::proto::v3electionpb::election_server::ElectionServer;
 use kv_core::proto::v3lockpb::lock_server::LockServer;
@@ -26,7 +26,7 @@ use crate::raft::{PeerService, RaftConfig, RaftNode};
 use crate::service::{
     cluster::ClusterService, election::ElectionService, kv::KvService, lease::LeaseService,
     lock::LockService, loopback::Loopback, maintenance::MaintenanceService, pending::Pending,
-    watch::WatchService,
+    watch::WatchService, watch_wire::WatchServer,
 };
 use kv_core::proto::kvserverpb::peer_server::PeerServer;
 

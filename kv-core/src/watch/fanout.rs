@@ -77,18 +77,27 @@ impl Fanout {
 
     /// The events of `watcher`, in revision order.
     pub fn events_of<'a>(&'a self, watcher: &FanoutWatcher) -> impl Iterator<Item = &'a Event> {
-        let from = if watcher.prev_kv {
+        let from = self.list_of(watcher);
+        self.picks_of(watcher)
+            .iter()
+            .filter_map(move |&i| from.get(i as usize))
+    }
+
+    /// The list `watcher` takes its events from: [`Fanout::with_prev`] or [`Fanout::events`].
+    pub fn list_of(&self, watcher: &FanoutWatcher) -> &Arc<[Event]> {
+        if watcher.prev_kv {
             &self.with_prev
         } else {
             &self.events
-        };
+        }
+    }
+
+    /// The indices into [`Fanout::list_of`] of `watcher`'s events, in revision order (not
+    /// necessarily ascending: `with_prev` is filled in the order watchers first ask).
+    pub fn picks_of(&self, watcher: &FanoutWatcher) -> &[u32] {
         let start = watcher.start as usize;
         let end = start + watcher.len as usize;
-        self.picks
-            .get(start..end)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(move |&i| from.get(i as usize))
+        self.picks.get(start..end).unwrap_or_default()
     }
 
     /// The response `watcher` gets for this revision alone.

@@ -18,8 +18,10 @@ mod fanout;
 pub(crate) mod feed;
 mod span_index;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use foldhash::HashMap;
 
 use crate::proto::etcdserverpb::{
     ResponseHeader, WatchCreateRequest, WatchResponse, watch_create_request::FilterType,
@@ -134,6 +136,8 @@ struct StreamState {
 struct HubState {
     next_key: u64,
     next_stream: u64,
+    // foldhash rather than SipHash: the keys are ours, not a peer's, and a fan-out looks up
+    // every watcher it hits twice per revision.
     watchers: HashMap<u64, Watcher>,
     synced: SpanIndex,
     victims: BTreeSet<u64>,
@@ -457,10 +461,11 @@ impl WatchHub {
         let mut prev_at: Vec<Option<u32>> = vec![None; events.len()];
         // One fan-out per stream hit, with the hub keys of its watchers.
         let mut fanouts: Vec<(StreamId, Fanout, Vec<u64>)> = Vec::new();
-        let mut slot_of: HashMap<StreamId, usize> = HashMap::new();
+        let mut slot_of: HashMap<StreamId, usize> = HashMap::default();
         // Victims' shares, made into responses for their held buffers at the end.
         let mut behind = Fanout::new(revision, shared.clone(), Arc::from(Vec::new()));
         let mut behind_keys: Vec<u64> = Vec::new();
+        let mut picks: Vec<u32> = Vec::new();
         for group in hit.chunk_by(|a, b| a.0 == b.0) {
             let key = group[0].0;
             let Some(w) = s.watchers.get(&key) else {
@@ -469,7 +474,8 @@ impl WatchHub {
             if w.next_rev > revision {
                 continue;
             }
-            let mut picks: Vec<u32> = Vec::with_capacity(group.len());
+            // One vector reused for every watcher rather than one allocated for each.
+            picks.clear();
             for &(_, i) in group {
                 if !w.keeps(&events[i]) {
                     continue;
@@ -495,7 +501,7 @@ impl WatchHub {
             }
             if w.group != Group::Synced {
                 // A victim's events join its held responses, behind what it already holds.
-                behind.push(w.id, w.fragment, w.prev_kv, picks);
+                behind.push(w.id, w.fragment, w.prev_kv, picks.iter().copied());
                 behind_keys.push(key);
                 continue;
             }
@@ -513,7 +519,7 @@ impl WatchHub {
                 }),
             };
             let (_, fanout, members) = &mut fanouts[slot];
-            fanout.push(w.id, w.fragment, w.prev_kv, picks);
+            fanout.push(w.id, w.fragment, w.prev_kv, picks.iter().copied());
             members.push(key);
         }
         let with_prev: Arc<[Event]> = with_prev.into();

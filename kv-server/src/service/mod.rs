@@ -11,3 +11,4 @@ pub mod loopback;
 pub mod maintenance;
 pub mod pending;
 pub mod watch;
+pub mod watch_wire;

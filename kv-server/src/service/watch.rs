@@ -8,7 +8,6 @@
 //! task ([`run`]) catches unsynced watchers up from storage, retries victims and sends
 //! periodic progress.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,14 +22,13 @@ use kv_core::proto::etcdserverpb::{
 };
 use kv_core::proto::mvccpb::Event;
 use kv_core::watch::{Fanout, INVALID_WATCH_ID, Outgoing, StreamId, WatchSink, WatchSpec};
-use prost::Message;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::GRPC_OVERHEAD_BYTES;
 use crate::node::Node;
-use crate::service::pending::BoxStream;
+use crate::service::watch_wire::{EncodedEvents, EventRuns, EventsResponse, WatchFrame};
 
 /// Responses queued per stream before its watchers become victims, a fan-out item counting one
 /// per watcher (etcd queues 128; a deeper queue lets one stream carry a thousand watchers of
@@ -40,7 +38,7 @@ pub const STREAM_QUEUE: usize = 16384;
 const MERGE_SCAN: usize = STREAM_QUEUE;
 /// A merged response holds at most this many events...
 const MERGE_MAX_EVENTS: usize = 1000;
-/// ...and at most about this many key and value bytes (clients commonly refuse messages over
+/// ...and at most this many bytes of encoded events (clients commonly refuse messages over
 /// 4 MiB).
 const MERGE_MAX_BYTES: usize = 1 << 20;
 /// This many responses drained within one [`LINGER`] mark the stream busy: its next drain waits
@@ -198,11 +196,11 @@ impl Drop for StreamGuard {
 
 /// The response stream: queued responses, headers filled, split when a watcher asked for
 /// fragments.
-struct Responses {
+pub struct Responses {
     rx: mpsc::UnboundedReceiver<Item>,
     queue: Arc<StreamQueue>,
     node: Arc<Node>,
-    ready: std::collections::VecDeque<WatchResponse>,
+    ready: std::collections::VecDeque<WatchFrame>,
     /// Set after a busy drain: the next drain waits for it or for the queue to fill.
     linger: Option<Pin<Box<tokio::time::Sleep>>>,
     /// What it drained lately, to tell a busy fan-out stream from others.
@@ -274,7 +272,7 @@ impl Drop for Responses {
 }
 
 impl Stream for Responses {
-    type Item = Result<WatchResponse, Status>;
+    type Item = Result<WatchFrame, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if let Some(r) = self.ready.pop_front() {
@@ -311,29 +309,53 @@ impl Stream for Responses {
         let limit = self.node.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
         // One look at Raft's term for the whole batch.
         let base = self.node.header(0).unwrap_or_default();
-        for out in merge(batch) {
-            let mut response = out.response;
-            let revision = response.header.as_ref().map_or(0, |h| h.revision);
-            response.header = Some(ResponseHeader { revision, ..base });
-            if out.fragment {
-                // etcd cuts at the request limit plus gRPC's head-room.
-                let pieces = fragments(response, limit);
-                self.ready.extend(pieces);
-            } else {
-                self.ready.push_back(response);
+        for pending in merge(batch) {
+            match pending {
+                Pending::Events {
+                    watch_id,
+                    revision,
+                    split,
+                    events,
+                } => {
+                    let response = EventsResponse {
+                        header: ResponseHeader { revision, ..base },
+                        watch_id,
+                        fragment: false,
+                        events,
+                    };
+                    if split {
+                        // etcd cuts at the request limit plus gRPC's head-room.
+                        let pieces = response.fragments(limit);
+                        self.ready
+                            .extend(pieces.into_iter().map(WatchFrame::Events));
+                    } else {
+                        self.ready.push_back(WatchFrame::Events(response));
+                    }
+                }
+                Pending::Other(mut response) => {
+                    let revision = response.header.as_ref().map_or(0, |h| h.revision);
+                    response.header = Some(ResponseHeader { revision, ..base });
+                    self.ready.push_back(WatchFrame::Message(response));
+                }
             }
         }
         Poll::Ready(self.ready.pop_front().map(Ok))
     }
 }
 
-/// Sums the key and value bytes of `events`.
-fn event_bytes<'a>(events: impl IntoIterator<Item = &'a Event>) -> usize {
-    events
-        .into_iter()
-        .flat_map(|e| e.kv.iter().chain(e.prev_kv.iter()))
-        .map(|kv| kv.key.len() + kv.value.len())
-        .sum()
+/// A drained response before its header is filled in.
+enum Pending {
+    /// A watcher's events, which its later events may join.
+    Events {
+        watch_id: i64,
+        /// The revision of its last events: the header's.
+        revision: i64,
+        /// The watcher asked for large responses to be split.
+        split: bool,
+        events: EventRuns,
+    },
+    /// Anything else (created, canceled, compacted, progress), passed through.
+    Other(WatchResponse),
 }
 
 /// Builds the drained items' responses, merging each watcher's event responses (later events
@@ -344,131 +366,106 @@ fn event_bytes<'a>(events: impl IntoIterator<Item = &'a Event>) -> usize {
 /// the limit. Anything else (created, canceled, compacted, progress) is passed through as a
 /// barrier: nothing of that watcher, or of any watcher for a stream-wide progress, is merged
 /// across it.
-fn merge(batch: Vec<Item>) -> Vec<Outgoing> {
+fn merge(batch: Vec<Item>) -> Vec<Pending> {
     let mut merged = Merged::default();
     for item in batch {
         match item {
-            Item::One(mut o) => {
-                let r = &o.response;
+            Item::One(o) => {
+                let r = o.response;
                 let plain =
                     !r.events.is_empty() && !r.created && !r.canceled && r.compact_revision == 0;
                 if !plain {
-                    merged.barrier(o);
+                    merged.barrier(r);
                     continue;
                 }
-                let (id, count, bytes) = (r.watch_id, r.events.len(), event_bytes(&r.events));
                 let revision = r.header.as_ref().map_or(0, |h| h.revision);
-                let events = &mut o.response.events;
-                if !merged.join(id, revision, count, bytes, |to| to.append(events)) {
-                    merged.open(o, bytes);
-                }
+                let events = EventRuns::encode(&r.events);
+                merged.add(r.watch_id, revision, o.fragment, events);
             }
             Item::Fanout(f) => {
-                for w in &f.watchers {
-                    let (count, bytes) = (f.events_of(w).count(), event_bytes(f.events_of(w)));
-                    let events = f.events_of(w).cloned();
-                    if !merged.join(w.watch_id, f.revision, count, bytes, |to| to.extend(events)) {
-                        let response = f.response(w);
-                        let fragment = w.fragment;
-                        merged.open(Outgoing { response, fragment }, bytes);
+                // Each list is encoded once for all of this stream's watchers, and only the
+                // events some watcher takes.
+                let encode = |list: &Arc<[Event]>, prev_kv: bool| {
+                    let mut wanted = vec![false; list.len()];
+                    for w in f.watchers.iter().filter(|w| w.prev_kv == prev_kv) {
+                        for &p in f.picks_of(w) {
+                            if let Some(slot) = wanted.get_mut(p as usize) {
+                                *slot = true;
+                            }
+                        }
                     }
+                    EncodedEvents::new(list, |i| wanted[i])
+                };
+                let plain = encode(&f.events, false);
+                let with_prev = f
+                    .watchers
+                    .iter()
+                    .any(|w| w.prev_kv)
+                    .then(|| encode(&f.with_prev, true));
+                for w in &f.watchers {
+                    let list = match (&with_prev, w.prev_kv) {
+                        (Some(with_prev), true) => with_prev,
+                        _ => &plain,
+                    };
+                    let mut events = EventRuns::default();
+                    list.take(f.picks_of(w), &mut events);
+                    merged.add(w.watch_id, f.revision, w.fragment, events);
                 }
             }
         }
     }
-    merged.out.into_iter().map(|(o, _)| o).collect()
+    merged.out
 }
 
-/// [`merge`]'s output so far: responses with their key and value bytes, and which of them
-/// each watcher's later events may still join.
+/// [`merge`]'s output so far, and which response each watcher's later events may still join.
 #[derive(Default)]
 struct Merged {
-    out: Vec<(Outgoing, usize)>,
-    open: HashMap<i64, usize>,
+    out: Vec<Pending>,
+    open: foldhash::HashMap<i64, usize>,
 }
 
 impl Merged {
-    /// Appends `count` events of `bytes` (of `revision`; `append` moves them) to the open
-    /// response of `watch_id`, if it has one with room; false otherwise.
-    fn join(
-        &mut self,
-        watch_id: i64,
-        revision: i64,
-        count: usize,
-        bytes: usize,
-        append: impl FnOnce(&mut Vec<Event>),
-    ) -> bool {
-        let Some(&i) = self.open.get(&watch_id) else {
-            return false;
-        };
-        let (target, size) = &mut self.out[i];
-        if target.response.events.len() + count > MERGE_MAX_EVENTS
-            || *size + bytes > MERGE_MAX_BYTES
+    /// Appends `events` (of `revision`) to the open response of `watch_id` if it has one
+    /// with room, or opens one.
+    fn add(&mut self, watch_id: i64, revision: i64, split: bool, events: EventRuns) {
+        if let Some(&i) = self.open.get(&watch_id)
+            && let Some(Pending::Events {
+                revision: last,
+                events: to,
+                ..
+            }) = self.out.get_mut(i)
+            && to.count() + events.count() <= MERGE_MAX_EVENTS
+            && to.len() + events.len() <= MERGE_MAX_BYTES
         {
-            return false;
+            *last = revision;
+            to.append(events);
+            return;
         }
-        *size += bytes;
-        target.response.header.get_or_insert_default().revision = revision;
-        append(&mut target.response.events);
-        true
+        self.open.insert(watch_id, self.out.len());
+        self.out.push(Pending::Events {
+            watch_id,
+            revision,
+            split,
+            events,
+        });
     }
 
-    /// Starts a new response that its watcher's later events may join.
-    fn open(&mut self, out: Outgoing, bytes: usize) {
-        self.open.insert(out.response.watch_id, self.out.len());
-        self.out.push((out, bytes));
-    }
-
-    /// Passes `out` through: nothing of its watcher (of any, for a stream-wide progress) is
-    /// merged across it.
-    fn barrier(&mut self, out: Outgoing) {
-        if out.response.watch_id == INVALID_WATCH_ID {
+    /// Passes `response` through: nothing of its watcher (of any, for a stream-wide
+    /// progress) is merged across it.
+    fn barrier(&mut self, response: WatchResponse) {
+        if response.watch_id == INVALID_WATCH_ID {
             self.open.clear();
         } else {
-            self.open.remove(&out.response.watch_id);
+            self.open.remove(&response.watch_id);
         }
-        self.out.push((out, 0));
+        self.out.push(Pending::Other(response));
     }
 }
 
-/// etcd's `sendFragments`: a response over `limit` bytes with more than one event is cut into
-/// pieces of at most `limit` bytes (at least one event each), all but the last marked
-/// `fragment`.
-fn fragments(response: WatchResponse, limit: usize) -> Vec<WatchResponse> {
-    if response.encoded_len() < limit || response.events.len() < 2 {
-        return vec![response];
-    }
-    let mut out = Vec::new();
-    let mut rest = response.events.clone().into_iter().peekable();
-    let shell = WatchResponse {
-        events: Vec::new(),
-        fragment: true,
-        ..response
-    };
-    while rest.peek().is_some() {
-        let mut cur = shell.clone();
-        while let Some(ev) = rest.peek() {
-            cur.events.push(ev.clone());
-            if cur.events.len() > 1 && cur.encoded_len() >= limit {
-                cur.events.pop();
-                break;
-            }
-            rest.next();
-        }
-        cur.fragment = rest.peek().is_some();
-        out.push(cur);
-    }
-    out
-}
-
-#[tonic::async_trait]
-impl kv_core::proto::etcdserverpb::watch_server::Watch for WatchService {
-    type WatchStream = BoxStream<WatchResponse>;
-
-    async fn watch(
-        &self,
-        request: Request<Streaming<WatchRequest>>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
+impl WatchService {
+    /// Opens a watch stream: `request` carries the client's requests, the response its
+    /// watchers' responses.
+    pub fn open(&self, request: Request<Streaming<WatchRequest>>) -> Response<Responses> {
         let (tx, rx) = mpsc::unbounded_channel();
         let queue = Arc::new(StreamQueue {
             tx,
@@ -496,7 +493,7 @@ impl kv_core::proto::etcdserverpb::watch_server::Watch for WatchService {
             request.into_inner(),
             queue,
         ));
-        Ok(Response::new(Box::pin(responses)))
+        Response::new(responses)
     }
 }
 
@@ -625,12 +622,39 @@ mod tests {
         batch.into_iter().map(Item::One).collect()
     }
 
+    /// What a client decodes from `p`, and whether its watcher asked for fragments.
+    fn decoded(p: &Pending) -> (WatchResponse, bool) {
+        match p {
+            Pending::Events {
+                watch_id,
+                revision,
+                split,
+                events,
+            } => {
+                let r = EventsResponse {
+                    header: ResponseHeader {
+                        revision: *revision,
+                        ..Default::default()
+                    },
+                    watch_id: *watch_id,
+                    fragment: false,
+                    events: events.clone(),
+                };
+                let mut buf = bytes::BytesMut::new();
+                r.encode(&mut buf);
+                let r = prost::Message::decode(buf.freeze()).expect("a WatchResponse");
+                (r, *split)
+            }
+            Pending::Other(r) => (r.clone(), false),
+        }
+    }
+
     /// (watch id, header revision, events) of each response.
-    fn shape(merged: &[Outgoing]) -> Vec<(i64, i64, usize)> {
+    fn shape(merged: &[Pending]) -> Vec<(i64, i64, usize)> {
         merged
             .iter()
-            .map(|o| {
-                let r = &o.response;
+            .map(|p| {
+                let (r, _) = decoded(p);
                 (
                     r.watch_id,
                     r.header.as_ref().map_or(0, |h| h.revision),
@@ -735,17 +759,14 @@ mod tests {
             fragmenting(1, 4),
             fragmenting(2, 4),
         ];
-        let merged = merge(one(batch));
+        let merged: Vec<(WatchResponse, bool)> = merge(one(batch)).iter().map(decoded).collect();
         assert_eq!(merged.len(), 2);
         assert!(
             merged
                 .iter()
-                .all(|o| o.fragment && o.response.events.len() == 2)
+                .all(|(r, split)| *split && r.events.len() == 2)
         );
-        assert_eq!(
-            merged[0].response.header.as_ref().map(|h| h.revision),
-            Some(4)
-        );
+        assert_eq!(merged[0].0.header.as_ref().map(|h| h.revision), Some(4));
     }
 
     #[test]
@@ -775,15 +796,51 @@ mod tests {
         assert_eq!(batch.iter().map(Item::weight).sum::<usize>(), 7);
         let merged = merge(batch);
         assert_eq!(shape(&merged), vec![(1, 6, 4), (2, 5, 3), (2, 0, 0)]);
-        assert!(merged[0].fragment);
+        let (first, split) = decoded(&merged[0]);
+        assert!(split);
         // Watcher 1's events in order: revision 3's first, 4's, 5's second, 6's first.
-        let sizes: Vec<usize> = merged[0]
-            .response
+        let sizes: Vec<usize> = first
             .events
             .iter()
             .map(|e| e.kv.as_ref().map_or(0, |kv| kv.value.len()))
             .collect();
         assert_eq!(sizes, vec![10, 10, 20, 10]);
+    }
+
+    #[test]
+    fn prev_kv_watchers_get_their_events_in_revision_order() {
+        // `with_prev` is filled in the order watchers first ask, so a watcher's picks there
+        // need not ascend: watcher 2's events are with_prev[1] then with_prev[0].
+        let keyed = |key: &str| Event {
+            kv: Some(KeyValue {
+                key: key.as_bytes().to_vec().into(),
+                ..Default::default()
+            }),
+            prev_kv: Some(KeyValue::default()),
+            ..Default::default()
+        };
+        let with_prev: Arc<[Event]> = vec![keyed("b"), keyed("a")].into();
+        let mut f = Fanout::new(4, Arc::from(Vec::new()), with_prev);
+        f.push(1, false, true, [0]);
+        f.push(2, false, true, [1, 0]);
+        let merged = merge(vec![Item::Fanout(f)]);
+        let keys = |p: &Pending| -> Vec<Vec<u8>> {
+            decoded(p)
+                .0
+                .events
+                .iter()
+                .map(|e| e.kv.as_ref().map(|kv| kv.key.to_vec()).unwrap_or_default())
+                .collect()
+        };
+        assert_eq!(keys(&merged[0]), vec![b"b".to_vec()]);
+        assert_eq!(keys(&merged[1]), vec![b"a".to_vec(), b"b".to_vec()]);
+        assert!(
+            decoded(&merged[1])
+                .0
+                .events
+                .iter()
+                .all(|e| e.prev_kv.is_some())
+        );
     }
 
     #[tokio::test]
@@ -807,31 +864,5 @@ mod tests {
             .await
             .expect("the waiting request reader was released")
             .unwrap();
-    }
-
-    #[test]
-    fn fragments_split_at_the_limit_and_flag_all_but_the_last() {
-        let resp = WatchResponse {
-            watch_id: 3,
-            events: (0..10).map(|_| event(100)).collect(),
-            ..Default::default()
-        };
-        assert_eq!(fragments(resp.clone(), 1 << 20).len(), 1);
-        let parts = fragments(resp.clone(), 350);
-        assert!(parts.len() > 2);
-        assert_eq!(parts.iter().map(|p| p.events.len()).sum::<usize>(), 10);
-        assert!(parts[..parts.len() - 1].iter().all(|p| p.fragment));
-        assert!(!parts.last().unwrap().fragment);
-        assert!(
-            parts
-                .iter()
-                .all(|p| p.watch_id == 3 && p.encoded_len() < 350)
-        );
-        // A single event is never split, however large.
-        let one = WatchResponse {
-            events: vec![event(1000)],
-            ..Default::default()
-        };
-        assert_eq!(fragments(one, 10).len(), 1);
     }
 }
