@@ -7,11 +7,13 @@
 //!   membership entries get an empty [`Response`] (never seen by a client).
 //! * `applied_state()` decodes [`Applier::meta`].
 //! * Snapshots: the builder calls [`Applier::sync`] (so that every log entry openraft may purge
-//!   after the snapshot is covered by durable engine state) and then [`Applier::snapshot`].
-//!   Only the snapshot's meta is kept. The engine's own durable state already is the snapshot
-//!   (as etcd's backend file is), so when a follower needs one, `get_current_snapshot` builds
-//!   it afresh, at the state applied by then, with a meta to match. Keeping the data in memory
-//!   held a copy of the whole store for good (400 MB of resident memory at a million keys).
+//!   after the snapshot is covered by durable engine state) and records the meta of the state
+//!   it made durable; it serializes nothing. The engine's own durable state already is the
+//!   snapshot (as etcd's backend file is), and openraft keeps only a built snapshot's meta,
+//!   so when a follower needs one, `get_current_snapshot` serializes it ([`Applier::snapshot`])
+//!   afresh, at the state applied by then, with a meta to match. Serializing at every build
+//!   cost a copy of the whole store every `snapshot_count` writes (about a second and 400 MB
+//!   at a million keys) to throw it away; keeping the data held that copy for good.
 //!   Installing one calls [`Applier::restore`].
 //!
 //! Snapshot building runs concurrently with `apply()` (openraft spawns it), so a mutex shared by
@@ -84,6 +86,32 @@ impl SmMeta {
 
 /// The meta of openraft's "current snapshot" (its data is built when asked for).
 type SharedSnapshot = Arc<Mutex<Option<SnapshotMeta>>>;
+
+/// Makes the applier's state durable and its meta the current snapshot's: what openraft's
+/// snapshot building needs before it purges the log behind that meta. The data stays in the
+/// engine until a follower asks for it (see [`snapshot_now`]).
+async fn mark_snapshot<A: Applier>(
+    applier: Arc<A>,
+    apply_lock: Arc<Mutex<()>>,
+    current: &SharedSnapshot,
+) -> io::Result<Snapshot> {
+    let meta = blocking(move || {
+        let _applies_held = lock(&apply_lock);
+        applier.sync()?;
+        SmMeta::load(&*applier)
+    })
+    .await?;
+    let meta = SnapshotMeta {
+        last_log_id: meta.last_applied,
+        last_membership: meta.last_membership,
+    };
+    tracing::info!("raft: snapshot point {}", meta);
+    *lock(current) = Some(meta.clone());
+    Ok(Snapshot {
+        meta,
+        snapshot: std::io::Cursor::new(Vec::new()),
+    })
+}
 
 /// Builds a snapshot of the applier's state now (data and the meta that describes it) and
 /// makes its meta the current snapshot's.
@@ -164,7 +192,7 @@ impl<A: Applier> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<A> {
     type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        snapshot_now(
+        mark_snapshot(
             self.applier.clone(),
             self.apply_lock.clone(),
             &self.current_snapshot,

@@ -29,6 +29,8 @@ struct MemState {
 struct MemApplier {
     state: Mutex<MemState>,
     batches: Mutex<Vec<usize>>,
+    /// Times the whole state was serialized.
+    serialized: std::sync::atomic::AtomicUsize,
 }
 
 impl MemApplier {
@@ -72,6 +74,8 @@ impl Applier for MemApplier {
     }
 
     fn snapshot(&self, consistent: &mut dyn FnMut()) -> Result<Vec<u8>, io::Error> {
+        self.serialized
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let data = postcard::to_allocvec(&*self.state.lock().unwrap()).map_err(io::Error::other);
         consistent();
         data
@@ -307,6 +311,10 @@ async fn raft_snapshot_purge_restart() {
             )
             .await
             .unwrap();
+        // Building one only marks the durable state: the store is serialized when a
+        // follower asks for it, not every `snapshot_count` writes.
+        let serialized = || applier.serialized.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(serialized(), 0);
         let snap = node
             .raft()
             .get_snapshot()
@@ -314,6 +322,10 @@ async fn raft_snapshot_purge_restart() {
             .unwrap()
             .expect("current snapshot");
         assert!(snap.meta.last_log_id.unwrap().index >= last);
+        assert_eq!(serialized(), 1);
+        // What a follower would install is the state the meta names, or a later one.
+        let sent: MemState = postcard::from_bytes(snap.snapshot.get_ref()).unwrap();
+        assert!(sent.applied.last().copied() >= Some(last));
 
         node.raft().trigger().purge_log(last).await.unwrap();
         node.raft()
