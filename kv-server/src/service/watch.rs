@@ -8,6 +8,7 @@
 //! task ([`run`]) catches unsynced watchers up from storage, retries victims and sends
 //! periodic progress.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -200,7 +201,7 @@ pub struct Responses {
     rx: mpsc::UnboundedReceiver<Item>,
     queue: Arc<StreamQueue>,
     node: Arc<Node>,
-    ready: std::collections::VecDeque<WatchFrame>,
+    ready: VecDeque<WatchFrame>,
     /// Set after a busy drain: the next drain waits for it or for the queue to fill.
     linger: Option<Pin<Box<tokio::time::Sleep>>>,
     /// What it drained lately, to tell a busy fan-out stream from others.
@@ -310,40 +311,14 @@ impl Stream for Responses {
         // One look at Raft's term for the whole batch.
         let base = self.node.header(0).unwrap_or_default();
         for pending in merge(batch) {
-            match pending {
-                Pending::Events {
-                    watch_id,
-                    revision,
-                    split,
-                    events,
-                } => {
-                    let response = EventsResponse {
-                        header: ResponseHeader { revision, ..base },
-                        watch_id,
-                        fragment: false,
-                        events,
-                    };
-                    if split {
-                        // etcd cuts at the request limit plus gRPC's head-room.
-                        let pieces = response.fragments(limit);
-                        self.ready
-                            .extend(pieces.into_iter().map(WatchFrame::Events));
-                    } else {
-                        self.ready.push_back(WatchFrame::Events(response));
-                    }
-                }
-                Pending::Other(mut response) => {
-                    let revision = response.header.as_ref().map_or(0, |h| h.revision);
-                    response.header = Some(ResponseHeader { revision, ..base });
-                    self.ready.push_back(WatchFrame::Message(response));
-                }
-            }
+            pending.push_frames(base, limit, &mut self.ready);
         }
         Poll::Ready(self.ready.pop_front().map(Ok))
     }
 }
 
 /// A drained response before its header is filled in.
+#[derive(Clone)]
 enum Pending {
     /// A watcher's events, which its later events may join.
     Events {
@@ -356,6 +331,44 @@ enum Pending {
     },
     /// Anything else (created, canceled, compacted, progress), passed through.
     Other(WatchResponse),
+}
+
+impl Pending {
+    /// Queues it on `out` with `base` as its header (the revision stays its own), cut into
+    /// fragments under `limit` bytes if its watcher asked for them (etcd cuts at the request
+    /// limit plus gRPC's head-room).
+    fn push_frames(self, base: ResponseHeader, limit: usize, out: &mut VecDeque<WatchFrame>) {
+        match self {
+            Pending::Events {
+                watch_id,
+                revision,
+                split,
+                events,
+            } => {
+                let response = EventsResponse {
+                    header: ResponseHeader { revision, ..base },
+                    watch_id,
+                    fragment: false,
+                    events,
+                };
+                if split {
+                    out.extend(
+                        response
+                            .fragments(limit)
+                            .into_iter()
+                            .map(WatchFrame::Events),
+                    );
+                } else {
+                    out.push_back(WatchFrame::Events(response));
+                }
+            }
+            Pending::Other(mut response) => {
+                let revision = response.header.as_ref().map_or(0, |h| h.revision);
+                response.header = Some(ResponseHeader { revision, ..base });
+                out.push_back(WatchFrame::Message(response));
+            }
+        }
+    }
 }
 
 /// Builds the drained items' responses, merging each watcher's event responses (later events
@@ -624,29 +637,20 @@ mod tests {
 
     /// What a client decodes from `p`, and whether its watcher asked for fragments.
     fn decoded(p: &Pending) -> (WatchResponse, bool) {
-        match p {
-            Pending::Events {
-                watch_id,
-                revision,
-                split,
-                events,
-            } => {
-                let r = EventsResponse {
-                    header: ResponseHeader {
-                        revision: *revision,
-                        ..Default::default()
-                    },
-                    watch_id: *watch_id,
-                    fragment: false,
-                    events: events.clone(),
-                };
+        let split = matches!(p, Pending::Events { split: true, .. });
+        let mut frames = VecDeque::new();
+        p.clone()
+            .push_frames(ResponseHeader::default(), usize::MAX, &mut frames);
+        let response = match frames.pop_front() {
+            Some(WatchFrame::Events(r)) => {
                 let mut buf = bytes::BytesMut::new();
                 r.encode(&mut buf);
-                let r = prost::Message::decode(buf.freeze()).expect("a WatchResponse");
-                (r, *split)
+                prost::Message::decode(buf.freeze()).expect("a WatchResponse")
             }
-            Pending::Other(r) => (r.clone(), false),
-        }
+            Some(WatchFrame::Message(r)) => r,
+            None => panic!("a pending response makes at least one frame"),
+        };
+        (response, split)
     }
 
     /// (watch id, header revision, events) of each response.
