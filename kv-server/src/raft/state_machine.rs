@@ -87,38 +87,14 @@ impl SmMeta {
 /// The meta of openraft's "current snapshot" (its data is built when asked for).
 type SharedSnapshot = Arc<Mutex<Option<SnapshotMeta>>>;
 
-/// Makes the applier's state durable and its meta the current snapshot's: what openraft's
-/// snapshot building needs before it purges the log behind that meta. The data stays in the
-/// engine until a follower asks for it (see [`snapshot_now`]).
-async fn mark_snapshot<A: Applier>(
-    applier: Arc<A>,
-    apply_lock: Arc<Mutex<()>>,
-    current: &SharedSnapshot,
-) -> io::Result<Snapshot> {
-    let meta = blocking(move || {
-        let _applies_held = lock(&apply_lock);
-        applier.sync()?;
-        SmMeta::load(&*applier)
-    })
-    .await?;
-    let meta = SnapshotMeta {
-        last_log_id: meta.last_applied,
-        last_membership: meta.last_membership,
-    };
-    tracing::info!("raft: snapshot point {}", meta);
-    *lock(current) = Some(meta.clone());
-    Ok(Snapshot {
-        meta,
-        snapshot: std::io::Cursor::new(Vec::new()),
-    })
-}
-
-/// Builds a snapshot of the applier's state now (data and the meta that describes it) and
-/// makes its meta the current snapshot's.
+/// Makes the applier's state durable and its meta the current snapshot's, and returns that
+/// snapshot: with its data serialized when `serialize` (a follower needs it), without when
+/// openraft only marks a point to purge the log behind (the data then stays in the engine).
 async fn snapshot_now<A: Applier>(
     applier: Arc<A>,
     apply_lock: Arc<Mutex<()>>,
     current: &SharedSnapshot,
+    serialize: bool,
 ) -> io::Result<Snapshot> {
     let (meta, data) = blocking(move || {
         let mut applies_held = Some(lock(&apply_lock));
@@ -126,6 +102,9 @@ async fn snapshot_now<A: Applier>(
         // snapshot covers.
         applier.sync()?;
         let meta = SmMeta::load(&*applier)?;
+        if !serialize {
+            return Ok((meta, Vec::new()));
+        }
         // Applies resume once the copy's view is fixed: serializing a million keys took
         // about a second, and every write (and, through the state lock, every read) waited.
         let data = applier.snapshot(&mut || drop(applies_held.take()))?;
@@ -136,7 +115,7 @@ async fn snapshot_now<A: Applier>(
         last_log_id: meta.last_applied,
         last_membership: meta.last_membership,
     };
-    tracing::info!("raft: built snapshot {} ({} bytes)", meta, data.len());
+    tracing::info!("raft: snapshot {} ({} bytes serialized)", meta, data.len());
     *lock(current) = Some(meta.clone());
     Ok(Snapshot {
         meta,
@@ -192,10 +171,11 @@ impl<A: Applier> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<A> {
     type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        mark_snapshot(
+        snapshot_now(
             self.applier.clone(),
             self.apply_lock.clone(),
             &self.current_snapshot,
+            false,
         )
         .await
     }
@@ -319,6 +299,7 @@ impl<A: Applier> RaftStateMachine<TypeConfig> for StateMachine<A> {
             self.applier.clone(),
             self.apply_lock.clone(),
             &self.current_snapshot,
+            true,
         )
         .await
         .map(Some)

@@ -104,10 +104,10 @@ impl EventRuns {
     /// Encodes `events`, all of them, as one run.
     pub fn encode(events: &[Event]) -> Self {
         let mut runs = Self::default();
-        let all: Vec<u32> = (0..events.len())
-            .filter_map(|i| u32::try_from(i).ok())
-            .collect();
-        EncodedEvents::new(events, |_| true).take(&all, &mut runs);
+        let encoded = EncodedEvents::new(events, |_| true);
+        if !encoded.bytes.is_empty() {
+            runs.push(encoded.bytes, events.len());
+        }
         runs
     }
 
