@@ -468,7 +468,7 @@ impl WatchHub {
         let mut picks: Vec<u32> = Vec::new();
         for group in hit.chunk_by(|a, b| a.0 == b.0) {
             let key = group[0].0;
-            let Some(w) = s.watchers.get(&key) else {
+            let Some(w) = s.watchers.get_mut(&key) else {
                 continue;
             };
             if w.next_rev > revision {
@@ -521,21 +521,19 @@ impl WatchHub {
             let (_, fanout, members) = &mut fanouts[slot];
             fanout.push(w.id, w.fragment, w.prev_kv, picks.iter().copied());
             members.push(key);
+            // Marked sent now, while the watcher is at hand, rather than looked up again
+            // after the send (a cache miss per watcher under a fan-out). If the stream's
+            // queue turns out full, `deliver_each` marks it sent again or makes it a victim
+            // whose held response, not `next_rev`, says where it resumes.
+            w.next_rev = revision + 1;
+            w.quiet = false;
         }
         let with_prev: Arc<[Event]> = with_prev.into();
         for (stream, mut fanout, members) in fanouts {
             fanout.with_prev = with_prev.clone();
-            match s.send_fanout(stream, fanout) {
-                Ok(()) => {
-                    for key in members {
-                        if let Some(w) = s.watchers.get_mut(&key) {
-                            w.next_rev = revision + 1;
-                            w.quiet = false;
-                        }
-                    }
-                }
+            if let Err(fanout) = s.send_fanout(stream, fanout) {
                 // The queue is full: each watcher tries alone, then holds its events.
-                Err(fanout) => s.deliver_each(&fanout, members),
+                s.deliver_each(&fanout, members);
             }
         }
         behind.with_prev = with_prev;

@@ -380,7 +380,10 @@ impl Pending {
 /// barrier: nothing of that watcher, or of any watcher for a stream-wide progress, is merged
 /// across it.
 fn merge(batch: Vec<Item>) -> Vec<Pending> {
-    let mut merged = Merged::default();
+    // Sized for the widest item: under a fan-out each drained revision goes to the same
+    // watchers, so that is how many responses come out, and nothing regrows while filling.
+    let widest = batch.iter().map(Item::weight).max().unwrap_or(0);
+    let mut merged = Merged::with_capacity(widest);
     for item in batch {
         match item {
             Item::One(o) => {
@@ -438,6 +441,14 @@ struct Merged {
 }
 
 impl Merged {
+    /// Room for `responses` responses of as many watchers.
+    fn with_capacity(responses: usize) -> Self {
+        Self {
+            out: Vec::with_capacity(responses),
+            open: foldhash::HashMap::with_capacity_and_hasher(responses, Default::default()),
+        }
+    }
+
     /// Appends `events` (of `revision`) to the open response of `watch_id` if it has one
     /// with room, or opens one.
     fn add(&mut self, watch_id: i64, revision: i64, split: bool, events: EventRuns) {
