@@ -17,6 +17,7 @@
 mod fanout;
 pub(crate) mod feed;
 mod span_index;
+mod table;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,6 +32,7 @@ use crate::proto::mvccpb::{Event, KeyValue, event::EventType};
 pub use fanout::{Fanout, FanoutWatcher};
 pub use feed::FEED_MAX_BATCHES;
 pub use span_index::{Span, SpanIndex};
+use table::WatcherTable;
 
 /// Events one victim may hold before it is sent back to catch up from storage.
 pub const VICTIM_MAX_EVENTS: usize = 1024;
@@ -134,11 +136,8 @@ struct StreamState {
 
 #[derive(Default)]
 struct HubState {
-    next_key: u64,
     next_stream: u64,
-    // foldhash rather than SipHash: the keys are ours, not a peer's, and a fan-out looks up
-    // every watcher it hits twice per revision.
-    watchers: HashMap<u64, Watcher>,
+    watchers: WatcherTable<Watcher>,
     synced: SpanIndex,
     victims: BTreeSet<u64>,
     unsynced: BTreeSet<u64>,
@@ -352,8 +351,7 @@ impl WatchHub {
         } else {
             spec.watch_id
         };
-        s.next_key += 1;
-        let key = s.next_key;
+        let key = s.watchers.next_key();
         if let Some(st) = s.streams.get_mut(&stream) {
             st.watchers.insert(id, key);
         }
@@ -396,7 +394,8 @@ impl WatchHub {
                 s.unsynced.insert(key);
             }
         }
-        s.watchers.insert(key, watcher);
+        let inserted = s.watchers.insert(watcher);
+        debug_assert_eq!(inserted, key, "filed under the key it was stored with");
         Some(id)
     }
 
@@ -580,7 +579,7 @@ impl WatchHub {
     pub fn resync_all(&self, revision: i64) {
         let mut s = self.lock();
         let delivered = s.revision;
-        let keys: Vec<u64> = s.watchers.keys().copied().collect();
+        let keys: Vec<u64> = s.watchers.keys().collect();
         for key in keys {
             // A synced watcher has been offered everything up to the old revision.
             if let Some(w) = s.watchers.get_mut(&key)
@@ -685,11 +684,13 @@ impl WatchHub {
                 w.next_rev = w.next_rev.max(upto + 1);
                 if w.next_rev > revision {
                     s.unsynced.remove(key);
-                    if let Some(w) = s.watchers.get_mut(key) {
+                    let span = s.watchers.get_mut(key).map(|w| {
                         w.group = Group::Synced;
+                        w.span.clone()
+                    });
+                    if let Some(span) = span {
+                        s.synced.insert(*key, &span);
                     }
-                    let span = s.watchers[key].span.clone();
-                    s.synced.insert(*key, &span);
                 }
             }
         }
@@ -881,7 +882,7 @@ impl HubState {
             .watchers
             .iter()
             .filter(|(_, w)| w.progress_notify)
-            .map(|(k, w)| (*k, w.stream, w.id))
+            .map(|(k, w)| (k, w.stream, w.id))
             .collect();
         for (key, stream, id) in due {
             let Some(w) = self.watchers.get_mut(&key) else {
@@ -898,9 +899,7 @@ impl HubState {
 
     /// Gives memory back after many watchers went away.
     fn shrink(&mut self) {
-        if self.watchers.capacity() > 64 && self.watchers.len() < self.watchers.capacity() / 4 {
-            self.watchers.shrink_to_fit();
-        }
+        self.watchers.shrink();
     }
 }
 
