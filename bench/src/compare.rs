@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use crate::error::Error;
-use crate::report::{WorkloadResult, write_json};
+use crate::report::{WorkloadResult, cpu_us, write_json};
 use crate::run::run;
 use crate::server::{Deployment, Launcher, ServerKind};
 use crate::settings::Settings;
@@ -304,8 +304,8 @@ fn table(
             ratio(ours_rate, etcd_rate),
             figure(p99(ours), 2),
             figure(etcd.and_then(p99), 2),
-            figure(cpu(ours), 1),
-            figure(etcd.and_then(cpu), 1),
+            cpu(ours).map_or_else(|| "-".into(), cpu_us),
+            etcd.and_then(cpu).map_or_else(|| "-".into(), cpu_us),
         );
         let failed: Vec<String> = [(ServerKind::KvServer, Some(ours)), (ServerKind::Etcd, etcd)]
             .into_iter()

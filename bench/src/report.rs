@@ -92,13 +92,13 @@ impl WorkloadResult {
             self.workload, self.ops_per_sec, self.unit, l.p50, l.p90, l.p99, l.max, self.errors
         );
         if let Some(cpu) = self.server_cpu_us_per_op {
-            out += &format!("  server {cpu:.1} µs/op");
+            out += &format!("  server {} µs/op", cpu_us(cpu));
         }
         if let Some(kib) = self.server_rss_kib {
             out += &format!(" rss {:.1} MiB", kib as f64 / 1024.0);
         }
         if let Some(cpu) = self.client_cpu_us_per_op {
-            out += &format!("  client {cpu:.1} µs/op");
+            out += &format!("  client {} µs/op", cpu_us(cpu));
         }
         let details: Vec<String> = self
             .details
@@ -116,6 +116,17 @@ impl WorkloadResult {
 }
 
 /// A figure as a person reads it: whole numbers without decimals.
+/// CPU microseconds per operation: two decimals below 10 µs, where a watch event's share
+/// lies and one decimal would hide a third of the difference between two servers (the
+/// tick-based CPU reading over a 3 s run is good to about half a percent), one above.
+pub fn cpu_us(v: f64) -> String {
+    if v.abs() < 10.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
 fn number(v: f64) -> String {
     if v.fract() == 0.0 || v.abs() >= 100.0 {
         format!("{v:.0}")
@@ -234,5 +245,18 @@ mod tests {
         r.passed = false;
         r.failures = vec!["watcher 3: put 7 missed".into()];
         assert!(r.line().ends_with("FAILED: watcher 3: put 7 missed"));
+    }
+
+    #[test]
+    fn cpu_below_ten_microseconds_keeps_two_decimals() {
+        assert_eq!(cpu_us(1.234), "1.23");
+        assert_eq!(cpu_us(0.9), "0.90");
+        assert_eq!(cpu_us(56.78), "56.8");
+        let mut r = sample();
+        r.server_cpu_us_per_op = Some(1.044);
+        r.client_cpu_us_per_op = Some(1.3);
+        let line = r.line();
+        assert!(line.contains("server 1.04 µs/op"), "{line}");
+        assert!(line.contains("client 1.30 µs/op"), "{line}");
     }
 }
