@@ -36,7 +36,8 @@ pub struct CompareOptions {
 }
 
 /// The memory targets' workloads: a million keys written once each, and a hundred thousand
-/// watchers of one key each. Their figure is the servers' RSS at the end of the window.
+/// watchers of one key each. Their figure is the servers' RSS at the end of the window. Each
+/// runs on a deployment of its own that is stopped afterwards, so its keys are left in place.
 fn memory_probes(base: &Settings) -> Vec<(&'static str, Workload, Settings)> {
     vec![
         (
@@ -45,6 +46,7 @@ fn memory_probes(base: &Settings) -> Vec<(&'static str, Workload, Settings)> {
             Settings {
                 keys: 1_000_000,
                 ops: Some(1_000_000),
+                keep_keys: true,
                 ..base.clone()
             },
         ),
@@ -53,6 +55,7 @@ fn memory_probes(base: &Settings) -> Vec<(&'static str, Workload, Settings)> {
             Workload::WatchDistinct,
             Settings {
                 watchers: 100_000,
+                keep_keys: true,
                 ..base.clone()
             },
         ),
@@ -361,5 +364,10 @@ mod tests {
         );
         assert_eq!(probes[1].1, Workload::WatchDistinct);
         assert_eq!(probes[1].2.watchers, 100_000);
+        assert!(
+            probes.iter().all(|p| p.2.keep_keys),
+            "a probe's deployment is thrown away: deleting its keys only risks a timeout"
+        );
+        assert!(!Settings::default().keep_keys);
     }
 }

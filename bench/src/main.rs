@@ -110,6 +110,7 @@ impl Load {
             leases: self.leases,
             range_keys: self.range_keys,
             quiet: self.quiet,
+            keep_keys: false,
         }
     }
 }

@@ -130,12 +130,17 @@ pub async fn run(settings: &Settings, workloads: &[Workload]) -> Result<RunRepor
             workload,
         };
         let outcome = workload.run(&ctx).await;
-        // Whatever happened, the workload's keys go (not timed).
-        let cleaned = clients[0]
-            .kv()
-            .delete(&ctx.prefix, DeleteOptions::new().prefix())
-            .await
-            .during("delete the workload's keys");
+        // Whatever happened, the workload's keys go (not timed), unless the deployment goes.
+        let cleaned = if settings.keep_keys {
+            Ok(())
+        } else {
+            clients[0]
+                .kv()
+                .delete(&ctx.prefix, DeleteOptions::new().prefix())
+                .await
+                .map(|_| ())
+                .during("delete the workload's keys")
+        };
         match outcome.and_then(|r| cleaned.map(|_| r)) {
             Ok(result) => {
                 println!("{}", result.line());

@@ -37,6 +37,10 @@ pub struct Settings {
     pub range_keys: usize,
     /// No progress lines (result lines are still printed).
     pub quiet: bool,
+    /// Leave each workload's keys in place afterwards: for a deployment thrown away after the
+    /// run (the memory probes), where deleting a million keys in one request only timed etcd
+    /// out and lost the probe's figure.
+    pub keep_keys: bool,
 }
 
 impl Default for Settings {
@@ -56,6 +60,7 @@ impl Default for Settings {
             leases: 1000,
             range_keys: 10_000,
             quiet: false,
+            keep_keys: false,
         }
     }
 }
