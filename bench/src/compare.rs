@@ -296,7 +296,10 @@ fn table(
         let etcd = (kinds.len() > 1).then(|| runs.get(&(1, workload)).unwrap_or(&empty));
         let rate = |r: &Runs| r.median(|x| Some(x.ops_per_sec));
         let p99 = |r: &Runs| r.median(|x| Some(x.latency_ms.p99));
-        let cpu = |r: &Runs| r.median(|x| x.server_cpu_us_per_op);
+        let cpu = |r: &Runs| {
+            r.median(|x| x.server_cpu_us_per_op)
+                .map_or_else(|| "-".into(), cpu_us)
+        };
         let (ours_rate, etcd_rate) = (rate(ours), etcd.and_then(rate));
         let mut line = format!(
             "{:<17} {:<14} {:>11} {:>11} {:>9} {:>10} {:>10} {:>11} {:>11}",
@@ -307,8 +310,8 @@ fn table(
             ratio(ours_rate, etcd_rate),
             figure(p99(ours), 2),
             figure(etcd.and_then(p99), 2),
-            cpu(ours).map_or_else(|| "-".into(), cpu_us),
-            etcd.and_then(cpu).map_or_else(|| "-".into(), cpu_us),
+            cpu(ours),
+            etcd.map_or_else(|| "-".into(), cpu),
         );
         let failed: Vec<String> = [(ServerKind::KvServer, Some(ours)), (ServerKind::Etcd, etcd)]
             .into_iter()

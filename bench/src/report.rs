@@ -115,7 +115,6 @@ impl WorkloadResult {
     }
 }
 
-/// A figure as a person reads it: whole numbers without decimals.
 /// CPU microseconds per operation: two decimals below 10 µs, where a watch event's share
 /// lies and one decimal would hide a third of the difference between two servers (the
 /// tick-based CPU reading over a 3 s run is good to about half a percent), one above.
@@ -127,6 +126,7 @@ pub fn cpu_us(v: f64) -> String {
     }
 }
 
+/// A figure as a person reads it: whole numbers without decimals.
 fn number(v: f64) -> String {
     if v.fract() == 0.0 || v.abs() >= 100.0 {
         format!("{v:.0}")

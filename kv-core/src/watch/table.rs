@@ -36,15 +36,20 @@ fn split(key: u64) -> (usize, u32) {
     ((key >> 32) as usize, key as u32)
 }
 
+/// The key of slot `index` holding the value of insert `count`: [`split`]'s inverse.
+fn join(index: usize, count: u32) -> u64 {
+    ((index as u64) << 32) | u64::from(count)
+}
+
 impl<T> WatcherTable<T> {
     /// The key the next [`Self::insert`] returns: the hub files it in its other indexes
     /// before the watcher is built.
     pub fn next_key(&self) -> u64 {
         let index = match self.free.first() {
-            Some(&i) => i,
-            None => self.slots.len() as u32,
+            Some(&i) => i as usize,
+            None => self.slots.len(),
         };
-        (u64::from(index) << 32) | u64::from(self.inserts.wrapping_add(1))
+        join(index, self.inserts.wrapping_add(1))
     }
 
     /// Stores `value` under [`Self::next_key`], which it returns.
@@ -97,10 +102,10 @@ impl<T> WatcherTable<T> {
 
     /// Every key and value, in slot order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, &T)> {
-        self.slots.iter().enumerate().filter_map(|(i, slot)| {
-            slot.as_ref()
-                .map(|(count, v)| (((i as u64) << 32) | u64::from(*count), v))
-        })
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, slot)| slot.as_ref().map(|(count, v)| (join(i, *count), v)))
     }
 
     /// How many values.

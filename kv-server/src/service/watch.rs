@@ -434,7 +434,6 @@ fn merge(batch: Vec<Item>) -> Vec<Pending> {
 }
 
 /// [`merge`]'s output so far, and which response each watcher's later events may still join.
-#[derive(Default)]
 struct Merged {
     out: Vec<Pending>,
     open: foldhash::HashMap<i64, usize>,
