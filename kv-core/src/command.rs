@@ -39,6 +39,7 @@ fn error_code(e: &KvError) -> (u8, i64) {
         KvError::NoSpace => (12, 0),
         KvError::LeaseExists => (13, 0),
         KvError::LeaseTtlTooLarge => (14, 0),
+        KvError::TxnTooDeep => (15, 0),
     }
 }
 
@@ -60,6 +61,7 @@ fn error_from_code(code: u8, arg: i64) -> Option<KvError> {
         12 => KvError::NoSpace,
         13 => KvError::LeaseExists,
         14 => KvError::LeaseTtlTooLarge,
+        15 => KvError::TxnTooDeep,
         _ => return None,
     })
 }

@@ -22,6 +22,9 @@ pub enum KvError {
     /// More operations in one txn branch than `--max-txn-ops`.
     #[error("etcdserver: too many operations in txn request")]
     TooManyOps,
+    /// Txns nested deeper than [`crate::validation::MAX_TXN_DEPTH`].
+    #[error("etcdserver: txn nested too deeply")]
+    TxnTooDeep,
     /// A txn branch writes one key twice, or writes a key it also deletes.
     #[error("etcdserver: duplicate key given in txn request")]
     DuplicateKey,

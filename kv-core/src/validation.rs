@@ -46,18 +46,21 @@ pub fn check_delete(r: &DeleteRangeRequest) -> Result<(), KvError> {
     Ok(())
 }
 
-fn check_op(op: &RequestOp, max_ops: usize) -> Result<(), KvError> {
+fn check_op(op: &RequestOp, max_ops: usize, depth: usize) -> Result<(), KvError> {
     match &op.request {
         Some(Request::RequestRange(r)) => check_range(r),
         Some(Request::RequestPut(r)) => check_put(r),
         Some(Request::RequestDeleteRange(r)) => check_delete(r),
-        Some(Request::RequestTxn(r)) => check_txn_ops(r, max_ops),
+        Some(Request::RequestTxn(r)) => check_txn_ops(r, max_ops, depth + 1),
         // An empty op is refused the way etcd refuses it.
         None => Err(KvError::KeyNotFound),
     }
 }
 
-fn check_txn_ops(r: &TxnRequest, max_ops: usize) -> Result<(), KvError> {
+fn check_txn_ops(r: &TxnRequest, max_ops: usize, depth: usize) -> Result<(), KvError> {
+    if depth > MAX_TXN_DEPTH {
+        return Err(KvError::TxnTooDeep);
+    }
     let ops = r.compare.len().max(r.success.len()).max(r.failure.len());
     if ops > max_ops {
         return Err(KvError::TooManyOps);
@@ -67,10 +70,17 @@ fn check_txn_ops(r: &TxnRequest, max_ops: usize) -> Result<(), KvError> {
     }
     // Nested txns share the budget, as in etcd.
     for op in r.success.iter().chain(&r.failure) {
-        check_op(op, max_ops - ops)?;
+        check_op(op, max_ops - ops, depth)?;
     }
     Ok(())
 }
+
+/// The deepest txn nesting accepted (a txn in a txn is depth 2). etcd sets none, but a
+/// write's txn travels the Raft log inside one more message, and the log's protobuf decoder
+/// caps nesting at 100 messages, as the gRPC door's does: a txn accepted at the door at the
+/// cap could not be applied, which stopped every member and kept them from restarting. 32
+/// leaves room below the cap for both; no client nests txns anywhere near that deep.
+pub const MAX_TXN_DEPTH: usize = 32;
 
 /// A deleted key or span, for the overlap check.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -148,7 +158,7 @@ fn intervals(ops: &[RequestOp]) -> Result<Writes, KvError> {
 
 /// Checks a Txn: op counts, empty keys, and overlapping writes in either branch.
 pub fn check_txn(r: &TxnRequest, max_ops: usize) -> Result<(), KvError> {
-    check_txn_ops(r, max_ops)?;
+    check_txn_ops(r, max_ops, 1)?;
     intervals(&r.success)?;
     intervals(&r.failure)?;
     Ok(())
@@ -183,6 +193,57 @@ mod tests {
             success,
             failure,
         }
+    }
+
+    /// A put inside `depth` txns, each with a compare (the deepest messages a txn holds).
+    fn nested(depth: usize) -> TxnRequest {
+        let compare = || crate::proto::etcdserverpb::Compare {
+            key: b"c".to_vec(),
+            ..Default::default()
+        };
+        let mut t = TxnRequest {
+            compare: vec![compare()],
+            success: vec![put("deep")],
+            failure: vec![],
+        };
+        for _ in 1..depth {
+            t = TxnRequest {
+                compare: vec![compare()],
+                success: vec![RequestOp {
+                    request: Some(Request::RequestTxn(t)),
+                }],
+                failure: vec![],
+            };
+        }
+        t
+    }
+
+    #[test]
+    fn every_txn_accepted_can_be_decoded_from_the_raft_log() {
+        use crate::proto::kvserverpb::{InternalRequest, internal_request};
+        use prost::Message;
+        let deepest = nested(MAX_TXN_DEPTH);
+        assert_eq!(check_txn(&deepest, 128), Ok(()));
+        let command = crate::command::encode_command(&InternalRequest {
+            id: 1,
+            request: Some(internal_request::Request::Txn(deepest)),
+        });
+        assert!(crate::command::decode_command(&command).is_ok());
+        assert_eq!(
+            check_txn(&nested(MAX_TXN_DEPTH + 1), 128),
+            Err(KvError::TxnTooDeep)
+        );
+        // What the bug was: the gRPC door decodes a txn at its cap, the log cannot.
+        let at_cap = (1..)
+            .find(|&d| TxnRequest::decode(nested(d).encode_to_vec().as_slice()).is_err())
+            .map(|d| d - 1)
+            .expect("the decoder caps nesting");
+        assert!(at_cap > MAX_TXN_DEPTH, "cap {at_cap}");
+        let logged = crate::command::encode_command(&InternalRequest {
+            id: 1,
+            request: Some(internal_request::Request::Txn(nested(at_cap))),
+        });
+        assert!(crate::command::decode_command(&logged).is_err());
     }
 
     #[test]

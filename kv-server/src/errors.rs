@@ -14,6 +14,7 @@ pub fn kv_status(e: &KvError) -> Status {
         | KvError::ValueProvided
         | KvError::LeaseProvided
         | KvError::TooManyOps
+        | KvError::TxnTooDeep
         | KvError::DuplicateKey
         | KvError::RequestTooLarge
         | KvError::InvalidSortOption => Code::InvalidArgument,

@@ -1,6 +1,7 @@
 //! One member: the engine, the Raft node in front of it, its identity and its limits. The gRPC
 //! services are thin adapters over this.
 
+use crate::failpoint::{self, CrashPoint};
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,7 +45,19 @@ impl Applier for EngineApplier {
             };
             decoded.push((index, cmd));
         }
+        let compacts = decoded.iter().any(|(_, cmd)| {
+            matches!(
+                cmd.as_ref().and_then(|c| c.request.as_ref()),
+                Some(Request::Compaction(_))
+            )
+        });
+        if compacts {
+            failpoint::crash(CrashPoint::CompactionStart);
+        }
         let outcomes = self.store.apply_batch(&decoded, &meta)?;
+        if compacts {
+            failpoint::crash(CrashPoint::CompactionAfterApply);
+        }
         for ((_, cmd), outcome) in decoded.iter().zip(&outcomes) {
             match (cmd.as_ref().and_then(|c| c.request.as_ref()), outcome) {
                 (Some(Request::LeaseGrant(g)), Ok(_)) => self.clock.granted(g.id, g.ttl),

@@ -12,6 +12,12 @@ use tower::{Layer, Service};
 
 const TONIC_PREFIX: &str = "Error, decoded message length too large: found ";
 
+/// `status` as etcd words it: grpc-go's for an oversized message, else unchanged. For
+/// statuses that end a stream in its trailers, which the layer does not see.
+pub fn as_etcd(status: Status) -> Status {
+    rewrite(&status).unwrap_or(status)
+}
+
 /// grpc-go's status for an oversized message, if `status` is tonic's.
 fn rewrite(status: &Status) -> Option<Status> {
     if status.code() != tonic::Code::OutOfRange {

@@ -53,6 +53,9 @@ pub enum ServerError {
     /// Binding or serving failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The Raft core stopped on a fatal error while serving.
+    #[error("raft stopped: {0}")]
+    RaftStopped(String),
     /// Joining an existing cluster failed.
     #[error("{0}")]
     Join(String),
@@ -327,6 +330,11 @@ impl Running {
         let mut result = Ok(());
         tokio::select! {
             _ = self.cancel.cancelled() => {}
+            reason = self.node.raft.stopped() => {
+                tracing::error!(%reason, "raft stopped; the member exits");
+                result = Err(ServerError::RaftStopped(reason));
+                self.cancel.cancel();
+            }
             Some(done) = self.serving.join_next() => {
                 if let Ok(Err(e)) = done {
                     result = Err(e.into());

@@ -174,8 +174,9 @@ async fn drive(
 ) {
     let cluster_id = conn.cluster_id();
     let marks = book.clone();
+    let peer = conn.addr().to_string();
     let requests = UnboundedReceiverStream::new(queue)
-        .take_while(|_| std::future::ready(!crate::failpoint::isolated()))
+        .take_while(move |_| std::future::ready(!crate::failpoint::cut_off(&peer)))
         .filter_map(move |(id, data)| {
             // A write whose caller gave up before it was taken is not sent at all.
             let taken = lock(&marks).waiting.get_mut(&id).map(|w| w.sent = true);
@@ -207,7 +208,7 @@ async fn drive(
                         break;
                     }
                 };
-                if crate::failpoint::isolated() {
+                if crate::failpoint::cut_off(conn.addr()) {
                     break;
                 }
                 let Some((id, answer)) = unframe(message.data) else {

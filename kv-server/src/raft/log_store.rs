@@ -22,6 +22,7 @@
 //! A data dir from before the WAL holds the log in `raft.redb`: [`LogStore::open`] copies it
 //! into a new WAL once, then removes it.
 
+use crate::failpoint::{self, CrashPoint};
 use std::fmt::Debug;
 use std::io;
 use std::ops::Bound;
@@ -345,6 +346,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         let bytes = encode(&log_id)?;
         let wal = self.wal.clone();
+        failpoint::crash(CrashPoint::LogPurgeStart);
         blocking(move || wal.purge(log_id.index, bytes)).await?;
         tracing::info!("raft: log purged up to {}", log_id.index);
         Ok(())

@@ -722,6 +722,21 @@ impl<A: Applier> RaftNode<A> {
         }
     }
 
+    /// Resolves with the reason once the Raft core has stopped on a fatal error (a storage
+    /// write that failed, a panic in the core): the member can then neither serve nor vote,
+    /// so it must exit for its supervisor to restart it, as etcd does, not linger half alive.
+    pub async fn stopped(&self) -> String {
+        let mut rx = self.inner.raft.metrics();
+        loop {
+            if let Err(fatal) = &rx.borrow_watched().running_state {
+                return fatal.to_string();
+            }
+            if rx.changed().await.is_err() {
+                return "raft metrics closed".to_string();
+            }
+        }
+    }
+
     /// Installs the handler of forwarded [`LeaderCalls`] (once; later calls are ignored).
     pub fn set_leader_calls(&self, handler: Arc<dyn LeaderCalls>) {
         let _ = self.inner.leader_calls.set(handler);

@@ -144,7 +144,7 @@ impl PeerConnection {
         data: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, PeerError> {
-        if crate::failpoint::isolated() {
+        if crate::failpoint::cut_off(&self.addr) {
             return Err(PeerError::NotDelivered {
                 addr: self.addr.clone(),
                 reason: "isolated by failpoint".into(),
@@ -193,7 +193,7 @@ impl PeerConnection {
             addr: self.addr.clone(),
             reason: e.to_string(),
         };
-        if crate::failpoint::isolated() {
+        if crate::failpoint::cut_off(&self.addr) {
             return Err(PeerError::NotDelivered {
                 addr: self.addr.clone(),
                 reason: "isolated by failpoint".into(),
@@ -254,7 +254,7 @@ impl PeerConnection {
             let encoded = postcard::to_allocvec(&req)
                 .inspect_err(|e| tracing::error!(%addr, "cannot encode AppendEntries: {e}"));
             let message = match encoded {
-                Ok(data) if !crate::failpoint::isolated() => {
+                Ok(data) if !crate::failpoint::cut_off(&addr) => {
                     sent.sent();
                     Some(PeerRequest { cluster_id, data })
                 }
@@ -289,7 +289,7 @@ impl PeerConnection {
                         Ok(Err(status)) => {
                             return failed(format!("StreamAppend: {}", status.message()));
                         }
-                        Ok(Ok(Some(_))) if crate::failpoint::isolated() => {
+                        Ok(Ok(Some(_))) if crate::failpoint::cut_off(&addr) => {
                             return failed("StreamAppend: isolated by failpoint".into());
                         }
                         Ok(Ok(Some(answer))) => {
@@ -322,7 +322,7 @@ impl PeerConnection {
     where
         S: Stream<Item = PeerRequest> + Send + 'static,
     {
-        if crate::failpoint::isolated() {
+        if crate::failpoint::cut_off(&self.addr) {
             return Err(PeerError::NotDelivered {
                 addr: self.addr.clone(),
                 reason: "isolated by failpoint".into(),

@@ -20,6 +20,7 @@
 //! the adapter and its builders serializes `apply_batch` against the `sync + meta + snapshot`
 //! sequence, guaranteeing the snapshot data and its [`SnapshotMeta`] describe the same state.
 
+use crate::failpoint::{self, CrashPoint};
 use std::io;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -97,10 +98,12 @@ async fn snapshot_now<A: Applier>(
     serialize: bool,
 ) -> io::Result<Snapshot> {
     let (meta, data) = blocking(move || {
+        failpoint::crash(CrashPoint::SnapshotBuildStart);
         let mut applies_held = Some(lock(&apply_lock));
         // Make everything applied so far durable before openraft may purge the logs the
         // snapshot covers.
         applier.sync()?;
+        failpoint::crash(CrashPoint::SnapshotBuildAfterSync);
         let meta = SmMeta::load(&*applier)?;
         if !serialize {
             return Ok((meta, Vec::new()));
@@ -108,6 +111,7 @@ async fn snapshot_now<A: Applier>(
         // Applies resume once the copy's view is fixed: serializing a million keys took
         // about a second, and every write (and, through the state lock, every read) waited.
         let data = applier.snapshot(&mut || drop(applies_held.take()))?;
+        failpoint::crash(CrashPoint::SnapshotBuildAfterSerialize);
         Ok((meta, data))
     })
     .await?;
@@ -218,6 +222,7 @@ impl<A: Applier> RaftStateMachine<TypeConfig> for StateMachine<A> {
             return Ok(());
         }
 
+        failpoint::crash(CrashPoint::ApplyStart);
         let meta = next.encode()?;
         let n = items.len();
         let applier = self.applier.clone();
@@ -278,7 +283,10 @@ impl<A: Applier> RaftStateMachine<TypeConfig> for StateMachine<A> {
         let apply_lock = self.apply_lock.clone();
         blocking(move || {
             let _g = lock(&apply_lock);
-            applier.restore(&data)
+            failpoint::crash(CrashPoint::SnapshotInstallStart);
+            applier.restore(&data)?;
+            failpoint::crash(CrashPoint::SnapshotInstallAfterRestore);
+            Ok(())
         })
         .await?;
         self.state = SmMeta {

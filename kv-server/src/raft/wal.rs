@@ -28,6 +28,7 @@
 //! A failed write or sync poisons the log: every later call fails, as etcd stops on a WAL
 //! error, since after a failed fsync the kernel may have dropped the dirty pages.
 
+use crate::failpoint::{self, CrashPoint};
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -466,6 +467,7 @@ impl Wal {
     /// preallocation, p90 140-156 µs and p99 208-251 µs with zeros written ahead. The zeros
     /// are written with a sync's records, so each range is converted once, by one sync.
     fn write(&self, state: &mut State, buf: &[u8]) -> io::Result<(u64, Arc<File>, u64)> {
+        failpoint::disk_full()?;
         let (seq, file) = state.active()?;
         if state.write_at + buf.len() as u64 > self.segment_bytes
             && state.write_at > HEADER_BYTES + 1024
@@ -558,9 +560,14 @@ impl Wal {
                     for (file, _) in &jobs {
                         let key = Arc::as_ptr(file);
                         if result.is_ok() && !synced.contains(&key) {
+                            failpoint::sync_delay();
+                            failpoint::crash(CrashPoint::WalAppendBeforeSync);
                             result = file.sync_data();
                             synced.push(key);
                         }
+                    }
+                    if result.is_ok() {
+                        failpoint::crash(CrashPoint::WalAppendAfterSync);
                     }
                     if let (Err(e), Some(wal)) = (&result, wal.upgrade()) {
                         let _ = wal.poison_on::<()>(Err(io::Error::new(e.kind(), e.to_string())));
@@ -579,9 +586,10 @@ impl Wal {
 
     /// Writes `buf` and syncs it before returning. Blocking.
     fn write_durable(&self, state: &mut State, buf: &[u8]) -> io::Result<()> {
-        let res = self
-            .write(state, buf)
-            .and_then(|(_, file, _)| file.sync_data());
+        let res = self.write(state, buf).and_then(|(_, file, _)| {
+            failpoint::sync_delay();
+            file.sync_data()
+        });
         self.poison_on(res)
     }
 
@@ -632,6 +640,7 @@ impl Wal {
         frame(&mut buf, PURGED, &[&upto.to_le_bytes(), &bytes]);
         let mut state = self.lock();
         self.write_durable(&mut state, &buf)?;
+        failpoint::crash(CrashPoint::LogPurgeAfterRecord);
         state.purge(upto);
         state.purged = Some((upto, bytes));
         // Every segment opens with the purge point current then, and this one's record is in

@@ -69,7 +69,7 @@ impl Lease for LeaseService {
             .map(move |msg| {
                 let node = node.clone();
                 async move {
-                    let req = msg?;
+                    let req = msg.map_err(crate::oversize::as_etcd)?;
                     // The header is taken before the renewal, as etcd does, so a client never
                     // sees a renewal at a revision after the lease's revoke.
                     let header = node.header(node.store.revision());

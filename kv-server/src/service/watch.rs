@@ -69,6 +69,9 @@ enum Item {
     One(Outgoing),
     /// One revision for several watchers, expanded when drained.
     Fanout(Fanout),
+    /// The end of the stream with an error: the client sent something undecodable or over
+    /// the size limit, and etcd then ends the call with grpc's status.
+    End(Status),
 }
 
 impl Item {
@@ -77,6 +80,7 @@ impl Item {
         match self {
             Item::One(_) => 1,
             Item::Fanout(f) => f.weight(),
+            Item::End(_) => 0,
         }
     }
 }
@@ -202,6 +206,8 @@ pub struct Responses {
     queue: Arc<StreamQueue>,
     node: Arc<Node>,
     ready: VecDeque<WatchFrame>,
+    /// The error that ends the call once `ready` is sent.
+    end: Option<Status>,
     /// Set after a busy drain: the next drain waits for it or for the queue to fill.
     linger: Option<Pin<Box<tokio::time::Sleep>>>,
     /// What it drained lately, to tell a busy fan-out stream from others.
@@ -279,6 +285,11 @@ impl Stream for Responses {
         if let Some(r) = self.ready.pop_front() {
             return Poll::Ready(Some(Ok(r)));
         }
+        if let Some(end) = self.end.take() {
+            // What was queued before the error went out first; now the call ends.
+            self.rx.close();
+            return Poll::Ready(Some(Err(end)));
+        }
         if self.lingering(cx) {
             return Poll::Pending;
         }
@@ -289,16 +300,24 @@ impl Stream for Responses {
         };
         // Whatever else is already queued goes out with it, merged per watcher: under load
         // fewer, larger messages; when idle, no wait at all.
-        let mut weight = first.weight();
-        let mut batch = vec![first];
-        while weight < MERGE_SCAN {
-            match self.rx.try_recv() {
-                Ok(item) => {
-                    weight += item.weight();
-                    batch.push(item);
-                }
-                Err(_) => break,
+        let mut weight = 0;
+        let mut batch = Vec::new();
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            if let Item::End(status) = item {
+                self.end = Some(status);
+                break;
             }
+            weight += item.weight();
+            batch.push(item);
+            if weight < MERGE_SCAN {
+                next = self.rx.try_recv().ok();
+            }
+        }
+        if batch.is_empty() {
+            let end = self.end.take().map(Err);
+            self.rx.close();
+            return Poll::Ready(end);
         }
         self.queue.drained(weight);
         if self
@@ -428,6 +447,8 @@ fn merge(batch: Vec<Item>) -> Vec<Pending> {
                     merged.add(w.watch_id, f.revision, w.fragment, events);
                 }
             }
+            // Taken out of the batch by the drain, which ends the call after the rest.
+            Item::End(_) => {}
         }
     }
     merged.out
@@ -502,6 +523,7 @@ impl WatchService {
             queue: queue.clone(),
             node: self.node.clone(),
             ready: Default::default(),
+            end: None,
             linger: None,
             window: DrainWindow::new(tokio::time::Instant::now()),
             _guard: StreamGuard {
@@ -530,7 +552,17 @@ async fn serve_requests(
     queue: Arc<StreamQueue>,
 ) {
     let hub = node.store.watch_hub();
-    while let Ok(Some(req)) = inbound.message().await {
+    loop {
+        let req = match inbound.message().await {
+            Ok(Some(req)) => req,
+            Ok(None) => return,
+            Err(status) => {
+                // An undecodable or oversized message ends the call with grpc's status, as
+                // in etcd; the stream's watchers go with it.
+                queue.push(Item::End(crate::oversize::as_etcd(status)));
+                return;
+            }
+        };
         let Some(request) = req.request_union else {
             continue;
         };
