@@ -20,12 +20,15 @@ pub fn kv_server_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("KV_SERVER_BIN") {
         return PathBuf::from(p);
     }
-    // Test executables live in target/<profile>/deps; the binary one level up.
-    let exe = std::env::current_exe().expect("current test executable");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable sits in target/<profile>/deps");
+    // Test executables live in target/<profile>/deps, the binary one level up; this crate's
+    // own binaries (kv-reliability) sit beside it.
+    let exe = std::env::current_exe().expect("current executable");
+    let dir = exe.parent().expect("executable sits in a directory");
+    let profile_dir = if dir.ends_with("deps") {
+        dir.parent().unwrap_or(dir)
+    } else {
+        dir
+    };
     let bin = profile_dir.join("kv-server");
     assert!(
         bin.exists(),
@@ -87,7 +90,13 @@ pub struct Proc {
 impl Proc {
     /// Spawns `cmd` and waits until a stderr line contains `ready`; `addr_of` extracts the
     /// client address from that line (None: use `fallback`).
-    fn spawn(mut cmd: Command, ready: &str, fallback: Option<String>) -> Proc {
+    fn spawn(cmd: Command, ready: &str, fallback: Option<String>) -> Proc {
+        Self::try_spawn(cmd, ready, fallback).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// As [`Proc::spawn`], but a process that exits or does not become ready is an error
+    /// (with its log), not a panic: fault injection starts members that may crash at once.
+    fn try_spawn(mut cmd: Command, ready: &str, fallback: Option<String>) -> Result<Proc, String> {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -114,21 +123,33 @@ impl Proc {
             Ok(line) => line,
             Err(_) => {
                 let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "process did not become ready in {START_TIMEOUT:?}; its log:\n{}",
+                let status = child.wait();
+                return Err(format!(
+                    "process did not become ready in {START_TIMEOUT:?} ({status:?}); its log:\n{}",
                     log.lock().unwrap_or_else(|e| e.into_inner())
-                );
+                ));
             }
         };
         let endpoint = parse_address(&line)
             .or(fallback)
-            .unwrap_or_else(|| panic!("no address in ready line: {line}"));
-        Proc {
+            .ok_or_else(|| format!("no address in ready line: {line}"))?;
+        Ok(Proc {
             child,
             log,
             endpoint,
-        }
+        })
+    }
+
+    /// True once the process has exited (it is then reaped).
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends `signal` (a `kill -s` name such as `STOP` or `CONT`) to the process.
+    pub fn signal(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .args(["-s", signal, &self.child.id().to_string()])
+            .status();
     }
 
     /// The process id.
@@ -286,8 +307,16 @@ pub struct Member {
     /// come back to a restarted one.
     pub client_url: String,
     /// While this file exists the member is cut off from its peers (kv-server's
-    /// `KV_FAILPOINT_ISOLATE_FILE` failpoint).
+    /// `KV_FAILPOINT_ISOLATE_FILE` failpoint): all of them if blank, else those it lists.
     pub isolate_file: PathBuf,
+    /// While this file exists, the member's log syncs first sleep the milliseconds it holds
+    /// (`KV_FAILPOINT_SYNC_DELAY_FILE`).
+    pub sync_delay_file: PathBuf,
+    /// While this file exists, the member's log writes fail with ENOSPC
+    /// (`KV_FAILPOINT_DISK_FULL_FILE`).
+    pub disk_full_file: PathBuf,
+    /// The crash points this file names are armed (`KV_FAILPOINT_CRASH_FILE`).
+    pub crash_file: PathBuf,
     /// `--initial-cluster` it was first started with.
     initial_cluster: String,
     /// `--initial-cluster-state`.
@@ -339,6 +368,9 @@ impl Cluster {
             peer_url: format!("http://127.0.0.1:{}", free_port()),
             client_url: format!("http://127.0.0.1:{}", free_port()),
             isolate_file: self.dir.path().join(format!("{name}.isolate")),
+            sync_delay_file: self.dir.path().join(format!("{name}.sync-delay")),
+            disk_full_file: self.dir.path().join(format!("{name}.disk-full")),
+            crash_file: self.dir.path().join(format!("{name}.crash")),
             initial_cluster: initial_cluster.to_string(),
             state,
             proc: None,
@@ -368,6 +400,14 @@ impl Cluster {
 
     /// (Re)starts member `i` with its data dir and peer URL.
     pub fn start_member(&mut self, i: usize) {
+        if let Err(e) = self.try_start_member(i) {
+            panic!("member {i}: {e}");
+        }
+    }
+
+    /// (Re)starts member `i`, or returns why it did not become ready (a fault harness may
+    /// have armed it to crash).
+    pub fn try_start_member(&mut self, i: usize) -> Result<(), String> {
         let m = &self.members[i];
         let mut args: Vec<&str> = vec![
             "--name",
@@ -382,13 +422,22 @@ impl Cluster {
             &m.client_url,
         ];
         args.extend(self.extra.iter().map(String::as_str));
-        let proc = spawn_kv_server(
-            &m.data_dir,
-            &m.peer_url,
-            &args,
-            &[("KV_FAILPOINT_ISOLATE_FILE", m.isolate_file.as_os_str())],
-        );
+        let envs = [
+            ("KV_FAILPOINT_ISOLATE_FILE", m.isolate_file.as_os_str()),
+            (
+                "KV_FAILPOINT_SYNC_DELAY_FILE",
+                m.sync_delay_file.as_os_str(),
+            ),
+            ("KV_FAILPOINT_DISK_FULL_FILE", m.disk_full_file.as_os_str()),
+            ("KV_FAILPOINT_CRASH_FILE", m.crash_file.as_os_str()),
+        ];
+        let proc = Proc::try_spawn(
+            kv_server_command(&m.data_dir, &m.peer_url, &args, &envs),
+            "ready to serve client requests",
+            None,
+        )?;
         self.members[i].proc = Some(proc);
+        Ok(())
     }
 
     /// SIGKILLs member `i`.
@@ -400,7 +449,31 @@ impl Cluster {
 
     /// Cuts member `i` off from its peers (both directions) until [`Cluster::heal`].
     pub fn isolate(&self, i: usize) {
-        std::fs::write(&self.members[i].isolate_file, b"isolated").expect("write isolate switch");
+        std::fs::write(&self.members[i].isolate_file, b"").expect("write isolate switch");
+    }
+
+    /// Splits the members into `side` and the rest: no peer traffic crosses between the two
+    /// groups until [`Cluster::heal_all`]; each group still talks within itself.
+    pub fn partition(&self, side: &[usize]) {
+        let urls = |inside: bool| -> String {
+            (0..self.members.len())
+                .filter(|j| side.contains(j) == inside)
+                .map(|j| self.members[j].peer_url.clone())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let (ours, theirs) = (urls(true), urls(false));
+        for (j, m) in self.members.iter().enumerate() {
+            let cut = if side.contains(&j) { &theirs } else { &ours };
+            std::fs::write(&m.isolate_file, cut).expect("write partition switch");
+        }
+    }
+
+    /// Removes every member's partition or isolation.
+    pub fn heal_all(&self) {
+        for i in 0..self.members.len() {
+            self.heal(i);
+        }
     }
 
     /// Reconnects member `i`.
@@ -438,6 +511,19 @@ fn spawn_kv_server(
     extra: &[&str],
     envs: &[(&str, &std::ffi::OsStr)],
 ) -> Proc {
+    Proc::spawn(
+        kv_server_command(data_dir, peer_url, extra, envs),
+        "ready to serve client requests",
+        None,
+    )
+}
+
+fn kv_server_command(
+    data_dir: &Path,
+    peer_url: &str,
+    extra: &[&str],
+    envs: &[(&str, &std::ffi::OsStr)],
+) -> Command {
     let mut cmd = Command::new(kv_server_bin());
     cmd.arg("--data-dir").arg(data_dir);
     // A port of the kernel's choosing unless the caller fixed one (to restart on it).
@@ -451,7 +537,7 @@ fn spawn_kv_server(
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    Proc::spawn(cmd, "ready to serve client requests", None)
+    cmd
 }
 
 /// A multi-member etcd cluster on loopback, to run a cluster test's body against the
@@ -644,6 +730,14 @@ pub mod procfs {
 pub use tempfile;
 
 pub mod proxy;
+
+pub mod faults;
+pub mod fuzz;
+pub mod history;
+pub mod linearizability;
+pub mod recipe_checks;
+pub mod reliability;
+pub mod rng;
 
 /// Declares two tests running the async fn `$scenario(endpoint: &str)`: `$ours` against a
 /// fresh kv-server, `$etcd` against a fresh etcd 3.4 (skipped, with the reason printed, when

@@ -177,3 +177,73 @@ async fn crash_rounds(members: usize) {
     .await
     .expect("test timed out");
 }
+
+/// A full disk fails the log write; the member must exit (as etcd does on a WAL write
+/// error) rather than stay up with a stopped Raft core, refusing every write forever. Once
+/// the disk has room it restarts with every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_disk_fills_exits_and_restarts_with_its_writes() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let mut cluster = kv_tests::Cluster::start(1);
+        let mut client = connect(&cluster.endpoint(0)).await;
+        let mut acked: Vec<Ack> = Vec::new();
+        for i in 0..20 {
+            let (key, value) = (format!("full/{i:02}").into_bytes(), b"v".to_vec());
+            let resp = client
+                .put(PutRequest {
+                    key: key.clone(),
+                    value: value.clone(),
+                    ..Default::default()
+                })
+                .await
+                .expect("put before the disk fills")
+                .into_inner();
+            acked.push((key, value, resp.header.map_or(0, |h| h.revision)));
+        }
+        std::fs::write(&cluster.members[0].disk_full_file, b"").expect("fill the disk");
+        let refused = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.put(PutRequest {
+                key: b"full/after".to_vec(),
+                value: b"v".to_vec(),
+                ..Default::default()
+            }),
+        )
+        .await;
+        assert!(
+            !matches!(refused, Ok(Ok(_))),
+            "a write was acknowledged on a full disk"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let proc = cluster.members[0].proc.as_mut().expect("running");
+        while !proc.exited() {
+            assert!(
+                Instant::now() < deadline,
+                "the member stayed up after its log write failed:\n{}",
+                proc.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let log = proc.log_text();
+        assert!(log.contains("raft stopped"), "{log}");
+        std::fs::remove_file(&cluster.members[0].disk_full_file).expect("free the disk");
+        cluster.kill(0);
+        cluster.start_member(0);
+        let mut client = connect(&cluster.endpoint(0)).await;
+        let ready = Instant::now() + Duration::from_secs(30);
+        while client
+            .range(RangeRequest {
+                key: b"ready".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < ready, "no leader after restart");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        verify(&mut client, &acked).await;
+    })
+    .await
+    .expect("test timed out");
+}
