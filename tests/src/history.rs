@@ -135,7 +135,8 @@ impl Client {
     }
 }
 
-fn value_of(bytes: &[u8]) -> u64 {
+/// A value as the workload wrote it (a decimal id); anything else reads as `u64::MAX`.
+pub fn value_of(bytes: &[u8]) -> u64 {
     // A value this workload never wrote reads as one no write made, which the checker
     // then reports: a corrupted or invented value.
     std::str::from_utf8(bytes)

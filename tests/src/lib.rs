@@ -38,6 +38,17 @@ pub fn kv_server_bin() -> PathBuf {
     bin
 }
 
+/// A connected channel to a server's client endpoint (`host:port`); panics if it cannot
+/// connect within 5 s.
+pub async fn connect_channel(endpoint: &str) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(format!("http://{endpoint}"))
+        .expect("endpoint URL")
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect to the server")
+}
+
 /// Finds an executable on PATH.
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;

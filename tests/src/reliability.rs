@@ -18,7 +18,7 @@ use kv_core::proto::etcdserverpb::{
 
 use crate::faults::{Fault, FaultDriver, tail};
 use crate::history::{
-    Recorder, WatchLog, channel, check_watches, run_client, run_watcher, workload_keys,
+    Recorder, WatchLog, channel, check_watches, run_client, run_watcher, value_of, workload_keys,
 };
 use crate::linearizability::{self, Call, Operation, Outcome};
 use crate::rng::Rng;
@@ -510,12 +510,7 @@ async fn read_back(
                 .await;
             if let Ok(r) = got {
                 let r = r.into_inner();
-                let value = r.kvs.first().map(|kv| {
-                    std::str::from_utf8(&kv.value)
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(u64::MAX)
-                });
+                let value = r.kvs.first().map(|kv| value_of(&kv.value));
                 recorder.record(Operation {
                     key: key.clone(),
                     call: Call::Get,
@@ -538,19 +533,26 @@ async fn read_back(
     }
 }
 
+/// The revision member `endpoint` reports: its own applied one if `serializable`, else the
+/// cluster's (a linearizable read).
+async fn revision_at(endpoint: &str, serializable: bool) -> Option<i64> {
+    let mut kv = KvClient::new(channel(endpoint, Duration::from_secs(3)));
+    let r = kv
+        .range(RangeRequest {
+            key: b"/".to_vec(),
+            serializable,
+            ..Default::default()
+        })
+        .await
+        .ok()?;
+    Some(r.into_inner().header.map_or(0, |h| h.revision))
+}
+
 /// The store's revision, from whichever member answers first.
 async fn current_revision(endpoints: &[String]) -> i64 {
     for attempt in 0..100 {
-        let ep = &endpoints[attempt % endpoints.len()];
-        let mut kv = KvClient::new(channel(ep, Duration::from_secs(3)));
-        if let Ok(r) = kv
-            .range(RangeRequest {
-                key: b"/".to_vec(),
-                ..Default::default()
-            })
-            .await
-        {
-            return r.into_inner().header.map_or(0, |h| h.revision);
+        if let Some(rev) = revision_at(&endpoints[attempt % endpoints.len()], false).await {
+            return rev;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -583,17 +585,10 @@ async fn compact_while(endpoints: Vec<String>, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(700)).await;
         at = (at + 1) % endpoints.len();
-        let mut kv = KvClient::new(channel(&endpoints[at], Duration::from_secs(3)));
-        let Ok(r) = kv
-            .range(RangeRequest {
-                key: b"/".to_vec(),
-                ..Default::default()
-            })
-            .await
-        else {
+        let Some(head) = revision_at(&endpoints[at], false).await else {
             continue;
         };
-        let head = r.into_inner().header.map_or(0, |h| h.revision);
+        let mut kv = KvClient::new(channel(&endpoints[at], Duration::from_secs(3)));
         if head > 300 {
             let _ = kv
                 .compact(CompactionRequest {
@@ -613,19 +608,7 @@ async fn check_hashes(endpoints: &[String]) -> Option<String> {
     while Instant::now() < deadline {
         let mut revisions = Vec::new();
         for ep in endpoints {
-            let mut kv = KvClient::new(channel(ep, Duration::from_secs(3)));
-            let r = kv
-                .range(RangeRequest {
-                    key: b"/".to_vec(),
-                    serializable: true,
-                    ..Default::default()
-                })
-                .await;
-            revisions.push(
-                r.ok()
-                    .and_then(|r| r.into_inner().header)
-                    .map(|h| h.revision),
-            );
+            revisions.push(revision_at(ep, true).await);
         }
         if revisions.iter().all(|r| r.is_some() && *r == revisions[0]) {
             let rev = revisions[0].unwrap_or(0);

@@ -11,13 +11,23 @@ use tonic::transport::Channel;
 type Ack = (Vec<u8>, Vec<u8>, i64);
 
 async fn connect(endpoint: &str) -> KvClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{endpoint}"))
-        .expect("endpoint URL")
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
+    KvClient::new(kv_tests::connect_channel(endpoint).await)
+}
+
+/// Waits (up to 30 s) until a linearizable read succeeds: the cluster has a leader again.
+async fn wait_ready(client: &mut KvClient<Channel>) {
+    let ready = Instant::now() + Duration::from_secs(30);
+    while client
+        .range(RangeRequest {
+            key: b"ready".to_vec(),
+            ..Default::default()
+        })
         .await
-        .expect("connect to kv-server");
-    KvClient::new(channel)
+        .is_err()
+    {
+        assert!(Instant::now() < ready, "no leader after restart");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Checks that every acknowledged write is present with its value and revision, and returns
@@ -74,19 +84,7 @@ async fn crash_rounds(members: usize) {
             }
             let endpoints = cluster.endpoints();
             let mut client = connect(&endpoints[0]).await;
-            // A linearizable read succeeds once the cluster has a leader again.
-            let ready = Instant::now() + Duration::from_secs(30);
-            while client
-                .range(RangeRequest {
-                    key: b"ready".to_vec(),
-                    ..Default::default()
-                })
-                .await
-                .is_err()
-            {
-                assert!(Instant::now() < ready, "no leader after restart");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            wait_ready(&mut client).await;
             let before: Vec<Ack> = acked.lock().unwrap().clone();
             let current = verify(&mut client, &before).await;
             let max_acked = before.iter().map(|a| a.2).max().unwrap_or(0);
@@ -230,18 +228,7 @@ async fn a_member_whose_disk_fills_exits_and_restarts_with_its_writes() {
         cluster.kill(0);
         cluster.start_member(0);
         let mut client = connect(&cluster.endpoint(0)).await;
-        let ready = Instant::now() + Duration::from_secs(30);
-        while client
-            .range(RangeRequest {
-                key: b"ready".to_vec(),
-                ..Default::default()
-            })
-            .await
-            .is_err()
-        {
-            assert!(Instant::now() < ready, "no leader after restart");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_ready(&mut client).await;
         verify(&mut client, &acked).await;
     })
     .await

@@ -116,11 +116,7 @@ async fn a_watch_stream_sent_a_message_over_the_receive_limit_ends_with_resource
     };
     let dir = tempfile::tempdir().unwrap();
     let server = kv_tests::start_kv_server(&dir.path().join("data"), &[]);
-    let channel = Channel::from_shared(format!("http://{}", server.endpoint))
-        .expect("endpoint URL")
-        .connect()
-        .await
-        .expect("connect to kv-server");
+    let channel = kv_tests::connect_channel(&server.endpoint).await;
     let create = |key: Vec<u8>| WatchRequest {
         request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
             key,
@@ -162,11 +158,7 @@ async fn a_keep_alive_stream_sent_a_message_over_the_receive_limit_ends_with_res
     use kv_core::proto::etcdserverpb::{LeaseKeepAliveRequest, lease_client::LeaseClient};
     let dir = tempfile::tempdir().unwrap();
     let server = kv_tests::start_kv_server(&dir.path().join("data"), &[]);
-    let channel = Channel::from_shared(format!("http://{}", server.endpoint))
-        .expect("endpoint URL")
-        .connect()
-        .await
-        .expect("connect to kv-server");
+    let channel = kv_tests::connect_channel(&server.endpoint).await;
     // A keep-alive request is an id; padding it with an unknown field of 3 MiB makes it
     // oversized on the wire while still being a well-formed message.
     let mut oversized = prost::Message::encode_to_vec(&LeaseKeepAliveRequest { id: 7 });
@@ -227,13 +219,7 @@ fn put(key: &[u8]) -> PutRequest {
 }
 
 async fn connect(endpoint: &str) -> KvClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{endpoint}"))
-        .expect("endpoint URL")
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .expect("connect to kv-server");
-    KvClient::new(channel)
+    KvClient::new(kv_tests::connect_channel(endpoint).await)
 }
 
 /// The log's warnings, errors and untimestamped lines (panics, the exit reason), the last
