@@ -185,7 +185,7 @@ pub async fn run_client(
                 value: recorder.next_value.fetch_add(1, Ordering::Relaxed),
             }
         };
-        let invoked = recorder.now();
+        let (invoked, member) = (recorder.now(), conn.at);
         let answer = send(&mut conn.kv, &key, &call).await;
         let returned = recorder.now();
         let (outcome, returned) = match answer {
@@ -238,6 +238,7 @@ pub async fn run_client(
             invoked,
             returned,
             client,
+            member,
         });
     }
     counts

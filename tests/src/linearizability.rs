@@ -84,6 +84,8 @@ pub struct Operation {
     pub returned: Option<u64>,
     /// Which client sent it, for the report.
     pub client: usize,
+    /// Which member it was sent to (an index of the client's endpoint list), for the report.
+    pub member: usize,
 }
 
 /// A key whose sub-history is not linearizable.
@@ -194,12 +196,16 @@ fn interval(op: &Operation) -> (u64, u64) {
 }
 
 fn describe(op: &Operation) -> String {
-    let (client, call, outcome, invoked) = (op.client, op.call, op.outcome, op.invoked);
+    let (client, member) = (op.client, op.member);
+    let (call, outcome, invoked) = (op.call, op.outcome, op.invoked);
     let returned = match op.returned.filter(|_| outcome != Outcome::Unknown) {
         Some(returned) => format!("returned {returned} ns"),
         None => "no answer".to_string(),
     };
-    format!("client {client} {call:?} -> {outcome:?} (invoked {invoked} ns, {returned})")
+    format!(
+        "client {client} {call:?} -> {outcome:?} (to member {member}, invoked {invoked} ns, \
+         {returned})"
+    )
 }
 
 /// The first read of `ops` (one key) that no order of them explains, and why.
@@ -714,6 +720,7 @@ mod tests {
                 invoked,
                 returned,
                 client: 0,
+                member: 0,
             }
         };
         spec.split(',').map(op).collect()
@@ -760,7 +767,7 @@ mod tests {
         assert!(!linearizable(stale));
         let why = reason(stale);
         assert!(
-            why.contains("Read(Some(1)) (invoked 40 ns") && why.contains("value: 2"),
+            why.contains("Read(Some(1)) (to member 0, invoked 40 ns") && why.contains("value: 2"),
             "{why}"
         );
         assert!(linearizable("put 1 0-10, put 2 20-60, get 1 40-50"));
@@ -773,7 +780,7 @@ mod tests {
         assert!(!linearizable(lost));
         let why = reason(lost);
         assert!(
-            why.contains("Read(None) (invoked 20 ns, returned 30 ns)"),
+            why.contains("Read(None) (to member 0, invoked 20 ns, returned 30 ns)"),
             "{why}"
         );
         assert!(
@@ -949,6 +956,7 @@ mod tests {
                 invoked,
                 returned,
                 client,
+                member: 0,
             });
         }
         ops

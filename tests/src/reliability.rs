@@ -518,6 +518,7 @@ async fn read_back(
                     invoked,
                     returned: Some(recorder.now()),
                     client: usize::MAX,
+                    member: attempt % endpoints.len(),
                 });
                 answered = true;
                 break;

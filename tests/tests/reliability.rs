@@ -120,6 +120,7 @@ async fn a_stale_read_from_a_partitioned_member_is_caught() {
                     invoked,
                     returned: Some(recorder.now()),
                     client: 0,
+                    member: leader,
                 });
             }
         };
@@ -149,6 +150,7 @@ async fn a_stale_read_from_a_partitioned_member_is_caught() {
                     invoked,
                     returned: Some(recorder.now()),
                     client: 1,
+                    member: follower,
                 })
             }
         };
