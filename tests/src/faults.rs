@@ -74,6 +74,8 @@ pub struct FaultDriver {
     pub counts: BTreeMap<String, u64>,
     /// Members that misbehaved under a fault.
     pub anomalies: Vec<String>,
+    /// What was done when, to line an anomaly up with the faults around it.
+    pub trace: Vec<(Instant, String)>,
 }
 
 impl FaultDriver {
@@ -85,11 +87,16 @@ impl FaultDriver {
             handle,
             counts: BTreeMap::new(),
             anomalies: Vec::new(),
+            trace: Vec::new(),
         }
     }
 
     fn count(&mut self, what: &str) {
         *self.counts.entry(what.to_string()).or_default() += 1;
+    }
+
+    fn note(&mut self, what: String) {
+        self.trace.push((Instant::now(), what));
     }
 
     /// Sleeps a random time in `lo..hi` milliseconds.
@@ -134,6 +141,7 @@ impl FaultDriver {
 
     /// Starts member `i` again with no failpoint armed; an anomaly if it will not start.
     fn restart(&mut self, i: usize) {
+        self.note(format!("restart m{i}"));
         for _ in 0..3 {
             match self.cluster.try_start_member(i) {
                 Ok(()) => return,
@@ -177,6 +185,7 @@ impl FaultDriver {
             return;
         };
         self.cluster.kill(l);
+        self.note(format!("SIGKILL leader m{l}"));
         self.count("leader kills");
         self.nap(0, 500);
         self.restart(l);
@@ -188,11 +197,13 @@ impl FaultDriver {
             return;
         };
         p.signal("STOP");
+        self.note(format!("SIGSTOP m{m}"));
         self.count("pauses (SIGSTOP)");
         self.nap(300, 2500);
         if let Some(p) = self.cluster.members[m].proc.as_ref() {
             p.signal("CONT");
         }
+        self.note(format!("SIGCONT m{m}"));
     }
 
     fn partition(&mut self) {
@@ -211,9 +222,11 @@ impl FaultDriver {
             }
         }
         self.cluster.partition(&side);
+        self.note(format!("partition {side:?} from the rest"));
         self.count("partitions");
         self.nap(300, 2500);
         self.cluster.heal_all();
+        self.note("heal".to_string());
     }
 
     fn crash_at(&mut self, point: &str, what: &str) {
@@ -243,6 +256,7 @@ impl FaultDriver {
         let spec = format!("{point}:{nth}");
         let crash_file = self.cluster.members[m].crash_file.clone();
         std::fs::write(&crash_file, &spec).expect("write crash switch");
+        self.note(format!("arm {spec} on m{m}"));
         let mut crashed = false;
         if let Some(f) = lagging {
             let purges = |d: &FaultDriver| {
@@ -252,6 +266,7 @@ impl FaultDriver {
             };
             let purged_before = purges(self);
             self.cluster.kill(f);
+            self.note(format!("SIGKILL m{f}, to come back behind the purged log"));
             // The leader purges (behind the scenario's small --snapshot-count) only while
             // no replication to the member is in flight, so wait until it has.
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -259,6 +274,7 @@ impl FaultDriver {
             while purges(self) <= purged_before && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(100));
             }
+            self.note(format!("restart m{f}"));
             match self.cluster.try_start_member(f) {
                 Ok(()) => {}
                 Err(e) if f == m && e.contains(CRASH_LINE) => crashed = true,
@@ -269,6 +285,7 @@ impl FaultDriver {
         }
         crashed = crashed || self.await_crash(m, &spec, Duration::from_secs(15));
         let _ = std::fs::remove_file(&crash_file);
+        self.note(format!("m{m} crashed at {point}: {crashed}"));
         if crashed {
             self.count(what);
             self.count(&format!("crash at {point}"));
@@ -315,6 +332,7 @@ impl FaultDriver {
         let ms = self.rng.range(50, 300);
         let file = self.cluster.members[m].sync_delay_file.clone();
         std::fs::write(&file, ms.to_string()).expect("write slow-disk switch");
+        self.note(format!("slow disk ({ms} ms a sync) on m{m}"));
         self.count("slow-disk spells");
         self.nap(500, 3000);
         let _ = std::fs::remove_file(&file);
@@ -324,6 +342,7 @@ impl FaultDriver {
         let m = self.target();
         let file = self.cluster.members[m].disk_full_file.clone();
         std::fs::write(&file, b"").expect("write disk-full switch");
+        self.note(format!("full disk on m{m}"));
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut exited = false;
         while Instant::now() < deadline && !exited {

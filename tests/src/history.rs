@@ -76,6 +76,11 @@ impl Default for Recorder {
 }
 
 impl Recorder {
+    /// The instant the history's clock counts from.
+    pub fn origin(&self) -> Instant {
+        self.origin
+    }
+
     /// Nanoseconds since the recorder was made: the history's clock.
     pub fn now(&self) -> u64 {
         self.origin.elapsed().as_nanos() as u64

@@ -198,6 +198,8 @@ pub struct Report {
     pub fuzzed: u64,
     /// Every anomaly found; empty is the expected result.
     pub anomalies: Vec<String>,
+    /// What may explain the anomalies: the faults around them, where the logs were saved.
+    pub details: Vec<String>,
     /// Wall time.
     pub elapsed: Duration,
 }
@@ -259,6 +261,7 @@ fn merge(into: &mut Report, round: Report) {
     into.lock_sections += round.lock_sections;
     into.queue_items += round.queue_items;
     into.anomalies.extend(round.anomalies);
+    into.details.extend(round.details);
 }
 
 /// One round: clients and watchers on fresh keys under `prefix`, faults, then the checks.
@@ -354,6 +357,9 @@ async fn run_round(
             a.reason
         ));
     }
+    if !report.anomalies.is_empty() {
+        explain(&driver, recorder.origin(), scenario.name, &mut report);
+    }
     for k in checked.undecided {
         report.anomalies.push(format!(
             "history of {:?} undecided within {MAX_STEPS} steps",
@@ -361,6 +367,35 @@ async fn run_round(
         ));
     }
     (driver, report)
+}
+
+/// Adds to a round's anomalies what helps explain them: the faults injected since the round
+/// began, on the history's clock, and the members' logs, written to files that outlive the
+/// cluster's directory.
+fn explain(driver: &FaultDriver, origin: Instant, scenario: &str, report: &mut Report) {
+    let faults: Vec<String> = driver
+        .trace
+        .iter()
+        .filter(|(at, _)| *at >= origin)
+        .map(|(at, what)| format!("{} ns {what}", at.duration_since(origin).as_nanos()))
+        .collect();
+    report
+        .details
+        .push(format!("faults of the round: {}", faults.join("; ")));
+    for (i, m) in driver.cluster.members.iter().enumerate() {
+        let Some(p) = m.proc.as_ref() else { continue };
+        let path = std::env::temp_dir().join(format!(
+            "kv-reliability-{}-m{i}-{}.log",
+            scenario.replace(' ', "-"),
+            std::process::id()
+        ));
+        if std::fs::write(&path, p.log_text()).is_ok() {
+            report.details.push(format!(
+                "m{i}'s log since its last start: {}",
+                path.display()
+            ));
+        }
+    }
 }
 
 /// Runs the faults of one round on the driver's thread, then settles the cluster.

@@ -112,4 +112,7 @@ fn print_report(r: &Report) {
     for a in &r.anomalies {
         eprintln!("   ANOMALY (seed {}): {a}", r.seed);
     }
+    for d in &r.details {
+        eprintln!("   detail: {d}");
+    }
 }
