@@ -744,6 +744,17 @@ pub fn markdown(reports: &[Report], command: &str, when: &str) -> String {
             r.anomalies.len()
         );
     }
+    let found: Vec<(&str, u64, &String)> = reports
+        .iter()
+        .flat_map(|r| r.anomalies.iter().map(|a| (r.name.as_str(), r.seed, a)))
+        .collect();
+    if !found.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "Anomalies found (scenario, seed):");
+        for (name, seed, a) in found {
+            let _ = writeln!(out, "- {name}, seed {seed}: {a}");
+        }
+    }
     let _ = writeln!(out);
     let _ = writeln!(
         out,
@@ -807,3 +818,34 @@ How a scenario runs (`tests/src/reliability.rs`, `faults.rs`, `history.rs`):
   run (sentinel keys and their `HashKV`) must be unchanged after it.
 
 ";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_has_a_row_per_report_and_lists_each_anomaly_with_its_seed() {
+        let clean = Report {
+            name: "leader kills".into(),
+            members: 3,
+            seed: 1,
+            faults: [("leader kills".to_string(), 200)].into(),
+            operations: 10,
+            unknown: 2,
+            histories: 8,
+            ..Default::default()
+        };
+        let found = Report {
+            name: "partitions".into(),
+            members: 5,
+            seed: 9,
+            anomalies: vec!["stale read".into()],
+            ..Default::default()
+        };
+        let md = markdown(&[clean, found], "kv-reliability --long", "today");
+        assert!(md.contains("| leader kills | 3 | 200 leader kills | 10 (2) | 8 key histories"));
+        assert!(md.contains("| partitions | 5 |"));
+        assert!(md.contains("- partitions, seed 9: stale read"));
+        assert!(md.contains("Produced by `kv-reliability --long` on today."));
+    }
+}
