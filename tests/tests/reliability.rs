@@ -27,8 +27,14 @@ async fn short(name: &str) {
         "every fault was injected: {:?}",
         report.faults
     );
-    let checked = report.histories + report.lock_sections.min(report.queue_items);
-    assert!(checked > 0 && report.operations > 100, "{report:?}");
+    // Enough work happened to check: KV rounds record hundreds of operations; a recipe round
+    // on a loaded CI machine about 20 lock sections and 80 queue items.
+    let worked = if scenario.recipes {
+        report.lock_sections >= 5 && report.queue_items >= 20
+    } else {
+        report.histories > 0 && report.operations > 100
+    };
+    assert!(worked, "too little was done to check: {report:?}");
 }
 
 fn assert_clean(report: &Report) {
