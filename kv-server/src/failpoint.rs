@@ -133,14 +133,24 @@ struct Passes {
     counts: Vec<(String, u64)>,
 }
 
+fn crash_file() -> Option<&'static PathBuf> {
+    static FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
+    file_of(CRASH_FILE_ENV, &FILE)
+}
+
+/// True when this member runs under a harness that may arm crash points: callers skip work
+/// done only to find their point.
+pub fn crash_armed() -> bool {
+    crash_file().is_some()
+}
+
 /// Kills this process with SIGKILL if the crash switch arms `point` for this pass.
 pub fn crash(point: CrashPoint) {
-    static FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
     static PASSES: Mutex<Passes> = Mutex::new(Passes {
         spec: String::new(),
         counts: Vec::new(),
     });
-    let Some(path) = file_of(CRASH_FILE_ENV, &FILE) else {
+    let Some(path) = crash_file() else {
         return;
     };
     let spec = std::fs::read_to_string(path).unwrap_or_default();
