@@ -312,7 +312,7 @@ struct Inner<A: Applier> {
 /// for each of them.
 #[derive(Default)]
 struct ReadBatch {
-    waiting: Vec<tokio::sync::oneshot::Sender<Result<(), RaftError>>>,
+    waiting: Vec<tokio::sync::oneshot::Sender<Result<u64, RaftError>>>,
     /// True while a task runs barriers for the waiting reads.
     running: bool,
 }
@@ -353,6 +353,13 @@ pub fn raft_config(timing: RaftTiming) -> Result<Config, RaftError> {
         purge_batch_size: timing.snapshot_count.min(1024),
         // A member that was partitioned away must not depose a healthy leader when it returns.
         enable_pre_vote: Some(true),
+        // A restarted leader is a follower until it wins an election, as in etcd. openraft
+        // would let one that came back before its followers timed out lead on in its old
+        // term, but apply commits without a sync and the saved commit index trails: its
+        // first reads were confirmed against a commit index from before writes it had
+        // acknowledged, and answered from the state before them. A new term's leader first
+        // commits an entry of its own, and reads wait for that.
+        enable_leader_restore: Some(false),
         ..Default::default()
     };
     config
@@ -612,7 +619,8 @@ impl<A: Applier> RaftNode<A> {
     /// Linearizable read barrier: returns once this node's state machine has applied everything
     /// committed before the call. The leader confirms its leadership with a quorum (read
     /// index); a follower asks the leader for that index and waits until it has applied it.
-    pub async fn read_barrier(&self) -> Result<(), RaftError> {
+    /// Returns that index: the state machine has applied at least this far.
+    pub async fn read_barrier(&self) -> Result<u64, RaftError> {
         let (done, answer) = tokio::sync::oneshot::channel();
         let start = {
             let mut batch = self.inner.reads.lock().unwrap_or_else(|e| e.into_inner());
@@ -643,13 +651,13 @@ impl<A: Applier> RaftNode<A> {
             };
             let result = self.read_barrier_once().await;
             for read in waiting {
-                let _ = read.send(result.as_ref().map(|_| ()).map_err(duplicate));
+                let _ = read.send(result.as_ref().copied().map_err(duplicate));
             }
         }
     }
 
-    /// One read barrier, for the reads that arrived before it began.
-    async fn read_barrier_once(&self) -> Result<(), RaftError> {
+    /// One read barrier, for the reads that arrived before it began; returns its read index.
+    async fn read_barrier_once(&self) -> Result<u64, RaftError> {
         let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
         loop {
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -660,7 +668,7 @@ impl<A: Applier> RaftNode<A> {
                 ));
             };
             let leader = match confirmed {
-                Ok(_) => return Ok(()),
+                Ok(read) => return Ok(read.index()),
                 Err(openraft::errors::RaftError::APIError(e)) => match e {
                     LinearizableReadError::ForwardToLeader(f) => f,
                     LinearizableReadError::QuorumNotEnough(q) => {
@@ -696,7 +704,7 @@ impl<A: Applier> RaftNode<A> {
                             .wait(Some(remaining))
                             .applied_index_at_least(Some(index), "applied up to the read index")
                             .await
-                            .map(|_| ())
+                            .map(|_| index)
                             .map_err(|e| RaftError::Timeout(e.to_string()));
                     }
                     Err(ForwardError::NotLeader) => {}
