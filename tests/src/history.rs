@@ -193,8 +193,8 @@ pub async fn run_client(
         let (invoked, member) = (recorder.now(), conn.at);
         let answer = send(&mut conn.kv, &key, &call).await;
         let returned = recorder.now();
-        let (outcome, returned) = match answer {
-            Ok((outcome, write)) => {
+        let (outcome, returned, revision) = match answer {
+            Ok((outcome, revision, changed)) => {
                 counts.answered += 1;
                 match outcome {
                     Outcome::Read(v) => seen[k] = v,
@@ -205,7 +205,7 @@ pub async fn run_client(
                     }
                     _ => {}
                 }
-                if let Some(revision) = write {
+                if changed {
                     let value = match &call {
                         Call::Put { value } | Call::Cas { value, .. } => {
                             Some(value.to_string().into_bytes())
@@ -218,7 +218,7 @@ pub async fn run_client(
                         revision,
                     });
                 }
-                (outcome, Some(returned))
+                (outcome, Some(returned), revision)
             }
             Err(status) => {
                 let gone = not_sent(&status);
@@ -233,7 +233,7 @@ pub async fn run_client(
                     continue;
                 }
                 counts.unknown += 1;
-                (Outcome::Unknown, None)
+                (Outcome::Unknown, None, 0)
             }
         };
         recorder.record(Operation {
@@ -244,18 +244,19 @@ pub async fn run_client(
             returned,
             client,
             member,
+            revision,
         });
     }
     counts
 }
 
-/// Sends `call` on `key`; returns the outcome and, for a write that changed the store, its
-/// revision.
+/// Sends `call` on `key`; returns the outcome, the answer's header revision, and whether
+/// the call changed the store (a write at that revision).
 async fn send(
     kv: &mut KvClient<Channel>,
     key: &[u8],
     call: &Call,
-) -> Result<(Outcome, Option<i64>), tonic::Status> {
+) -> Result<(Outcome, i64, bool), tonic::Status> {
     let revision =
         |h: Option<kv_core::proto::etcdserverpb::ResponseHeader>| h.map_or(0, |h| h.revision);
     match call {
@@ -268,7 +269,7 @@ async fn send(
                 })
                 .await?
                 .into_inner();
-            Ok((Outcome::Written, Some(revision(r.header))))
+            Ok((Outcome::Written, revision(r.header), true))
         }
         Call::Get => {
             let r = kv
@@ -280,7 +281,8 @@ async fn send(
                 .into_inner();
             Ok((
                 Outcome::Read(r.kvs.first().map(|kv| value_of(&kv.value))),
-                None,
+                revision(r.header),
+                false,
             ))
         }
         Call::Delete => {
@@ -292,10 +294,7 @@ async fn send(
                 .await?
                 .into_inner();
             let deleted = r.deleted > 0;
-            Ok((
-                Outcome::Deleted(deleted),
-                deleted.then(|| revision(r.header)),
-            ))
+            Ok((Outcome::Deleted(deleted), revision(r.header), deleted))
         }
         Call::Cas { expect, value } => {
             let compare = match expect {
@@ -331,7 +330,8 @@ async fn send(
                 .into_inner();
             Ok((
                 Outcome::Swapped(r.succeeded),
-                r.succeeded.then(|| revision(r.header)),
+                revision(r.header),
+                r.succeeded,
             ))
         }
     }

@@ -102,12 +102,18 @@ impl Proc {
     /// Spawns `cmd` and waits until a stderr line contains `ready`; `addr_of` extracts the
     /// client address from that line (None: use `fallback`).
     fn spawn(cmd: Command, ready: &str, fallback: Option<String>) -> Proc {
-        Self::try_spawn(cmd, ready, fallback).unwrap_or_else(|e| panic!("{e}"))
+        Self::try_spawn(cmd, ready, fallback, None).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// As [`Proc::spawn`], but a process that exits or does not become ready is an error
     /// (with its log), not a panic: fault injection starts members that may crash at once.
-    fn try_spawn(mut cmd: Command, ready: &str, fallback: Option<String>) -> Result<Proc, String> {
+    /// Its stderr also goes to `journal`, when given, which outlives the process.
+    fn try_spawn(
+        mut cmd: Command,
+        ready: &str,
+        fallback: Option<String>,
+        journal: Option<Arc<Mutex<String>>>,
+    ) -> Result<Proc, String> {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -125,9 +131,11 @@ impl Proc {
                 {
                     let _ = tx.send(line.clone());
                 }
-                let mut log = sink.lock().unwrap_or_else(|e| e.into_inner());
-                log.push_str(&line);
-                log.push('\n');
+                for sink in std::iter::once(&sink).chain(journal.as_ref()) {
+                    let mut log = sink.lock().unwrap_or_else(|e| e.into_inner());
+                    log.push_str(&line);
+                    log.push('\n');
+                }
             }
         });
         let line = match rx.recv_timeout(START_TIMEOUT) {
@@ -334,6 +342,9 @@ pub struct Member {
     state: &'static str,
     /// The running process, if any.
     pub proc: Option<Proc>,
+    /// Every process's stderr since [`Cluster::clear_journals`], each start marked: a fault
+    /// harness explains an anomaly with the logs of processes that have since been killed.
+    pub journal: Arc<Mutex<String>>,
 }
 
 /// A multi-member kv-server cluster on loopback, in a temporary directory of its own.
@@ -385,6 +396,7 @@ impl Cluster {
             initial_cluster: initial_cluster.to_string(),
             state,
             proc: None,
+            journal: Arc::default(),
         }
     }
 
@@ -442,13 +454,25 @@ impl Cluster {
             ("KV_FAILPOINT_DISK_FULL_FILE", m.disk_full_file.as_os_str()),
             ("KV_FAILPOINT_CRASH_FILE", m.crash_file.as_os_str()),
         ];
+        m.journal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_str(&format!("==== {} starts\n", m.name));
         let proc = Proc::try_spawn(
             kv_server_command(&m.data_dir, &m.peer_url, &args, &envs),
             "ready to serve client requests",
             None,
+            Some(m.journal.clone()),
         )?;
         self.members[i].proc = Some(proc);
         Ok(())
+    }
+
+    /// Empties every member's journal (a harness does so as each round begins).
+    pub fn clear_journals(&self) {
+        for m in &self.members {
+            m.journal.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
     }
 
     /// SIGKILLs member `i`.

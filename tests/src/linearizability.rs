@@ -86,6 +86,9 @@ pub struct Operation {
     pub client: usize,
     /// Which member it was sent to (an index of the client's endpoint list), for the report.
     pub member: usize,
+    /// The revision in the answer's header (0 with no answer), for the report: a stale read
+    /// answered at a revision below a write it missed means a member's state lagged.
+    pub revision: i64,
 }
 
 /// A key whose sub-history is not linearizable.
@@ -199,7 +202,7 @@ fn describe(op: &Operation) -> String {
     let (client, member) = (op.client, op.member);
     let (call, outcome, invoked) = (op.call, op.outcome, op.invoked);
     let returned = match op.returned.filter(|_| outcome != Outcome::Unknown) {
-        Some(returned) => format!("returned {returned} ns"),
+        Some(returned) => format!("returned {returned} ns at revision {}", op.revision),
         None => "no answer".to_string(),
     };
     format!(
@@ -721,6 +724,7 @@ mod tests {
                 returned,
                 client: 0,
                 member: 0,
+                revision: 0,
             }
         };
         spec.split(',').map(op).collect()
@@ -957,6 +961,7 @@ mod tests {
                 returned,
                 client,
                 member: 0,
+                revision: 0,
             });
         }
         ops

@@ -112,13 +112,15 @@ async fn a_stale_read_from_a_partitioned_member_is_caught() {
             let (key, recorder) = (key.clone(), &recorder);
             async move {
                 let invoked = recorder.now();
-                c.put(PutRequest {
-                    key: key.clone(),
-                    value: value.to_string().into_bytes(),
-                    ..Default::default()
-                })
-                .await
-                .expect("put through the leader");
+                let written = c
+                    .put(PutRequest {
+                        key: key.clone(),
+                        value: value.to_string().into_bytes(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("put through the leader")
+                    .into_inner();
                 recorder.record(Operation {
                     key,
                     call: Call::Put { value },
@@ -127,6 +129,7 @@ async fn a_stale_read_from_a_partitioned_member_is_caught() {
                     returned: Some(recorder.now()),
                     client: 0,
                     member: leader,
+                    revision: written.header.map_or(0, |h| h.revision),
                 });
             }
         };
@@ -157,6 +160,7 @@ async fn a_stale_read_from_a_partitioned_member_is_caught() {
                     returned: Some(recorder.now()),
                     client: 1,
                     member: follower,
+                    revision: got.header.map_or(0, |h| h.revision),
                 })
             }
         };
