@@ -148,12 +148,12 @@ pub async fn run_producer(
     log
 }
 
-/// Until `stop` (and then until the queue is drained or `drain_by`): claim items and
-/// acknowledge them; a lost session is replaced.
+/// Until `produced` (set once every producer has returned) and the queue is drained, or
+/// until `drain_by`: claim items and acknowledge them; a lost session is replaced.
 pub async fn run_consumer(
     client: Client,
     queue: Vec<u8>,
-    stop: Arc<AtomicBool>,
+    produced: Arc<AtomicBool>,
     drain_by: Instant,
 ) -> QueueLog {
     let q: Queue<String> = Queue::new(&client, &queue);
@@ -173,8 +173,11 @@ pub async fn run_consumer(
                     Ok(Ok(None)) => {
                         // Empty now: done once the producers stopped and nothing is in flight
                         // (a claim of a consumer that died comes back when its lease ends).
+                        // `produced` is read first: every enqueue was acknowledged before
+                        // this (linearizable) count began, so the count includes them.
+                        let done = produced.load(Ordering::Acquire);
                         let empty = q.len().await.is_ok_and(|n| n == 0);
-                        if stop.load(Ordering::Relaxed) && empty {
+                        if done && empty {
                             let _ = session.close().await;
                             return log;
                         }

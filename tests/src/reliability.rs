@@ -493,6 +493,10 @@ async fn run_recipe_round(
         format!("{prefix}queue").into_bytes(),
     );
     let stop = Arc::new(AtomicBool::new(false));
+    // Consumers may stop at an empty queue only once every producer has returned: an enqueue
+    // still in flight when `stop` is set is acknowledged after it, and consumers that had
+    // stopped at `stop` left the last item of each producer undelivered.
+    let produced = Arc::new(AtomicBool::new(false));
     let drain_by = Instant::now() + Duration::from_secs(600);
     let lockers: Vec<_> = (0..3)
         .map(|_| {
@@ -512,7 +516,7 @@ async fn run_recipe_round(
             tokio::spawn(run_consumer(
                 client.clone(),
                 queue.clone(),
-                stop.clone(),
+                produced.clone(),
                 drain_by,
             ))
         })
@@ -528,6 +532,7 @@ async fn run_recipe_round(
     for p in producers {
         queue_logs.push(p.await.unwrap_or_default());
     }
+    produced.store(true, Ordering::Release);
     // Consumers drain what is left: claims of consumers whose session died come back when
     // its lease ends.
     let drained = tokio::time::timeout(Duration::from_secs(60), async {
@@ -727,11 +732,12 @@ async fn check_hashes(endpoints: &[String]) -> Option<String> {
     ))
 }
 
-/// Fuzzed requests per server in the hostile-input row. The fuzzer never compacts (its
-/// health check hashes the history from its start), so a server's history only grows, and
-/// whole-store calls (Snapshot, Defragment, Hash) slowed a million-request run against one
-/// server until it had not finished in 37 minutes; batches against fresh servers keep every
-/// batch as hard as the first.
+/// Fuzzed requests per server in the hostile-input row. One server for the whole row does
+/// not work: the fuzzer never compacts (its health check hashes the store at the sentinels'
+/// revision, which a compaction would remove), so the history only grows, and whole-store
+/// calls (Snapshot, Defragment, Hash) slowed a million-request run until it had not finished
+/// in 37 minutes. Batches far longer than the CI test's 20,000 keep each server under load
+/// long enough for a slow leak to show.
 pub const FUZZ_BATCH: u64 = 100_000;
 
 /// The hostile-input row: `requests` fuzzed requests, in batches of [`FUZZ_BATCH`], each at a
@@ -900,7 +906,46 @@ How a scenario runs (`tests/src/reliability.rs`, `faults.rs`, `history.rs`):
 - Hostile input (`fuzz.rs`): random and malformed requests against a live server. The
   server must answer each one with an answer or a gRPC error; it must not panic, die or
   hang, and must leave no threads, descriptors or memory behind. Data written before the
-  run (sentinel keys and their `HashKV`) must be unchanged after it.
+  run (sentinel keys and their `HashKV`) must be unchanged after it. The requests go in
+  batches of 100,000, each at a fresh server: the fuzzer never compacts, so one server's
+  history (and with it every whole-store call) would grow without end.
+
+Found on the way, each fixed with a regression test (the store's five failed before
+their fixes):
+- a member whose Raft core stopped on a log write error (a full disk) stayed up, refusing
+  every write and vote; it now exits, as etcd does (`tests/tests/crash.rs`,
+  `a_member_whose_disk_fills_exits_and_restarts_with_its_writes`);
+- a txn nested 49 deep passed the gRPC decoder but not the Raft log's, and stopped every
+  member for good; txns nested deeper than 32 are refused (`kv-core` `validation`
+  `every_txn_accepted_can_be_decoded_from_the_raft_log`, `tests/tests/fuzz.rs`
+  `a_write_txn_nested_to_the_decoders_limit_neither_stops_nor_bricks_the_server`);
+- a watch stream sent an undecodable or oversized message never ended, holding its
+  watchers and connection (`a_watch_stream_sent_a_message_over_the_receive_limit_ends_with_resource_exhausted`);
+- a keep-alive stream sent an oversized message ended with tonic's status, not grpc-go's
+  (`a_keep_alive_stream_sent_a_message_over_the_receive_limit_ends_with_resource_exhausted`);
+- stale linearizable reads after a leader crashed and came back within a millisecond
+  (crashes mid-snapshot): openraft's leader restore let it lead on in its old term with a
+  commit index and state machine from before writes it had acknowledged. A restarted
+  leader is now a follower until it wins an election, as in etcd (`tests/tests/crash.rs`,
+  `a_leader_restarted_at_once_serves_no_read_older_than_its_acknowledged_writes`);
+- in the harness itself, not the store: queue consumers stopped with the producers,
+  before an enqueue in flight was acknowledged, and reported the last item of each
+  producer as lost. Consumers now stop only once every producer has returned; the test
+  (`tests/tests/reliability.rs`,
+  `queue_consumers_wait_for_the_producers_before_stopping_at_an_empty_queue`) pins that
+  condition, but the race itself depends on timing and was not reproduced on demand.
+
+Open: the fuzz row's memory check. After a batch, the server's resident memory must be
+back within 256 MiB of its baseline, besides what the store grew. Some batches end above
+that: two of ten 100,000-request batches (465 and 459 MiB, from about 40 MiB, with the
+store 132 and 144 MiB larger), and, in a run with 20,000-request batches, eight of fifty
+(up to 382 MiB, with the store 40 MiB larger). The evidence so far is that mimalloc keeps
+freed memory rather than that anything leaks:
+- one server fuzzed with five 50,000-request runs levelled off at 457-497 MiB from the
+  third run on;
+- the same 20,000-request batch ended at 196 MiB normally and at 112 MiB with
+  `MIMALLOC_PURGE_DELAY=0`.
+The allowance stays as it is until the server returns burst memory, which is open work.
 
 ";
 

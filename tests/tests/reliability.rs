@@ -209,3 +209,44 @@ async fn a_stale_read_from_a_partitioned_member_is_caught() {
     .await
     .expect("test timed out");
 }
+
+/// The queue check's consumers stop at an empty queue only once the producers have returned:
+/// they used to stop at the producers' stop signal, and an enqueue in flight then was
+/// acknowledged after every consumer had left, so the long run reported the last item of each
+/// producer as lost (anomaly B of the first long run; the store had it all along).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_consumers_wait_for_the_producers_before_stopping_at_an_empty_queue() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+
+    use kv_tests::recipe_checks::{connect, run_consumer};
+
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        let server = tokio::task::spawn_blocking(move || kv_tests::start_kv_server(&data, &[]))
+            .await
+            .expect("start kv-server");
+        let endpoints = vec![server.endpoint.clone()];
+        let client = connect(&endpoints).await.expect("client");
+        let queue = b"late-enqueue/queue".to_vec();
+        let produced = Arc::new(AtomicBool::new(false));
+        let consumer = tokio::spawn(run_consumer(
+            client.clone(),
+            queue.clone(),
+            produced.clone(),
+            Instant::now() + Duration::from_secs(30),
+        ));
+        // The consumer has found the queue empty by now, more than once.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!consumer.is_finished(), "stopped before the producers did");
+        let q: recipes::Queue<String> = recipes::Queue::new(&client, &queue);
+        q.enqueue(&"late".to_string()).await.expect("enqueue");
+        produced.store(true, Ordering::Release);
+        let log = consumer.await.expect("consumer");
+        assert_eq!(log.delivered.get("late"), Some(&1), "{log:?}");
+    })
+    .await
+    .expect("test timed out");
+}
