@@ -784,7 +784,7 @@ mod tests {
         assert!(!linearizable(lost));
         let why = reason(lost);
         assert!(
-            why.contains("Read(None) (to member 0, invoked 20 ns, returned 30 ns)"),
+            why.contains("Read(None) (to member 0, invoked 20 ns, returned 30 ns at revision 0)"),
             "{why}"
         );
         assert!(
