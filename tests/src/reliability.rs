@@ -238,11 +238,6 @@ pub async fn run_scenario(scenario: &Scenario, seed: u64) -> Report {
         };
         driver = back;
         merge(&mut report, round_report);
-        let lagged = lagging_reads(&driver);
-        if !lagged.is_empty() {
-            report.anomalies.extend(lagged);
-            save_journals(&driver, scenario.name, &mut report);
-        }
         if let Some(a) = check_hashes(&endpoints).await {
             report.anomalies.push(a);
         }
@@ -378,26 +373,6 @@ async fn run_round(
     }
     (driver, report)
 }
-
-/// The warnings members logged of a linearizable read that found their store behind what
-/// Raft said it had applied: a stale read, whether or not a history caught it.
-fn lagging_reads(driver: &FaultDriver) -> Vec<String> {
-    let mut found = Vec::new();
-    for (i, m) in driver.cluster.members.iter().enumerate() {
-        let journal = m.journal.lock().unwrap_or_else(|e| e.into_inner());
-        found.extend(
-            journal
-                .lines()
-                .filter(|l| l.contains(LAGGING_READ))
-                .take(3)
-                .map(|l| format!("m{i} served a read behind its read index: {l}")),
-        );
-    }
-    found
-}
-
-/// What kv-server logs when a read barrier returns with the store behind the read index.
-const LAGGING_READ: &str = "read barrier: raft reports";
 
 /// Writes the history of `key` (its operations in the order they were sent) to a file that
 /// outlives the run, and names it in the report's details.

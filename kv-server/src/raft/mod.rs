@@ -312,7 +312,7 @@ struct Inner<A: Applier> {
 /// for each of them.
 #[derive(Default)]
 struct ReadBatch {
-    waiting: Vec<tokio::sync::oneshot::Sender<Result<u64, RaftError>>>,
+    waiting: Vec<tokio::sync::oneshot::Sender<Result<(), RaftError>>>,
     /// True while a task runs barriers for the waiting reads.
     running: bool,
 }
@@ -619,8 +619,7 @@ impl<A: Applier> RaftNode<A> {
     /// Linearizable read barrier: returns once this node's state machine has applied everything
     /// committed before the call. The leader confirms its leadership with a quorum (read
     /// index); a follower asks the leader for that index and waits until it has applied it.
-    /// Returns that index: the state machine has applied at least this far.
-    pub async fn read_barrier(&self) -> Result<u64, RaftError> {
+    pub async fn read_barrier(&self) -> Result<(), RaftError> {
         let (done, answer) = tokio::sync::oneshot::channel();
         let start = {
             let mut batch = self.inner.reads.lock().unwrap_or_else(|e| e.into_inner());
@@ -651,13 +650,13 @@ impl<A: Applier> RaftNode<A> {
             };
             let result = self.read_barrier_once().await;
             for read in waiting {
-                let _ = read.send(result.as_ref().copied().map_err(duplicate));
+                let _ = read.send(result.as_ref().map(|_| ()).map_err(duplicate));
             }
         }
     }
 
-    /// One read barrier, for the reads that arrived before it began; returns its read index.
-    async fn read_barrier_once(&self) -> Result<u64, RaftError> {
+    /// One read barrier, for the reads that arrived before it began.
+    async fn read_barrier_once(&self) -> Result<(), RaftError> {
         let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
         loop {
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -668,7 +667,7 @@ impl<A: Applier> RaftNode<A> {
                 ));
             };
             let leader = match confirmed {
-                Ok(read) => return Ok(read.index()),
+                Ok(_) => return Ok(()),
                 Err(openraft::errors::RaftError::APIError(e)) => match e {
                     LinearizableReadError::ForwardToLeader(f) => f,
                     LinearizableReadError::QuorumNotEnough(q) => {
@@ -704,7 +703,7 @@ impl<A: Applier> RaftNode<A> {
                             .wait(Some(remaining))
                             .applied_index_at_least(Some(index), "applied up to the read index")
                             .await
-                            .map(|_| index)
+                            .map(|_| ())
                             .map_err(|e| RaftError::Timeout(e.to_string()));
                     }
                     Err(ForwardError::NotLeader) => {}
