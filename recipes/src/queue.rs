@@ -125,6 +125,22 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The first wall-clock millisecond at which `delay` after `now` has fully passed. Rounded up,
+/// because delivery compares whole milliseconds: rounding down would hand an item out up to a
+/// millisecond before its delay is over.
+fn visible_after(now: Duration, delay: Duration) -> u64 {
+    let at = now.saturating_add(delay).as_nanos();
+    at.div_ceil(1_000_000) as u64
+}
+
+/// When an item delayed by `delay` from now becomes visible, in ms since the epoch.
+fn visible_at(delay: Duration) -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    visible_after(now, delay)
+}
+
 /// Enqueue time in ns, strictly increasing within the process (so one producer's items keep
 /// their order even within one clock tick).
 fn enqueue_ns() -> u64 {
@@ -331,7 +347,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
             );
             let envelope = Envelope {
                 attempts: 0,
-                visible_at_ms: options.delay.map_or(0, |d| now_ms() + d.as_millis() as u64),
+                visible_at_ms: options.delay.map_or(0, visible_at),
                 conditions: options.conditions,
                 slot: None,
                 payload: serde_json::to_value(item).map_err(codec)?,
@@ -1004,7 +1020,7 @@ impl<T> Claimed<T> {
             ops
         } else if let Some(delay) = delay {
             let mut envelope = self.envelope.clone();
-            envelope.visible_at_ms = now_ms() + delay.as_millis() as u64;
+            envelope.visible_at_ms = visible_at(delay);
             let value = serde_json::to_vec(&envelope).map_err(codec)?;
             vec![TxnOp::put(
                 self.queue.item(&self.id),
@@ -1031,5 +1047,22 @@ impl<T> Claimed<T> {
         } else {
             Err(Error::ClaimLost)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delay_ends_on_the_first_whole_millisecond_after_it_has_passed() {
+        let now = Duration::from_micros(1_000_400);
+        // 1000.4 ms + 800 ms = 1800.4 ms: the item must wait until 1801, not show at 1800.
+        assert_eq!(visible_after(now, Duration::from_millis(800)), 1801);
+        assert_eq!(
+            visible_after(Duration::from_millis(5), Duration::from_millis(10)),
+            15
+        );
+        assert_eq!(visible_after(now, Duration::from_nanos(1)), 1001);
     }
 }
