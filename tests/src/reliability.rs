@@ -755,6 +755,11 @@ async fn fuzz_one_server(requests: u64, seed: u64) -> (u64, Vec<String>) {
         .await
         .expect("start kv-server");
     let fuzz = crate::fuzz::fuzz(&server.endpoint, server.pid(), seed, requests).await;
+    // What the server used before and after (threads, files, memory, store), one line a batch,
+    // so a run shows how close each batch came to the limits and not only whether it passed.
+    for note in &fuzz.notes {
+        eprintln!("   fuzz seed {seed}: {note}");
+    }
     let mut anomalies = fuzz.anomalies;
     let log = server.log_text();
     if log.contains("panicked") {
