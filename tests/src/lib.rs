@@ -553,6 +553,12 @@ fn spawn_kv_server(
     )
 }
 
+/// The `--log-level` of every kv-server the tests start: `info`, or `KV_TEST_LOG` when set
+/// (a filter such as `info,openraft::replication=debug`, to see what a failing run did).
+fn member_log_level() -> String {
+    std::env::var("KV_TEST_LOG").unwrap_or_else(|_| "info".to_string())
+}
+
 fn kv_server_command(
     data_dir: &Path,
     peer_url: &str,
@@ -567,7 +573,7 @@ fn kv_server_command(
     }
     cmd.args(["--listen-peer-urls", peer_url])
         .args(["--initial-advertise-peer-urls", peer_url])
-        .args(["--log-level", "info"])
+        .args(["--log-level", &member_log_level()])
         .args(extra);
     for (k, v) in envs {
         cmd.env(k, v);

@@ -233,6 +233,13 @@ impl PeerConnection {
     /// Opens a replication pipeline: each request of `input` is sent as soon as openraft
     /// yields it, without waiting for the answers to earlier ones, and the answers come back
     /// in order. The stream fails once an answer is owed and none has come for `ttl`.
+    ///
+    /// `input` is pumped by a task this pipeline owns, never handed to the HTTP/2 stream: the
+    /// transport keeps polling a request body after the call is given up (an opening not
+    /// answered in time, a stall), and openraft's request streams share their position, so a
+    /// forgotten one went on taking requests meant for the next stream. It sent them where no
+    /// one read the answers, and a follower lagged for good (the pipeline it was meant to get
+    /// them from was left waiting). Dropping the pipeline now stops the pump and drops `input`.
     pub async fn stream_append<S>(
         &self,
         input: S,
@@ -248,67 +255,83 @@ impl PeerConnection {
         let sent = owed.clone();
         let cluster_id = self.cluster_id;
         let addr = self.addr.clone();
+        // One request waits in the channel at most: openraft decides what to send next from
+        // what was answered, so requests should not pile up ahead of the transport.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
         // The request side ends (and the peer then ends its answers) when this member is
         // isolated, or if a request cannot be encoded, which serde types here never fail.
-        let requests = input.scan((), move |_, req| {
-            let encoded = postcard::to_allocvec(&req)
-                .inspect_err(|e| tracing::error!(%addr, "cannot encode AppendEntries: {e}"));
-            let message = match encoded {
-                Ok(data) if !crate::failpoint::cut_off(&addr) => {
-                    sent.sent();
-                    Some(PeerRequest { cluster_id, data })
+        // A request counts as owed once taken from openraft, so a transport that stops taking
+        // them (flow control) shows as a stall too.
+        let pump = tokio::spawn(async move {
+            let mut input = std::pin::pin!(input);
+            while let Some(req) = input.next().await {
+                let data = match postcard::to_allocvec(&req) {
+                    Ok(data) if !crate::failpoint::cut_off(&addr) => data,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::error!(%addr, "cannot encode AppendEntries: {e}");
+                        break;
+                    }
+                };
+                sent.sent();
+                if tx.send(PeerRequest { cluster_id, data }).await.is_err() {
+                    break;
                 }
-                _ => None,
-            };
-            std::future::ready(message)
+            }
         });
+        let pump = AbortOnDrop(pump);
+        let requests = tokio_stream::wrappers::ReceiverStream::new(rx);
         let answers = self
             .open_stream(PeerCall::StreamAppend, requests, ttl)
             .await?;
         let addr = self.addr.clone();
-        Ok(futures::stream::unfold(Some(answers), move |answers| {
-            let (owed, addr) = (owed.clone(), addr.clone());
-            async move {
-                let mut answers = answers?;
-                let failed = |reason: String| {
-                    Some((
-                        Err(PeerError::Unreachable {
-                            addr: addr.clone(),
-                            reason,
-                        }),
-                        None,
-                    ))
-                };
-                loop {
-                    match tokio::time::timeout(ttl, answers.message()).await {
-                        Err(_) if owed.stalled(ttl) => {
-                            return failed(format!("StreamAppend: no answer for {ttl:?}"));
-                        }
-                        Err(_) => continue,
-                        Ok(Ok(None)) => return None,
-                        Ok(Err(status)) => {
-                            return failed(format!("StreamAppend: {}", status.message()));
-                        }
-                        Ok(Ok(Some(_))) if crate::failpoint::cut_off(&addr) => {
-                            return failed("StreamAppend: isolated by failpoint".into());
-                        }
-                        Ok(Ok(Some(answer))) => {
-                            owed.answered();
-                            return match postcard::from_bytes(&answer.data) {
-                                Ok(result) => Some((Ok(result), Some(answers))),
-                                Err(e) => Some((
-                                    Err(PeerError::Garbled {
-                                        addr: addr.clone(),
-                                        reason: e.to_string(),
-                                    }),
-                                    None,
-                                )),
-                            };
+        // The pump lives in the stream's state: it stops when the stream ends or is dropped.
+        Ok(futures::stream::unfold(
+            Some((answers, pump)),
+            move |state| {
+                let (owed, addr) = (owed.clone(), addr.clone());
+                async move {
+                    let (mut answers, pump) = state?;
+                    let failed = |reason: String| {
+                        Some((
+                            Err(PeerError::Unreachable {
+                                addr: addr.clone(),
+                                reason,
+                            }),
+                            None,
+                        ))
+                    };
+                    loop {
+                        match tokio::time::timeout(ttl, answers.message()).await {
+                            Err(_) if owed.stalled(ttl) => {
+                                return failed(format!("StreamAppend: no answer for {ttl:?}"));
+                            }
+                            Err(_) => continue,
+                            Ok(Ok(None)) => return None,
+                            Ok(Err(status)) => {
+                                return failed(format!("StreamAppend: {}", status.message()));
+                            }
+                            Ok(Ok(Some(_))) if crate::failpoint::cut_off(&addr) => {
+                                return failed("StreamAppend: isolated by failpoint".into());
+                            }
+                            Ok(Ok(Some(answer))) => {
+                                owed.answered();
+                                return match postcard::from_bytes(&answer.data) {
+                                    Ok(result) => Some((Ok(result), Some((answers, pump)))),
+                                    Err(e) => Some((
+                                        Err(PeerError::Garbled {
+                                            addr: addr.clone(),
+                                            reason: e.to_string(),
+                                        }),
+                                        None,
+                                    )),
+                                };
+                            }
                         }
                     }
                 }
-            }
-        }))
+            },
+        ))
     }
 
     /// Opens a bidirectional stream (`StreamAppend` or `ProposeStream`) with `requests` as its
@@ -403,6 +426,15 @@ impl PeerConnection {
 /// How many answers a replication pipeline is owed, and since when it last made progress: a
 /// stream may rightly sit silent for minutes, but not while a request waits for its answer.
 #[derive(Debug)]
+/// Aborts a task when dropped: the task's work is only wanted while its owner lives.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 struct Owed {
     state: Mutex<(u64, Instant)>,
 }
@@ -579,5 +611,124 @@ impl RaftNetworkV2<TypeConfig> for RaftPeer {
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.rpc(PeerCall::TransferLeader, &req, &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::{Context, Poll};
+
+    use tokio::net::TcpListener;
+    use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+    use tonic::codegen::{Bytes, http};
+    use tonic::server::NamedService;
+
+    use super::*;
+
+    /// A peer that accepts a stream call, answers its opening, and then neither answers nor
+    /// reads anything: a member stopped (SIGSTOP) just after it took the call, while the
+    /// kernel still takes the connection's bytes.
+    #[derive(Clone)]
+    struct Mute;
+
+    impl NamedService for Mute {
+        const NAME: &'static str = "kvserverpb.Peer";
+    }
+
+    /// A response body that never yields.
+    struct Never;
+
+    impl http_body::Body for Never {
+        type Data = Bytes;
+        type Error = tonic::Status;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
+            Poll::Pending
+        }
+    }
+
+    impl tower::Service<http::Request<tonic::body::Body>> for Mute {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = Infallible;
+        type Future = std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>,
+        >;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+            Box::pin(async move {
+                // Held unread for as long as the connection lasts.
+                std::mem::forget(req);
+                let response = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(tonic::body::Body::new(Never))
+                    .unwrap_or_default();
+                Ok(response)
+            })
+        }
+    }
+
+    fn heartbeat() -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new(1, 1),
+            prev_log_id: None,
+            leader_commit: None,
+            entries: Vec::new(),
+        }
+    }
+
+    /// The bug behind a follower that stopped catching up after a pause: a pipeline that
+    /// stalled was given up (dropped), but the transport kept its request stream and went on
+    /// taking what openraft meant for the next pipeline.
+    #[tokio::test]
+    async fn a_pipeline_given_up_takes_no_more_requests() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(Mute)
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        let conn = PeerConnection::new(&format!("http://{addr}"), 7).unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let taken = Arc::new(AtomicUsize::new(0));
+        let counter = taken.clone();
+        let input = UnboundedReceiverStream::new(rx).inspect(move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        tx.send(heartbeat()).unwrap();
+        let ttl = Duration::from_millis(100);
+        let mut answers = Box::pin(conn.stream_append(input, ttl).await.unwrap());
+        match tokio::time::timeout(Duration::from_secs(5), answers.next()).await {
+            Ok(Some(Err(PeerError::Unreachable { reason, .. }))) => {
+                assert!(reason.contains("no answer"), "{reason}")
+            }
+            other => panic!("the pipeline did not report the stall: {other:?}"),
+        }
+        drop(answers);
+        let before = taken.load(Ordering::SeqCst);
+        for _ in 0..10 {
+            // Fails once the pipeline has dropped its input, as it should.
+            let _ = tx.send(heartbeat());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            taken.load(Ordering::SeqCst),
+            before,
+            "a pipeline given up on went on taking requests"
+        );
+        assert!(
+            tx.is_closed(),
+            "a pipeline given up on still holds its input"
+        );
+        server.abort();
     }
 }
