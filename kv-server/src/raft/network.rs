@@ -279,7 +279,7 @@ impl PeerConnection {
                 }
             }
         });
-        let pump = AbortOnDrop(pump);
+        let pump = tokio_util::task::AbortOnDropHandle::new(pump);
         let requests = tokio_stream::wrappers::ReceiverStream::new(rx);
         let answers = self
             .open_stream(PeerCall::StreamAppend, requests, ttl)
@@ -426,15 +426,6 @@ impl PeerConnection {
 /// How many answers a replication pipeline is owed, and since when it last made progress: a
 /// stream may rightly sit silent for minutes, but not while a request waits for its answer.
 #[derive(Debug)]
-/// Aborts a task when dropped: the task's work is only wanted while its owner lives.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 struct Owed {
     state: Mutex<(u64, Instant)>,
 }
