@@ -9,6 +9,8 @@ pub mod proto;
 #[cfg(feature = "engine")]
 mod apply;
 #[cfg(feature = "engine")]
+pub mod auth;
+#[cfg(feature = "engine")]
 pub mod backend;
 #[cfg(feature = "engine")]
 pub mod checksum;
