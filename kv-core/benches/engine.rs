@@ -12,6 +12,7 @@ const PRELOADED_KEYS: usize = 10_000;
 
 fn put(key: String) -> InternalRequest {
     InternalRequest {
+        header: None,
         id: 0,
         request: Some(Request::Put(PutRequest {
             key: key.into_bytes(),

@@ -25,6 +25,7 @@ const LONG_TTL: i64 = 3600;
 
 fn command(request: Request) -> Option<InternalRequest> {
     Some(InternalRequest {
+        header: None,
         id: 0,
         request: Some(request),
     })

@@ -442,6 +442,7 @@ mod tests {
 
     fn apply_txn(store: &Store, index: u64, txn: TxnRequest) -> Result<(), KvError> {
         let cmd = InternalRequest {
+            header: None,
             id: index,
             request: Some(internal_request::Request::Txn(txn)),
         };

@@ -3,6 +3,7 @@
 
 use prost::Message;
 
+use crate::auth::AuthError;
 use crate::error::{EngineError, KvError};
 use crate::proto::kvserverpb::{InternalRequest, InternalResponse};
 
@@ -40,7 +41,41 @@ fn error_code(e: &KvError) -> (u8, i64) {
         KvError::LeaseExists => (13, 0),
         KvError::LeaseTtlTooLarge => (14, 0),
         KvError::TxnTooDeep => (15, 0),
+        KvError::Auth(a) => (AUTH_CODE, auth_code(a)),
     }
+}
+
+/// The outcome code of every auth error; the argument says which.
+const AUTH_CODE: u8 = 16;
+
+/// Every auth error, in the order that numbers them in an encoded outcome. Append only: the
+/// numbers travel between members of different versions.
+const AUTH_ERRORS: [AuthError; 18] = [
+    AuthError::RootUserNotExist,
+    AuthError::RootRoleNotExist,
+    AuthError::UserAlreadyExist,
+    AuthError::UserEmpty,
+    AuthError::UserNotFound,
+    AuthError::RoleAlreadyExist,
+    AuthError::RoleNotFound,
+    AuthError::RoleEmpty,
+    AuthError::AuthFailed,
+    AuthError::PermissionNotGiven,
+    AuthError::PermissionDenied,
+    AuthError::RoleNotGranted,
+    AuthError::PermissionNotGranted,
+    AuthError::AuthNotEnabled,
+    AuthError::InvalidAuthToken,
+    AuthError::InvalidAuthMgmt,
+    AuthError::AuthOldRevision,
+    AuthError::NoPasswordUser,
+];
+
+fn auth_code(e: &AuthError) -> i64 {
+    AUTH_ERRORS
+        .iter()
+        .position(|a| a == e)
+        .map_or(-1, |i| i as i64)
 }
 
 fn error_from_code(code: u8, arg: i64) -> Option<KvError> {
@@ -62,6 +97,7 @@ fn error_from_code(code: u8, arg: i64) -> Option<KvError> {
         13 => KvError::LeaseExists,
         14 => KvError::LeaseTtlTooLarge,
         15 => KvError::TxnTooDeep,
+        AUTH_CODE => KvError::Auth(AUTH_ERRORS.get(usize::try_from(arg).ok()?).cloned()?),
         _ => return None,
     })
 }
@@ -114,6 +150,11 @@ mod tests {
             let out: Outcome = Err(e);
             assert_eq!(decode_outcome(&encode_outcome(&out)).unwrap(), out);
         }
+        for e in AUTH_ERRORS {
+            let out: Outcome = Err(KvError::Auth(e));
+            assert_eq!(decode_outcome(&encode_outcome(&out)).unwrap(), out);
+        }
+        assert!(decode_outcome(&[ERR, AUTH_CODE, 0, 0, 0, 0, 0, 0, 0, 18]).is_err());
         assert!(decode_outcome(&[]).is_err());
         assert!(decode_outcome(&[1, 99, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
     }

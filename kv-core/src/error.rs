@@ -2,6 +2,7 @@
 //! result like any other and travels back through Raft to the caller. `kv-server` maps each
 //! variant to etcd's gRPC code and exact message in one table.
 
+use crate::auth::AuthError;
 use crate::backend::BackendError;
 
 /// Why a request was refused. The `Display` texts are etcd's, without the gRPC framing.
@@ -55,6 +56,9 @@ pub enum KvError {
     /// The store is over `--quota-backend-bytes`, or the NOSPACE alarm is raised.
     #[error("etcdserver: mvcc: database space exceeded")]
     NoSpace,
+    /// Refused by authentication or permissions, or a failed auth-management request.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 /// A failure of the engine itself (not of the request). Apply stops at the first one: the

@@ -11,6 +11,7 @@ use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use crate::apply;
+use crate::auth::{self, AuthError, AuthState, Caller};
 use crate::backend::{Backend, Durability, Table, WriteBatch, WriteOp};
 use crate::checksum::Crc32c;
 use crate::command::Outcome;
@@ -19,10 +20,13 @@ use crate::key_index::KeyRange;
 use crate::lease;
 use crate::mvcc::{Mvcc, Overlay, Record, Source, WriteTxn};
 use crate::proto::etcdserverpb::{
-    AlarmMember, AlarmRequest, AlarmResponse, AlarmType, CompactionRequest, CompactionResponse,
-    LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, Member,
-    RangeRequest, RangeResponse, ResponseHeader, TxnRequest, TxnResponse,
-    alarm_request::AlarmAction,
+    AlarmMember, AlarmRequest, AlarmResponse, AlarmType, AuthDisableResponse, AuthEnableResponse,
+    AuthRoleAddResponse, AuthRoleDeleteResponse, AuthRoleGrantPermissionResponse,
+    AuthRoleRevokePermissionResponse, AuthUserAddResponse, AuthUserChangePasswordResponse,
+    AuthUserDeleteResponse, AuthUserGrantRoleResponse, AuthUserRevokeRoleResponse,
+    AuthenticateResponse, CompactionRequest, CompactionResponse, LeaseGrantRequest,
+    LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, Member, RangeRequest,
+    RangeResponse, ResponseHeader, TxnRequest, TxnResponse, alarm_request::AlarmAction,
 };
 use crate::proto::kvserverpb::{
     InternalRequest, InternalResponse, MemberAttributesApplied, internal_request::Request,
@@ -40,6 +44,8 @@ const META_COMPACT_REV: &[u8] = b"compact_revision";
 const META_ALARM_PREFIX: &[u8] = b"alarm/";
 const META_MEMBER_PREFIX: &[u8] = b"member/";
 const META_LEASE_PREFIX: &[u8] = b"lease/";
+/// Users, roles and the auth switch, one record each ([`AuthState::to_records`]).
+const META_AUTH_PREFIX: &[u8] = b"auth/";
 /// Meta keys under this prefix belong to this member, not to the replicated state: they are
 /// left out of snapshots and kept across a snapshot install.
 pub const META_LOCAL_PREFIX: &[u8] = b"local/";
@@ -72,6 +78,8 @@ struct State {
     alarms: BTreeSet<(u64, i32)>,
     /// Published member attributes (name, URLs) by member id.
     members: BTreeMap<u64, Member>,
+    /// Users, roles, permissions and whether they are checked.
+    auth: AuthState,
 }
 
 /// Engine status for Maintenance.Status and headers.
@@ -237,6 +245,17 @@ impl Store {
         if let Some(e) = failure {
             return Err(e);
         }
+        let mut records = Vec::new();
+        read.scan(Table::Meta, META_AUTH_PREFIX, None, &mut |k, v| {
+            let Some(name) = k.strip_prefix(META_AUTH_PREFIX) else {
+                return false;
+            };
+            records.push((name.to_vec(), v.to_vec()));
+            true
+        })?;
+        state.auth =
+            AuthState::from_records(records.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
+                .map_err(|e| EngineError::Corrupt(format!("auth records: {e}")))?;
         Ok(state)
     }
 
@@ -320,6 +339,12 @@ impl Store {
     pub fn lease_counts(&self) -> (usize, usize) {
         let state = self.read_state();
         (state.mvcc.leases.len(), state.mvcc.leases.attached_keys())
+    }
+
+    /// Runs `f` over the auth state as applied so far (for checks made before serving a read,
+    /// and for the Auth service's reads).
+    pub fn auth<T>(&self, f: impl FnOnce(&AuthState) -> T) -> T {
+        f(&self.read_state().auth)
     }
 
     /// Serves a Range at the current state (serializable; the caller provides linearizability).
@@ -410,6 +435,7 @@ impl Store {
         let start_compacted = state.mvcc.compacted;
         let start_alarms = state.alarms.clone();
         let start_members = state.members.clone();
+        let start_auth = (state.auth.enabled(), state.auth.revision());
         let mut outcomes = Vec::with_capacity(entries.len());
         let mut last = state.applied_index;
         for (index, cmd) in entries {
@@ -420,7 +446,9 @@ impl Store {
             last = *index;
             let outcome = match cmd {
                 Some(cmd) => {
-                    match self.apply_one(&mut state, read.as_ref(), &mut overlay, cmd, size) {
+                    let applied =
+                        self.apply_one(&mut state, read.as_ref(), &mut overlay, *index, cmd, size);
+                    match applied {
                         Ok(resp) => Ok(resp),
                         Err(Error::Request(e)) => Err(e),
                         Err(Error::Engine(e)) => return Err(e),
@@ -473,6 +501,31 @@ impl Store {
                 if start_members.get(id) != Some(m) {
                     batch.put(Table::Meta, member_key(*id), m.encode_to_vec());
                 }
+            }
+        }
+        if (state.auth.enabled(), state.auth.revision()) != start_auth {
+            // Auth changes are rare and small: the records are rewritten whole, and the ones
+            // of deleted users and roles removed.
+            let records = state.auth.to_records();
+            let mut stale = Vec::new();
+            read.scan(Table::Meta, META_AUTH_PREFIX, None, &mut |k, _| match k
+                .strip_prefix(META_AUTH_PREFIX)
+            {
+                Some(name) => {
+                    if !records.contains_key(name) {
+                        stale.push(k.to_vec());
+                    }
+                    true
+                }
+                None => false,
+            })?;
+            for key in stale {
+                batch.delete(Table::Meta, key);
+            }
+            for (name, value) in records {
+                let mut key = META_AUTH_PREFIX.to_vec();
+                key.extend_from_slice(&name);
+                batch.put(Table::Meta, key, value);
             }
         }
         drop(read);
@@ -611,12 +664,27 @@ impl Store {
         state: &mut State,
         read: &dyn crate::backend::BackendRead,
         overlay: &mut Overlay,
+        index: u64,
         cmd: &InternalRequest,
         size: u64,
     ) -> Result<InternalResponse, Error> {
         let Some(request) = &cmd.request else {
             return Ok(InternalResponse::default());
         };
+        if let Some(h) = &cmd.header {
+            let caller = Caller {
+                user: (!h.username.is_empty()).then(|| h.username.clone()),
+                revision: h.auth_revision,
+            };
+            authorize(state, &caller, request).map_err(KvError::from)?;
+        }
+        if let Some(response) =
+            apply_auth(&mut state.auth, index, request).map_err(KvError::from)?
+        {
+            return Ok(InternalResponse {
+                response: Some(with_header(response, state.mvcc.current)),
+            });
+        }
         let writes = match request {
             Request::Put(_) | Request::LeaseGrant(_) => true,
             Request::Txn(t) => !apply::txn_is_read_only(t),
@@ -670,6 +738,18 @@ impl Store {
             Request::LeaseRevoke(r) => {
                 Response::LeaseRevoke(lease_revoke(state, read, overlay, r)?)
             }
+            Request::AuthEnable(_)
+            | Request::AuthDisable(_)
+            | Request::Authenticate(_)
+            | Request::UserAdd(_)
+            | Request::UserDelete(_)
+            | Request::UserChangePassword(_)
+            | Request::UserGrantRole(_)
+            | Request::UserRevokeRole(_)
+            | Request::RoleAdd(_)
+            | Request::RoleDelete(_)
+            | Request::RoleGrantPermission(_)
+            | Request::RoleRevokePermission(_) => unreachable!("applied by apply_auth"),
         };
         Ok(InternalResponse {
             response: Some(response),
@@ -978,6 +1058,154 @@ fn lease_revoke(
     })
 }
 
+/// Whether the client `caller` may make `request`, by the auth state as applied so far: the
+/// check at apply is the one that counts, since permissions may change between a request's
+/// arrival and its turn in the log (the services check reads themselves).
+fn authorize(state: &State, caller: &Caller, request: &Request) -> Result<(), AuthError> {
+    let auth = &state.auth;
+    if !auth.enabled() {
+        return Ok(());
+    }
+    let lease_keys = |id: i64| -> Vec<Vec<u8>> {
+        state
+            .mvcc
+            .leases
+            .get(id)
+            .map(|l| l.keys.iter().map(|k| k.to_vec()).collect())
+            .unwrap_or_default()
+    };
+    match request {
+        Request::Range(r) => auth.check_range(caller, r),
+        Request::Put(r) => auth.check_put(caller, r, &lease_keys),
+        Request::DeleteRange(r) => auth.check_delete(caller, r),
+        Request::Txn(r) => auth.check_txn(caller, r, &lease_keys),
+        Request::LeaseGrant(_) => auth.check_authenticated(caller),
+        Request::LeaseRevoke(r) => {
+            auth.check_authenticated(caller)?;
+            auth.check_keys(caller, auth::Access::Write, &lease_keys(r.id))
+        }
+        Request::Alarm(a) if a.action == AlarmAction::Get as i32 => {
+            auth.check_authenticated(caller)
+        }
+        // The password was checked by the proposer; apply only issues the token.
+        Request::Authenticate(_) => Ok(()),
+        Request::Compaction(_)
+        | Request::Alarm(_)
+        | Request::MemberAttributes(_)
+        | Request::AuthEnable(_)
+        | Request::AuthDisable(_)
+        | Request::UserAdd(_)
+        | Request::UserDelete(_)
+        | Request::UserChangePassword(_)
+        | Request::UserGrantRole(_)
+        | Request::UserRevokeRole(_)
+        | Request::RoleAdd(_)
+        | Request::RoleDelete(_)
+        | Request::RoleGrantPermission(_)
+        | Request::RoleRevokePermission(_) => auth.check_admin(caller),
+    }
+}
+
+/// Applies an auth-management request (`None` for any other request). Passwords arrive
+/// hashed by the proposer.
+fn apply_auth(
+    auth: &mut AuthState,
+    index: u64,
+    request: &Request,
+) -> Result<Option<Response>, AuthError> {
+    let hash = |h: &str| Some(h.to_string());
+    Ok(Some(match request {
+        Request::AuthEnable(_) => {
+            auth.enable()?;
+            Response::AuthEnable(AuthEnableResponse::default())
+        }
+        Request::AuthDisable(_) => {
+            auth.disable();
+            Response::AuthDisable(AuthDisableResponse::default())
+        }
+        Request::Authenticate(r) => {
+            if !auth.enabled() {
+                return Err(AuthError::AuthNotEnabled);
+            }
+            // The user may have gone, or lost its password, since the proposer checked it.
+            match auth.user(&r.name) {
+                Some(u) if u.password.is_some() => {}
+                _ => return Err(AuthError::AuthFailed),
+            }
+            Response::Authenticate(AuthenticateResponse {
+                header: None,
+                token: format!("{}.{index}", r.simple_token),
+            })
+        }
+        Request::UserAdd(r) => {
+            let no_password = r.options.is_some_and(|o| o.no_password);
+            auth.user_add(
+                &r.name,
+                if no_password {
+                    None
+                } else {
+                    hash(&r.hashed_password)
+                },
+            )?;
+            Response::UserAdd(AuthUserAddResponse::default())
+        }
+        Request::UserDelete(r) => {
+            auth.user_delete(&r.name)?;
+            Response::UserDelete(AuthUserDeleteResponse::default())
+        }
+        Request::UserChangePassword(r) => {
+            auth.user_change_password(&r.name, r.hashed_password.clone())?;
+            Response::UserChangePassword(AuthUserChangePasswordResponse::default())
+        }
+        Request::UserGrantRole(r) => {
+            auth.user_grant_role(&r.user, &r.role)?;
+            Response::UserGrantRole(AuthUserGrantRoleResponse::default())
+        }
+        Request::UserRevokeRole(r) => {
+            auth.user_revoke_role(&r.name, &r.role)?;
+            Response::UserRevokeRole(AuthUserRevokeRoleResponse::default())
+        }
+        Request::RoleAdd(r) => {
+            auth.role_add(&r.name)?;
+            Response::RoleAdd(AuthRoleAddResponse::default())
+        }
+        Request::RoleDelete(r) => {
+            auth.role_delete(&r.role)?;
+            Response::RoleDelete(AuthRoleDeleteResponse::default())
+        }
+        Request::RoleGrantPermission(r) => {
+            auth.role_grant_permission(&r.name, r.perm.clone())?;
+            Response::RoleGrantPermission(AuthRoleGrantPermissionResponse::default())
+        }
+        Request::RoleRevokePermission(r) => {
+            auth.role_revoke_permission(&r.role, &r.key, &r.range_end)?;
+            Response::RoleRevokePermission(AuthRoleRevokePermissionResponse::default())
+        }
+        _ => return Ok(None),
+    }))
+}
+
+/// An auth response with its header at store revision `revision`.
+fn with_header(mut response: Response, revision: i64) -> Response {
+    let slot = match &mut response {
+        Response::AuthEnable(r) => &mut r.header,
+        Response::AuthDisable(r) => &mut r.header,
+        Response::Authenticate(r) => &mut r.header,
+        Response::UserAdd(r) => &mut r.header,
+        Response::UserDelete(r) => &mut r.header,
+        Response::UserChangePassword(r) => &mut r.header,
+        Response::UserGrantRole(r) => &mut r.header,
+        Response::UserRevokeRole(r) => &mut r.header,
+        Response::RoleAdd(r) => &mut r.header,
+        Response::RoleDelete(r) => &mut r.header,
+        Response::RoleGrantPermission(r) => &mut r.header,
+        Response::RoleRevokePermission(r) => &mut r.header,
+        _ => return response,
+    };
+    *slot = header(revision);
+    response
+}
+
 fn member_key(id: u64) -> Vec<u8> {
     let mut k = META_MEMBER_PREFIX.to_vec();
     k.extend_from_slice(&id.to_be_bytes());
@@ -1038,6 +1266,7 @@ mod tests {
 
     fn apply(store: &Store, index: u64, request: Request) -> Outcome {
         let cmd = InternalRequest {
+            header: None,
             id: index,
             request: Some(request),
         };
@@ -1095,6 +1324,7 @@ mod lease_tests {
 
     fn run(store: &Store, index: u64, request: Request) -> Outcome {
         let cmd = InternalRequest {
+            header: None,
             id: index,
             request: Some(request),
         };
@@ -1303,6 +1533,7 @@ mod member_tests {
 
     fn attrs(id: u64, name: &str, removed: bool) -> InternalRequest {
         InternalRequest {
+            header: None,
             id: 0,
             request: Some(Request::MemberAttributes(MemberAttributes {
                 member: Some(Member {
@@ -1369,6 +1600,7 @@ mod range_tests {
         let mut apply = |request: Request| {
             index += 1;
             let cmd = InternalRequest {
+                header: None,
                 id: index,
                 request: Some(request),
             };
@@ -1423,6 +1655,185 @@ mod range_tests {
                 })
                 .collect();
             assert_eq!(&got, expected, "at revision {revision}");
+        }
+    }
+
+    mod auth_apply {
+        use super::*;
+        use crate::backend::MemoryBackend;
+        use crate::proto::authpb::{Permission, UserAddOptions, permission::Type as PermType};
+        use crate::proto::etcdserverpb::{
+            AuthEnableRequest, AuthRoleAddRequest, AuthRoleGrantPermissionRequest,
+            AuthUserAddRequest, AuthUserDeleteRequest, AuthUserGrantRoleRequest, PutRequest,
+        };
+        use crate::proto::kvserverpb::{InternalAuthenticateRequest, RequestHeader};
+
+        fn config() -> StoreConfig {
+            StoreConfig {
+                member_id: 1,
+                quota_bytes: 0,
+            }
+        }
+
+        fn store() -> Store {
+            Store::open(Box::new(MemoryBackend::new()), config()).unwrap()
+        }
+
+        /// Applies `request` at `index` as `user` (empty: no credentials) at the store's
+        /// current auth revision; `None` applies it as the server's own request.
+        fn as_user(s: &Store, index: u64, user: Option<&str>, request: Request) -> Outcome {
+            let header = user.map(|u| RequestHeader {
+                username: u.to_string(),
+                auth_revision: s.auth(|a| a.revision()),
+            });
+            let cmd = InternalRequest {
+                header,
+                id: index,
+                request: Some(request),
+            };
+            s.apply_batch(&[(index, Some(cmd))], b"meta")
+                .unwrap()
+                .pop()
+                .unwrap()
+        }
+
+        fn put(key: &str) -> Request {
+            Request::Put(PutRequest {
+                key: key.into(),
+                value: b"v".to_vec(),
+                ..Default::default()
+            })
+        }
+
+        fn denied(outcome: Outcome) -> AuthError {
+            match outcome {
+                Err(KvError::Auth(e)) => e,
+                other => panic!("expected an auth error, got {other:?}"),
+            }
+        }
+
+        /// Root and alice (read-write on `/app/`), auth on; returns the next index.
+        fn set_up(s: &Store) -> u64 {
+            let user = |name: &str| {
+                Request::UserAdd(AuthUserAddRequest {
+                    name: name.into(),
+                    hashed_password: format!("hash-of-{name}"),
+                    ..Default::default()
+                })
+            };
+            let grant = |user: &str, role: &str| {
+                Request::UserGrantRole(AuthUserGrantRoleRequest {
+                    user: user.into(),
+                    role: role.into(),
+                })
+            };
+            let steps = [
+                user("root"),
+                grant("root", "root"),
+                user("alice"),
+                Request::RoleAdd(AuthRoleAddRequest { name: "app".into() }),
+                Request::RoleGrantPermission(AuthRoleGrantPermissionRequest {
+                    name: "app".into(),
+                    perm: Some(Permission {
+                        perm_type: PermType::Readwrite as i32,
+                        key: b"/app/".to_vec(),
+                        range_end: b"/app0".to_vec(),
+                    }),
+                }),
+                grant("alice", "app"),
+                Request::AuthEnable(AuthEnableRequest {}),
+            ];
+            let mut index = 1;
+            for step in steps {
+                as_user(s, index, Some(""), step).unwrap();
+                index += 1;
+            }
+            index
+        }
+
+        #[test]
+        fn auth_changes_are_checked_applied_and_survive_reopen_and_snapshots() {
+            let s = store();
+            let mut i = set_up(&s);
+            let mut next = || {
+                i += 1;
+                i
+            };
+            assert!(s.auth(|a| a.enabled()));
+            as_user(&s, next(), Some("alice"), put("/app/x")).unwrap();
+            assert_eq!(
+                denied(as_user(&s, next(), Some("alice"), put("/other"))),
+                AuthError::PermissionDenied
+            );
+            assert_eq!(
+                denied(as_user(&s, next(), Some(""), put("/app/x"))),
+                AuthError::UserEmpty
+            );
+            // The server's own requests are not checked.
+            as_user(&s, next(), None, put("/other")).unwrap();
+            // Managing auth needs the root role.
+            let add_bob = Request::UserAdd(AuthUserAddRequest {
+                name: "bob".into(),
+                options: Some(UserAddOptions { no_password: true }),
+                ..Default::default()
+            });
+            assert_eq!(
+                denied(as_user(&s, next(), Some("alice"), add_bob.clone())),
+                AuthError::PermissionDenied
+            );
+            as_user(&s, next(), Some("root"), add_bob).unwrap();
+            // A token is issued at the entry's index, for a user with a password only.
+            let authenticate = |name: &str| {
+                Request::Authenticate(InternalAuthenticateRequest {
+                    name: name.into(),
+                    simple_token: "abcdefghijklmnop".into(),
+                })
+            };
+            let index = next();
+            let resp = as_user(&s, index, None, authenticate("alice")).unwrap();
+            match resp.response {
+                Some(Response::Authenticate(r)) => {
+                    assert_eq!(r.token, format!("abcdefghijklmnop.{index}"));
+                    assert!(r.header.is_some());
+                }
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(
+                denied(as_user(&s, next(), None, authenticate("bob"))),
+                AuthError::AuthFailed
+            );
+            // Stale credentials are refused.
+            let stale = RequestHeader {
+                username: "alice".into(),
+                auth_revision: s.auth(|a| a.revision()) - 1,
+            };
+            let index = next();
+            let cmd = InternalRequest {
+                header: Some(stale),
+                id: index,
+                request: Some(put("/app/y")),
+            };
+            let out = s.apply_batch(&[(index, Some(cmd))], b"meta").unwrap();
+            assert_eq!(out, vec![Err(KvError::Auth(AuthError::AuthOldRevision))]);
+            // Reopen and snapshot keep all of it; a deleted user's record goes.
+            as_user(
+                &s,
+                next(),
+                Some("root"),
+                Request::UserDelete(AuthUserDeleteRequest { name: "bob".into() }),
+            )
+            .unwrap();
+            let records = s.auth(|a| a.to_records());
+            let s = Store::open(s.into_backend(), config()).unwrap();
+            assert_eq!(s.auth(|a| a.to_records()), records);
+            assert!(s.auth(|a| a.user("bob").is_none()));
+            let other = store();
+            other.restore(&s.snapshot().unwrap()).unwrap();
+            assert_eq!(other.auth(|a| a.to_records()), records);
+            assert_eq!(
+                denied(as_user(&other, i + 1, Some("alice"), put("/other"))),
+                AuthError::PermissionDenied
+            );
         }
     }
 }

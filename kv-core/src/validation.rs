@@ -225,6 +225,7 @@ mod tests {
         let deepest = nested(MAX_TXN_DEPTH);
         assert_eq!(check_txn(&deepest, 128), Ok(()));
         let command = crate::command::encode_command(&InternalRequest {
+            header: None,
             id: 1,
             request: Some(internal_request::Request::Txn(deepest)),
         });
@@ -240,6 +241,7 @@ mod tests {
             .expect("the decoder caps nesting");
         assert!(at_cap > MAX_TXN_DEPTH, "cap {at_cap}");
         let logged = crate::command::encode_command(&InternalRequest {
+            header: None,
             id: 1,
             request: Some(internal_request::Request::Txn(nested(at_cap))),
         });

@@ -151,6 +151,7 @@ fn apply(store: &Store, index: &mut u64, req: Request) -> Result<Response, KvErr
             &[(
                 *index,
                 Some(InternalRequest {
+                    header: None,
                     id: *index,
                     request: Some(req),
                 }),

@@ -1,6 +1,7 @@
 //! The one table that turns engine, Raft and recipe errors into etcd's gRPC codes and exact
 //! messages.
 
+use kv_core::auth::AuthError;
 use kv_core::{EngineError, Error, KvError};
 use tonic::{Code, Status};
 
@@ -23,8 +24,47 @@ pub fn kv_status(e: &KvError) -> Status {
         KvError::LeaseExists => Code::FailedPrecondition,
         KvError::LeaseTtlTooLarge => Code::OutOfRange,
         KvError::NoSpace => Code::ResourceExhausted,
+        KvError::Auth(e) => return auth_status(e),
     };
     Status::new(code, e.to_string())
+}
+
+/// etcd's status for an auth refusal (`rpctypes`' table; the message is the client's key).
+pub fn auth_status(e: &AuthError) -> Status {
+    use AuthError as A;
+    let code = match e {
+        A::RootUserNotExist
+        | A::RootRoleNotExist
+        | A::UserAlreadyExist
+        | A::UserNotFound
+        | A::RoleAlreadyExist
+        | A::RoleNotFound
+        | A::RoleNotGranted
+        | A::PermissionNotGranted
+        | A::AuthNotEnabled => Code::FailedPrecondition,
+        A::UserEmpty
+        | A::RoleEmpty
+        | A::AuthFailed
+        | A::PermissionNotGiven
+        | A::InvalidAuthMgmt
+        | A::AuthOldRevision => Code::InvalidArgument,
+        A::PermissionDenied => Code::PermissionDenied,
+        A::InvalidAuthToken => Code::Unauthenticated,
+        // Not in etcd's table, so it leaves as Unknown.
+        A::NoPasswordUser => Code::Unknown,
+    };
+    Status::new(code, e.to_string())
+}
+
+/// The status etcd's Maintenance service gives an auth refusal of Defragment, Snapshot, Hash
+/// and HashKV: the auth package's own error, unmapped, so code Unknown and `auth: ...` text.
+pub fn auth_status_unmapped(e: &AuthError) -> Status {
+    let text = e.to_string();
+    let text = match text.strip_prefix("etcdserver: ") {
+        Some(rest) => format!("auth: {rest}"),
+        None => text,
+    };
+    Status::unknown(text)
 }
 
 /// Status for an engine failure: the member cannot serve; clients should try another.
@@ -127,6 +167,33 @@ mod tests {
         assert_eq!(
             kv_status(&KvError::EmptyKey).message(),
             "etcdserver: key is not provided"
+        );
+    }
+
+    #[test]
+    fn auth_refusals_are_etcds() {
+        let s = kv_status(&KvError::Auth(AuthError::UserEmpty));
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::InvalidArgument, "etcdserver: user name is empty")
+        );
+        let s = auth_status(&AuthError::InvalidAuthToken);
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::Unauthenticated, "etcdserver: invalid auth token")
+        );
+        let s = auth_status(&AuthError::NoPasswordUser);
+        assert_eq!(
+            (s.code(), s.message()),
+            (
+                Code::Unknown,
+                "auth: authentication failed, password was given for no password user"
+            )
+        );
+        let s = auth_status_unmapped(&AuthError::PermissionDenied);
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::Unknown, "auth: permission denied")
         );
     }
 

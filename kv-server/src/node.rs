@@ -157,6 +157,7 @@ impl Node {
     /// Proposes a request through Raft and waits for its applied outcome.
     pub async fn propose(&self, request: Request) -> Result<InternalResponse, Status> {
         let req = InternalRequest {
+            header: None,
             id: self.next_request_id.fetch_add(1, Ordering::Relaxed),
             request: Some(request),
         };

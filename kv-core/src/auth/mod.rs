@@ -8,10 +8,13 @@
 //! with the user name and the auth revision its token or certificate stood for.
 
 pub mod permission;
+pub mod requests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::proto::authpb::Permission;
+use prost::Message;
+
+use crate::proto::authpb::{self, Permission, Role, UserAddOptions};
 use permission::UserPermissions;
 
 /// The user that must exist, holding the role of the same name, before auth can be enabled;
@@ -77,6 +80,17 @@ pub enum AuthError {
     /// unmapped (code Unknown), hence the other prefix.
     #[error("auth: authentication failed, password was given for no password user")]
     NoPasswordUser,
+}
+
+const RECORD_ENABLED: &[u8] = b"enabled";
+const RECORD_REVISION: &[u8] = b"revision";
+const RECORD_USER: &[u8] = b"user/";
+const RECORD_ROLE: &[u8] = b"role/";
+
+fn record_name(kind: &[u8], name: &str) -> Vec<u8> {
+    let mut out = kind.to_vec();
+    out.extend_from_slice(name.as_bytes());
+    out
 }
 
 /// Who makes a request, as its credentials said when the server checked them.
@@ -417,6 +431,70 @@ impl AuthState {
         ))
     }
 
+    /// The stored form: `(name, value)` records for the switch, the revision, each user
+    /// (`user/<name>`, an `authpb.User`) and each role (`role/<name>`, an `authpb.Role`).
+    pub fn to_records(&self) -> BTreeMap<Vec<u8>, Vec<u8>> {
+        let mut out = BTreeMap::new();
+        out.insert(RECORD_ENABLED.to_vec(), vec![u8::from(self.enabled)]);
+        out.insert(
+            RECORD_REVISION.to_vec(),
+            self.revision.to_be_bytes().to_vec(),
+        );
+        for (name, user) in &self.users {
+            let stored = authpb::User {
+                name: name.clone().into_bytes(),
+                password: user.password.clone().unwrap_or_default().into_bytes(),
+                roles: user.roles.iter().cloned().collect(),
+                options: Some(UserAddOptions {
+                    no_password: user.password.is_none(),
+                }),
+            };
+            out.insert(record_name(RECORD_USER, name), stored.encode_to_vec());
+        }
+        for (name, perms) in &self.roles {
+            let stored = Role {
+                name: name.clone().into_bytes(),
+                key_permission: perms.clone(),
+            };
+            out.insert(record_name(RECORD_ROLE, name), stored.encode_to_vec());
+        }
+        out
+    }
+
+    /// The state from records made by [`AuthState::to_records`]; none at all is the state of
+    /// a new store. Fails on a record that does not decode.
+    pub fn from_records<'a>(
+        records: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Result<Self, String> {
+        let mut enabled = false;
+        let mut revision = AuthState::default().revision;
+        let mut users = BTreeMap::new();
+        let mut roles = BTreeMap::new();
+        let text = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|e| e.to_string());
+        for (name, value) in records {
+            if name == RECORD_ENABLED {
+                enabled = value == [1];
+            } else if name == RECORD_REVISION {
+                let bytes = value.try_into().map_err(|_| "bad auth revision")?;
+                revision = u64::from_be_bytes(bytes);
+            } else if name.starts_with(RECORD_USER) {
+                let u = authpb::User::decode(value).map_err(|e| e.to_string())?;
+                let no_password = u.options.is_some_and(|o| o.no_password);
+                let user = User {
+                    password: (!no_password).then(|| text(&u.password)).transpose()?,
+                    roles: u.roles.into_iter().collect(),
+                };
+                users.insert(text(&u.name)?, user);
+            } else if name.starts_with(RECORD_ROLE) {
+                let r = Role::decode(value).map_err(|e| e.to_string())?;
+                roles.insert(text(&r.name)?, r.key_permission);
+            } else {
+                return Err(format!("unknown auth record {:?}", text(name)));
+            }
+        }
+        Ok(AuthState::from_parts(enabled, revision, users, roles))
+    }
+
     fn holds(&self, caller: &Caller, role: &str) -> bool {
         let user = caller.user.as_deref().and_then(|name| self.users.get(name));
         user.is_some_and(|u| u.roles.contains(role))
@@ -660,5 +738,30 @@ mod tests {
         );
         assert_eq!(rebuilt.revision(), 4);
         assert_eq!(rebuilt.merged, a.merged);
+    }
+
+    #[test]
+    fn the_stored_form_gives_back_the_same_state() {
+        let mut a = enabled();
+        a.user_add("cert-only", None).unwrap();
+        let back = AuthState::from_records(
+            a.to_records()
+                .iter()
+                .map(|(k, v)| (k.as_slice(), v.as_slice())),
+        )
+        .unwrap();
+        assert_eq!(back.to_records(), a.to_records());
+        assert!(back.enabled());
+        assert_eq!(back.revision(), a.revision());
+        assert_eq!(back.user("cert-only").unwrap().password, None);
+        assert_eq!(
+            back.user("alice").unwrap().password.as_deref(),
+            Some("hash")
+        );
+        let alice = Caller::user("alice", back.revision());
+        back.check(&alice, Access::Write, b"/app/x", b"").unwrap();
+        let fresh = AuthState::from_records([]).unwrap();
+        assert_eq!(fresh.revision(), 1);
+        assert!(AuthState::from_records([(b"bogus".as_slice(), b"".as_slice())]).is_err());
     }
 }

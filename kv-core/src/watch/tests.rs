@@ -88,6 +88,7 @@ impl Fixture {
         let index = self.index.get() + 1;
         self.index.set(index);
         let cmd = InternalRequest {
+            header: None,
             id: index,
             request: Some(request),
         };
