@@ -11,7 +11,7 @@ use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use crate::apply;
-use crate::auth::{self, AuthError, AuthState, Caller};
+use crate::auth::{self, AuthError, AuthState, Caller, requests::LeaseKeys};
 use crate::backend::{Backend, Durability, Table, WriteBatch, WriteOp};
 use crate::checksum::Crc32c;
 use crate::command::Outcome;
@@ -345,6 +345,14 @@ impl Store {
     /// and for the Auth service's reads).
     pub fn auth<T>(&self, f: impl FnOnce(&AuthState) -> T) -> T {
         f(&self.read_state().auth)
+    }
+
+    /// Runs `f` over the auth state and a lookup of leases' attached keys, as apply's checks
+    /// see them (for checks of puts with a lease, revokes and keep-alives).
+    pub fn auth_with_leases<T>(&self, f: impl FnOnce(&AuthState, LeaseKeys<'_>) -> T) -> T {
+        let state = self.read_state();
+        let keys = |id: i64| attached_keys(&state, id);
+        f(&state.auth, &keys)
     }
 
     /// Serves a Range at the current state (serializable; the caller provides linearizability).
@@ -1066,14 +1074,7 @@ fn authorize(state: &State, caller: &Caller, request: &Request) -> Result<(), Au
     if !auth.enabled() {
         return Ok(());
     }
-    let lease_keys = |id: i64| -> Vec<Vec<u8>> {
-        state
-            .mvcc
-            .leases
-            .get(id)
-            .map(|l| l.keys.iter().map(|k| k.to_vec()).collect())
-            .unwrap_or_default()
-    };
+    let lease_keys = |id: i64| attached_keys(state, id);
     match request {
         Request::Range(r) => auth.check_range(caller, r),
         Request::Put(r) => auth.check_put(caller, r, &lease_keys),
@@ -1104,6 +1105,16 @@ fn authorize(state: &State, caller: &Caller, request: &Request) -> Result<(), Au
         | Request::RoleGrantPermission(_)
         | Request::RoleRevokePermission(_) => auth.check_admin(caller),
     }
+}
+
+/// The keys attached to lease `id` (none for an unknown lease).
+fn attached_keys(state: &State, id: i64) -> Vec<Vec<u8>> {
+    state
+        .mvcc
+        .leases
+        .get(id)
+        .map(|l| l.keys.iter().map(|k| k.to_vec()).collect())
+        .unwrap_or_default()
 }
 
 /// Applies an auth-management request (`None` for any other request). Passwords arrive

@@ -105,6 +105,13 @@ pub struct Flags {
         default_value = "10m"
     )]
     pub watch_progress_notify_interval: String,
+    /// Auth token kind; only etcd's default, `simple`, is supported (anything else is
+    /// refused at start rather than silently ignored).
+    #[arg(long, env = "ETCD_AUTH_TOKEN", default_value = "simple")]
+    pub auth_token: String,
+    /// Seconds an auth token stays valid after its last use.
+    #[arg(long, env = "ETCD_AUTH_TOKEN_TTL", default_value_t = crate::auth::DEFAULT_TOKEN_TTL_SECS)]
+    pub auth_token_ttl: u64,
     /// Log level: debug, info, warn, error.
     #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -274,6 +281,23 @@ impl Flags {
             ));
         }
         Ok(out)
+    }
+
+    /// How long an auth token lives after its last use (`--auth-token`, `--auth-token-ttl`).
+    pub fn token_ttl(&self) -> Result<Duration, FlagError> {
+        if self.auth_token != "simple" {
+            return Err(flag_error(
+                "auth-token",
+                format!(
+                    "unsupported token kind {:?}: only \"simple\" is available",
+                    self.auth_token
+                ),
+            ));
+        }
+        if self.auth_token_ttl == 0 {
+            return Err(flag_error("auth-token-ttl", "must be at least 1 second"));
+        }
+        Ok(Duration::from_secs(self.auth_token_ttl))
     }
 
     /// Raft timing and snapshot settings.

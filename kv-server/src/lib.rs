@@ -2,6 +2,7 @@
 //! `kv-server` binary's start-up and flags.
 
 pub mod allocator;
+pub mod auth;
 pub mod compaction;
 pub mod config;
 pub mod errors;

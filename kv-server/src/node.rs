@@ -4,27 +4,36 @@
 use crate::failpoint::{self, CrashPoint};
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use kv_core::command::{decode_command, decode_outcome, encode_command, encode_outcome};
 use kv_core::proto::etcdserverpb::ResponseHeader;
-use kv_core::proto::kvserverpb::{InternalRequest, InternalResponse, internal_request::Request};
+use kv_core::auth::{AuthError, Caller};
+use kv_core::proto::kvserverpb::{
+    InternalRequest, InternalResponse, RequestHeader, internal_request::Request,
+    internal_response::Response,
+};
 use kv_core::{KvError, Store};
 use prost::Message;
 use tonic::Status;
 
-use crate::errors::{engine_status, kv_status, raft_status};
+use crate::auth::Tokens;
+use crate::errors::{auth_status, engine_status, kv_status, raft_status};
 use crate::identity::Identity;
 use crate::lessor::{LeaseClock, Lessor};
 use crate::raft::{Applier, RaftNode};
 
 /// The engine as Raft sees it: log entries are protobuf `InternalRequest`s, responses are
-/// encoded outcomes. Applied grants and revokes are reported to the lease clock.
+/// encoded outcomes. Applied grants and revokes are reported to the lease clock, issued and
+/// revoked tokens to the token keeper.
 pub struct EngineApplier {
     /// The state machine.
     pub store: Arc<Store>,
     /// The leader's lease clock.
     pub clock: Arc<LeaseClock>,
+    /// The tokens this member accepts.
+    pub tokens: Arc<Tokens>,
 }
 
 /// The largest apply batch run on an async worker: a few hundred small writes take well
@@ -64,6 +73,16 @@ impl Applier for EngineApplier {
             match (cmd.as_ref().and_then(|c| c.request.as_ref()), outcome) {
                 (Some(Request::LeaseGrant(g)), Ok(_)) => self.clock.granted(g.id, g.ttl),
                 (Some(Request::LeaseRevoke(r)), Ok(_)) => self.clock.revoked(r.id),
+                (Some(Request::Authenticate(a)), Ok(resp)) => {
+                    if let Some(Response::Authenticate(issued)) = &resp.response {
+                        self.tokens.assign(issued.token.clone(), a.name.clone());
+                    }
+                }
+                (Some(Request::UserDelete(u)), Ok(_)) => self.tokens.invalidate_user(&u.name),
+                (Some(Request::UserChangePassword(u)), Ok(_)) => {
+                    self.tokens.invalidate_user(&u.name)
+                }
+                (Some(Request::AuthDisable(_)), Ok(_)) => self.tokens.clear(),
                 _ => {}
             }
         }
@@ -114,8 +133,14 @@ pub struct Node {
     pub limits: Limits,
     /// Lease clocks, keep-alives and expiry.
     pub lessor: Arc<Lessor>,
+    /// The auth tokens this member accepts.
+    pub tokens: Arc<Tokens>,
     next_request_id: AtomicU64,
 }
+
+/// How long a request whose token was issued at a log index this member has not applied yet
+/// waits for it (the token may come from an Authenticate just answered by another member).
+pub const TOKEN_APPLY_WAIT: Duration = Duration::from_secs(5);
 
 impl Node {
     /// Wraps a started store and Raft node.
@@ -126,6 +151,7 @@ impl Node {
         client_urls: Vec<String>,
         limits: Limits,
         lessor: Arc<Lessor>,
+        tokens: Arc<Tokens>,
     ) -> Self {
         Self {
             store,
@@ -134,8 +160,46 @@ impl Node {
             client_urls,
             limits,
             lessor,
+            tokens,
             next_request_id: AtomicU64::new(1),
         }
+    }
+
+    /// Who sends a request, from its credentials: the user of its token (while auth is on;
+    /// tokens are ignored while it is off, as in etcd), else nobody. The revision is the auth
+    /// state's current one: a token stands for its user, whatever changed since it was issued.
+    pub async fn caller(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Caller, Status> {
+        let (enabled, revision) = self.store.auth(|a| (a.enabled(), a.revision()));
+        let nobody = Caller {
+            user: None,
+            revision,
+        };
+        if !enabled {
+            return Ok(nobody);
+        }
+        let invalid = || auth_status(&AuthError::InvalidAuthToken);
+        let Some(token) = crate::auth::token_of(metadata).map_err(|()| invalid())? else {
+            return Ok(nobody);
+        };
+        let index = crate::auth::token_index(token).ok_or_else(invalid)?;
+        if self.store.applied_index() < index {
+            self.raft
+                .wait_applied(index, TOKEN_APPLY_WAIT)
+                .await
+                .map_err(|_| invalid())?;
+        }
+        let user = self.tokens.user_of(token).ok_or_else(invalid)?;
+        // Re-read: the wait may have applied auth changes.
+        let revision = self.store.auth(|a| a.revision());
+        Ok(Caller::user(&user, revision))
+    }
+
+    /// Runs an auth check against the state as applied so far, as etcd's error status.
+    pub fn check(
+        &self,
+        f: impl FnOnce(&kv_core::auth::AuthState) -> Result<(), AuthError>,
+    ) -> Result<(), Status> {
+        self.store.auth(f).map_err(|e| auth_status(&e))
     }
 
     /// A response header for `revision`, filled as etcd fills it.
@@ -154,10 +218,46 @@ impl Node {
         *header = self.header(revision);
     }
 
-    /// Proposes a request through Raft and waits for its applied outcome.
+    /// [`Node::check`] for checks that need leases' attached keys.
+    pub fn check_with_leases(
+        &self,
+        f: impl FnOnce(
+            &kv_core::auth::AuthState,
+            kv_core::auth::requests::LeaseKeys<'_>,
+        ) -> Result<(), AuthError>,
+    ) -> Result<(), Status> {
+        self.store
+            .auth_with_leases(f)
+            .map_err(|e| auth_status(&e))
+    }
+
+    /// Proposes a request of the server's own (trusted: apply checks no permissions) through
+    /// Raft and waits for its applied outcome.
     pub async fn propose(&self, request: Request) -> Result<InternalResponse, Status> {
+        self.propose_with(request, None).await
+    }
+
+    /// Proposes a client's request through Raft, with the caller for apply's permission
+    /// checks, and waits for its applied outcome.
+    pub async fn propose_as_caller(
+        &self,
+        request: Request,
+        caller: &Caller,
+    ) -> Result<InternalResponse, Status> {
+        let header = RequestHeader {
+            username: caller.user.clone().unwrap_or_default(),
+            auth_revision: caller.revision,
+        };
+        self.propose_with(request, Some(header)).await
+    }
+
+    async fn propose_with(
+        &self,
+        request: Request,
+        header: Option<RequestHeader>,
+    ) -> Result<InternalResponse, Status> {
         let req = InternalRequest {
-            header: None,
+            header,
             id: self.next_request_id.fetch_add(1, Ordering::Relaxed),
             request: Some(request),
         };
@@ -217,11 +317,20 @@ impl Node {
 #[macro_export]
 macro_rules! propose_as {
     ($node:expr, $variant:ident, $req:expr) => {{
-        use kv_core::proto::kvserverpb::{internal_request, internal_response};
-        match $node
-            .propose(internal_request::Request::$variant($req))
-            .await
-        {
+        $crate::propose_as!(@take $node, $node.propose(
+            kv_core::proto::kvserverpb::internal_request::Request::$variant($req)
+        ).await, $variant)
+    }};
+    // A client's request, checked at apply against `$caller`'s permissions.
+    ($node:expr, $variant:ident, $req:expr, $caller:expr) => {{
+        $crate::propose_as!(@take $node, $node.propose_as_caller(
+            kv_core::proto::kvserverpb::internal_request::Request::$variant($req),
+            $caller,
+        ).await, $variant)
+    }};
+    (@take $node:expr, $out:expr, $variant:ident) => {{
+        use kv_core::proto::kvserverpb::internal_response;
+        match $out {
             Ok(internal_kv_out) => match internal_kv_out.response {
                 Some(internal_response::Response::$variant(mut resp)) => {
                     $node.fill(&mut resp.header);

@@ -24,8 +24,8 @@ use crate::node::{EngineApplier, Limits, Node};
 use crate::raft::network::{MAX_PEER_MESSAGE_BYTES, PeerCall, PeerConnection};
 use crate::raft::{PeerService, RaftConfig, RaftNode};
 use crate::service::{
-    cluster::ClusterService, election::ElectionService, kv::KvService, lease::LeaseService,
-    lock::LockService, loopback::Loopback, maintenance::MaintenanceService, pending::Pending,
+    auth::AuthService, cluster::ClusterService, election::ElectionService, kv::KvService, lease::LeaseService,
+    lock::LockService, loopback::Loopback, maintenance::MaintenanceService,
     watch::WatchService, watch_wire::WatchServer,
 };
 use kv_core::proto::kvserverpb::peer_server::PeerServer;
@@ -81,6 +81,7 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
     let retention = flags.retention()?;
     let progress_interval = flags.watch_progress_interval()?;
     let timing = flags.raft_timing()?;
+    let tokens = Arc::new(crate::auth::Tokens::new(flags.token_ttl()?));
     let addrs = flags.client_addrs()?;
     // A member joining an existing cluster learns the cluster id from its peers, as etcd does.
     let known_cluster_id =
@@ -147,6 +148,7 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
         Arc::new(EngineApplier {
             store: store.clone(),
             clock: clock.clone(),
+            tokens: tokens.clone(),
         }),
     )
     .await?;
@@ -168,6 +170,7 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
             max_txn_ops: flags.max_txn_ops,
         },
         lessor,
+        tokens.clone(),
     ));
 
     let cancel = CancellationToken::new();
@@ -210,6 +213,7 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
         tracing::info!(address = %bound, "listening for peers");
     }
     tokio::spawn(crate::lessor::run(node.clone(), cancel.clone()));
+    tokio::spawn(crate::auth::sweep_tokens(tokens, cancel.clone()));
     let watch_wake = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(crate::service::watch::run(
         node.clone(),
@@ -261,7 +265,10 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
                 LeaseServer::new(LeaseService::new(node.clone()))
                     .max_decoding_message_size(max_decode),
             )
-            .add_service(AuthServer::new(Pending))
+            .add_service(
+                AuthServer::new(AuthService::new(node.clone()))
+                    .max_decoding_message_size(max_decode),
+            )
             .add_service(
                 LockServer::new(LockService::new(node.clone(), loopback.clone()))
                     .max_decoding_message_size(max_decode),

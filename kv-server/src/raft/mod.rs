@@ -824,6 +824,20 @@ impl<A: Applier> RaftNode<A> {
             .map_err(|e| RaftError::Timeout(e.to_string()))
     }
 
+    /// Waits (at most `limit`) until this node has applied the log up to `index`.
+    pub async fn wait_applied(&self, index: u64, limit: Duration) -> Result<(), RaftError> {
+        if self.status().applied_index >= index {
+            return Ok(());
+        }
+        self.inner
+            .raft
+            .wait(Some(limit))
+            .applied_index_at_least(Some(index), "applied up to an index")
+            .await
+            .map(|_| ())
+            .map_err(|e| RaftError::Timeout(e.to_string()))
+    }
+
     /// This node's id.
     pub fn node_id(&self) -> u64 {
         self.inner.node_id

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::types::{Snapshot, SnapshotMeta, TypeConfig, Vote};
 use super::{Applier, ForwardError, MemberChange, MemberChangeError, RaftNode, forward};
-use crate::service::pending::BoxStream;
+use crate::service::BoxStream;
 
 /// Answers to forwarded writes queued for one follower's stream before its proposers wait.
 const FORWARDED_ANSWERS: usize = 1024;

@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 use crate::errors::{MISSING_LEADER_KEY, NO_LEADER, client_status, recipe_status};
 use crate::node::Node;
 use crate::service::loopback::Loopback;
-use crate::service::pending::BoxStream;
+use crate::service::BoxStream;
 
 /// The Election service.
 pub struct ElectionService {

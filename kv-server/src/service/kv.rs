@@ -31,11 +31,14 @@ impl Kv for KvService {
         &self,
         request: GrpcRequest<RangeRequest>,
     ) -> Result<GrpcResponse<RangeResponse>, Status> {
+        let caller = self.node.caller(request.metadata()).await?;
         let req = request.into_inner();
         validation::check_range(&req).map_err(|e| kv_status(&e))?;
         if !req.serializable {
             self.node.linearize().await?;
         }
+        // Checked after the barrier, against permissions at least as new as the data.
+        self.node.check(|a| a.check_range(&caller, &req))?;
         let single = req.range_end.is_empty();
         let mut resp = self
             .node
@@ -51,26 +54,43 @@ impl Kv for KvService {
         &self,
         request: GrpcRequest<PutRequest>,
     ) -> Result<GrpcResponse<PutResponse>, Status> {
+        let caller = self.node.caller(request.metadata()).await?;
         let req = request.into_inner();
         validation::check_put(&req).map_err(|e| kv_status(&e))?;
-        Ok(GrpcResponse::new(propose_as!(self.node, Put, req)?))
+        // Refused at the door, so a caller without rights cannot fill the log; apply checks
+        // again against the permissions of the moment.
+        self.node
+            .check_with_leases(|a, keys| a.check_put(&caller, &req, keys))?;
+        Ok(GrpcResponse::new(propose_as!(self.node, Put, req, &caller)?))
     }
 
     async fn delete_range(
         &self,
         request: GrpcRequest<DeleteRangeRequest>,
     ) -> Result<GrpcResponse<DeleteRangeResponse>, Status> {
+        let caller = self.node.caller(request.metadata()).await?;
         let req = request.into_inner();
         validation::check_delete(&req).map_err(|e| kv_status(&e))?;
-        Ok(GrpcResponse::new(propose_as!(self.node, DeleteRange, req)?))
+        self.node.check(|a| a.check_delete(&caller, &req))?;
+        Ok(GrpcResponse::new(propose_as!(
+            self.node,
+            DeleteRange,
+            req,
+            &caller
+        )?))
     }
 
     async fn txn(
         &self,
         request: GrpcRequest<TxnRequest>,
     ) -> Result<GrpcResponse<TxnResponse>, Status> {
+        let caller = self.node.caller(request.metadata()).await?;
         let req = request.into_inner();
         validation::check_txn(&req, self.node.limits.max_txn_ops).map_err(|e| kv_status(&e))?;
+        // Every compare and op of both branches, whichever runs; writes are checked again at
+        // apply, reads are served under this check.
+        self.node
+            .check_with_leases(|a, keys| a.check_txn(&caller, &req, keys))?;
         if !txn_is_read_only(&req) {
             // A txn whose compares choose branches that write nothing (a failed
             // compare-and-swap, a lost race for a lock key) is a read: served as a
@@ -79,7 +99,7 @@ impl Kv for KvService {
             // the state, it tries); the answer is taken after the read barrier, and a txn
             // that writes by then is proposed after all.
             if self.node.store.txn_would_write(&req).unwrap_or(false) {
-                return Ok(GrpcResponse::new(propose_as!(self.node, Txn, req)?));
+                return Ok(GrpcResponse::new(propose_as!(self.node, Txn, req, &caller)?));
             }
             self.node.linearize().await?;
             let read = req.clone();
@@ -90,7 +110,7 @@ impl Kv for KvService {
                 })
                 .await?;
             let Some(mut resp) = answer else {
-                return Ok(GrpcResponse::new(propose_as!(self.node, Txn, req)?));
+                return Ok(GrpcResponse::new(propose_as!(self.node, Txn, req, &caller)?));
             };
             self.node.fill(&mut resp.header);
             return Ok(GrpcResponse::new(resp));
@@ -112,7 +132,12 @@ impl Kv for KvService {
         request: GrpcRequest<CompactionRequest>,
     ) -> Result<GrpcResponse<CompactionResponse>, Status> {
         // Compaction is applied synchronously, so `physical` needs no extra wait.
+        let caller = self.node.caller(request.metadata()).await?;
         let req = request.into_inner();
-        Ok(GrpcResponse::new(propose_as!(self.node, Compaction, req)?))
+        // Compaction destroys history for every user: admins only (etcd 3.5.28 and later).
+        self.node.check(|a| a.check_admin(&caller))?;
+        Ok(GrpcResponse::new(propose_as!(
+            self.node, Compaction, req, &caller
+        )?))
     }
 }

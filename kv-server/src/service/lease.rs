@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::node::Node;
 use crate::propose_as;
-use crate::service::pending::BoxStream;
+use crate::service::BoxStream;
 
 /// Keep-alives of one stream being answered at once. Responses still leave in request order;
 /// the window only matters when a follower forwards them to the leader.

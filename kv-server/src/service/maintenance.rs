@@ -15,7 +15,7 @@ use crate::node::Node;
 use crate::propose_as;
 use crate::raft::MemberChangeError;
 use crate::service::cluster::change_status;
-use crate::service::pending::BoxStream;
+use crate::service::BoxStream;
 
 /// The etcd API version this server speaks; clients read it from Status.
 pub const API_VERSION: &str = "3.5.0";
