@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use hyper_util::rt::TokioIo;
-use kv_core::proto::etcdserverpb::StatusRequest;
+use kv_core::proto::etcdserverpb::{AuthenticateRequest, StatusRequest};
 use tokio::net::TcpStream;
 use tonic::Status;
-use tonic::codegen::http::Uri;
+use tonic::codegen::http::{self, HeaderValue, Uri};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::auth::Auth;
 use crate::cluster::Cluster;
 use crate::coalesce::CoalescingStream;
 use crate::error::{Effect, Error, Result};
@@ -36,6 +37,14 @@ pub struct ClientOptions {
     pub min_backoff: Duration,
     /// Longest pause between retries.
     pub max_backoff: Duration,
+    /// A user and password for a cluster with authentication on: the client authenticates
+    /// when it connects, sends the token with every call, and authenticates again when the
+    /// server says the token expired or went stale. Against a cluster with authentication
+    /// off the client carries on without a token, as etcd's client does.
+    pub credentials: Option<Credentials>,
+    /// A token obtained elsewhere, sent with every call as it is and never renewed (ignored
+    /// when `credentials` are given).
+    pub token: Option<String>,
 }
 
 impl Default for ClientOptions {
@@ -45,21 +54,108 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(10),
             min_backoff: Duration::from_millis(25),
             max_backoff: Duration::from_secs(1),
+            credentials: None,
+            token: None,
         }
     }
 }
+
+impl ClientOptions {
+    /// These options with a user and password (see [`ClientOptions::credentials`]).
+    pub fn with_user(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.credentials = Some(Credentials {
+            user: user.into(),
+            password: password.into(),
+        });
+        self
+    }
+}
+
+/// A user's name and password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The user name.
+    pub user: String,
+    /// The password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    // The password stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &"<hidden>")
+            .finish()
+    }
+}
+
+/// The token calls carry, shared by every connection of a client and replaced when renewed.
+#[derive(Debug, Default)]
+pub(crate) struct TokenSlot {
+    current: std::sync::RwLock<Option<HeaderValue>>,
+}
+
+impl TokenSlot {
+    pub(crate) fn get(&self) -> Option<HeaderValue> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set(&self, token: Option<HeaderValue>) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = token;
+    }
+}
+
+/// A connection to one member that adds the client's token to every call and stream.
+#[derive(Debug, Clone)]
+pub(crate) struct Conn {
+    channel: Channel,
+    token: Arc<TokenSlot>,
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Conn {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = tonic::transport::Error;
+    type Future = tonic::transport::channel::ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), Self::Error>> {
+        tower::Service::poll_ready(&mut self.channel, cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+        if let Some(token) = self.token.get() {
+            request.headers_mut().entry(TOKEN_METADATA).or_insert(token);
+        }
+        tower::Service::call(&mut self.channel, request)
+    }
+}
+
+/// The metadata key etcd reads a token from.
+const TOKEN_METADATA: &str = "token";
+
+/// Token renewals one call may make: a second one only if a concurrent renewal raced it.
+const TOKEN_RENEWALS_PER_CALL: usize = 2;
 
 /// The generated service clients over a channel, each accepting answers of any size (tonic's
 /// default limit is 4 MiB): a range over many keys is a normal answer, and etcd's own client
 /// lifts the limit the same way. The one place every sub-client gets its stub from.
 pub(crate) mod api {
     use kv_core::proto::etcdserverpb::{
-        cluster_client::ClusterClient, kv_client::KvClient, lease_client::LeaseClient,
-        maintenance_client::MaintenanceClient, watch_client::WatchClient,
+        auth_client::AuthClient, cluster_client::ClusterClient, kv_client::KvClient,
+        lease_client::LeaseClient, maintenance_client::MaintenanceClient,
+        watch_client::WatchClient,
     };
-    use tonic::transport::Channel;
+
+    use super::Conn as Channel;
 
     const MAX_ANSWER_BYTES: usize = usize::MAX;
+
+    pub(crate) fn auth(channel: Channel) -> AuthClient<Channel> {
+        AuthClient::new(channel).max_decoding_message_size(MAX_ANSWER_BYTES)
+    }
 
     pub(crate) fn kv(channel: Channel) -> KvClient<Channel> {
         KvClient::new(channel).max_decoding_message_size(MAX_ANSWER_BYTES)
@@ -97,6 +193,8 @@ struct Inner {
     /// The endpoint calls go to until it fails.
     current: AtomicUsize,
     options: ClientOptions,
+    /// The token every call carries, if any.
+    token: Arc<TokenSlot>,
     /// State shared by every clone of the client, one value per type: the watch stream and
     /// the keep-alive stream live here.
     shared: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
@@ -160,24 +258,41 @@ impl Client {
         if list.is_empty() {
             return Err(Error::InvalidEndpoint("no endpoint given".into()));
         }
+        let fixed = match (&options.credentials, &options.token) {
+            (None, Some(token)) => Some(
+                HeaderValue::from_str(token)
+                    .map_err(|_| Error::InvalidToken("not a valid metadata value".into()))?,
+            ),
+            _ => None,
+        };
         let client = Client {
             inner: Arc::new(Inner {
                 endpoints: list,
                 current: AtomicUsize::new(0),
                 options,
+                token: Arc::new(TokenSlot::default()),
                 shared: Mutex::new(HashMap::new()),
             }),
             namespace: Arc::from(&b""[..]),
         };
-        client
+        client.inner.token.set(fixed);
+        if client.inner.options.credentials.is_some() {
+            client.authenticate().await?;
+        }
+        let reached = client
             .call(Idempotence::Safe, |channel| async move {
                 api::maintenance(channel)
                     .status(StatusRequest {})
                     .await
                     .map(|_| ())
             })
-            .await?;
-        Ok(client)
+            .await;
+        match reached {
+            // A member that refuses a caller without credentials is reachable all the same;
+            // what the caller may do is for each call to find out.
+            Ok(()) | Err(Error::UserEmpty | Error::PermissionDenied) => Ok(client),
+            Err(e) => Err(e),
+        }
     }
 
     /// A view of this client whose keys all live under `prefix`: it is added to every key and
@@ -216,6 +331,11 @@ impl Client {
         Watch::new(self.clone())
     }
 
+    /// The authentication API: users, roles, permissions and the switch.
+    pub fn auth(&self) -> Auth {
+        Auth::new(self.clone())
+    }
+
     /// The client-wide value of type `T` (created on first use), shared by every clone and
     /// namespace view of this client.
     pub(crate) fn shared<T: Default + Send + Sync + 'static>(&self) -> Arc<T> {
@@ -229,10 +349,75 @@ impl Client {
             .unwrap_or_else(|_| unreachable!("the map is keyed by type"))
     }
 
-    /// The endpoint to open a stream on: its index and channel.
-    pub(crate) fn channel(&self) -> (usize, Channel) {
+    /// The endpoint to open a stream on: its index and connection.
+    pub(crate) fn channel(&self) -> (usize, Conn) {
         let i = self.inner.current.load(Ordering::Relaxed) % self.inner.endpoints.len();
-        (i, self.inner.endpoints[i].1.clone())
+        (i, self.conn(i))
+    }
+
+    fn conn(&self, index: usize) -> Conn {
+        Conn {
+            channel: self.inner.endpoints[index].1.clone(),
+            token: self.inner.token.clone(),
+        }
+    }
+
+    /// The token calls carry now (to tell, after a refusal, whether it was renewed since).
+    pub(crate) fn token(&self) -> Option<HeaderValue> {
+        self.inner.token.get()
+    }
+
+    /// Authenticates with the client's credentials and keeps the token for every later call;
+    /// against a cluster with authentication off, calls go on without one.
+    async fn authenticate(&self) -> Result<()> {
+        let Some(c) = &self.inner.options.credentials else {
+            return Ok(());
+        };
+        let request = AuthenticateRequest {
+            name: c.user.clone(),
+            password: c.password.clone(),
+        };
+        let token = self
+            .call_once_authenticated(Idempotence::Safe, |channel| {
+                let request = request.clone();
+                async move {
+                    match api::auth(channel).authenticate(request).await {
+                        Ok(answer) => Ok(Some(answer.into_inner().token)),
+                        Err(s) if s.message() == AUTH_NOT_ENABLED => Ok(None),
+                        Err(s) => Err(s),
+                    }
+                }
+            })
+            .await?;
+        let token = token
+            .map(|t| HeaderValue::from_str(&t))
+            .transpose()
+            .map_err(|_| Error::InvalidToken("the server's token is not valid metadata".into()))?;
+        self.inner.token.set(token);
+        Ok(())
+    }
+
+    /// After a call or stream was refused for its token (`used`): renews the token, unless
+    /// another call already did. Returns whether calls should be tried again.
+    pub(crate) async fn renew_token(&self, used: Option<&HeaderValue>) -> Result<bool> {
+        if self.inner.options.credentials.is_none() {
+            return Ok(false);
+        }
+        if self.inner.token.get().as_ref() != used {
+            return Ok(true);
+        }
+        self.authenticate().await?;
+        Ok(true)
+    }
+
+    /// Whether `error` says the call's credentials, not the call, were at fault: a token
+    /// that expired or predates an auth change, or none where one is now needed.
+    pub(crate) fn wants_new_token(&self, error: &Error) -> bool {
+        self.inner.options.credentials.is_some()
+            && matches!(
+                error,
+                Error::InvalidAuthToken | Error::AuthOldRevision | Error::UserEmpty
+            )
     }
 
     /// Endpoint `index` failed: later calls and streams go to the next one.
@@ -276,7 +461,34 @@ impl Client {
     /// deadline passes; moves to the next endpoint after each retryable failure.
     pub(crate) async fn call<T, F, Fut>(&self, idempotence: Idempotence, attempt: F) -> Result<T>
     where
-        F: Fn(Channel) -> Fut,
+        F: Fn(Conn) -> Fut,
+        Fut: Future<Output = std::result::Result<T, Status>>,
+    {
+        let mut renewals = 0;
+        loop {
+            let used = self.inner.token.get();
+            match self.call_once_authenticated(idempotence, &attempt).await {
+                // Refused for its credentials, so not applied: safe to send again, write or
+                // not, once the token is renewed.
+                Err(e) if renewals < TOKEN_RENEWALS_PER_CALL && self.wants_new_token(&e) => {
+                    renewals += 1;
+                    if !self.renew_token(used.as_ref()).await? {
+                        return Err(e);
+                    }
+                }
+                done => return done,
+            }
+        }
+    }
+
+    /// [`Client::call`] with the token as it is.
+    async fn call_once_authenticated<T, F, Fut>(
+        &self,
+        idempotence: Idempotence,
+        attempt: F,
+    ) -> Result<T>
+    where
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = std::result::Result<T, Status>>,
     {
         let options = &self.inner.options;
@@ -285,7 +497,7 @@ impl Client {
         loop {
             let n = self.inner.endpoints.len();
             let index = self.inner.current.load(Ordering::Relaxed) % n;
-            let channel = self.inner.endpoints[index].1.clone();
+            let channel = self.conn(index);
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             let status = match tokio::time::timeout(remaining, attempt(channel)).await {
                 Ok(Ok(value)) => return Ok(value),
@@ -331,6 +543,9 @@ impl Client {
         }
     }
 }
+
+/// etcd's refusal of Authenticate while authentication is off.
+const AUTH_NOT_ENABLED: &str = "etcdserver: authentication is not enabled";
 
 /// Dials a member: TCP without Nagle's delay (small requests must not wait ~40 ms for an
 /// ACK), writes coalesced per burst of requests ([`crate::coalesce`]).
@@ -405,6 +620,7 @@ mod tests {
                 endpoints: vec![("http://127.0.0.1:1".into(), channel)],
                 current: AtomicUsize::new(0),
                 options,
+                token: Arc::new(TokenSlot::default()),
                 shared: Mutex::new(HashMap::new()),
             }),
             namespace: Arc::from(&b""[..]),

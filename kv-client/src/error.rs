@@ -68,6 +68,28 @@ pub enum Error {
     /// An endpoint string is not a usable URL.
     #[error("invalid endpoint {0}")]
     InvalidEndpoint(String),
+    /// The caller may not do this.
+    #[error("etcdserver: permission denied")]
+    PermissionDenied,
+    /// Authentication is on and the call carried no credentials.
+    #[error("etcdserver: user name is empty")]
+    UserEmpty,
+    /// Wrong user name or password.
+    #[error("etcdserver: authentication failed, invalid user ID or password")]
+    AuthFailed,
+    /// The token expired, was revoked (password change, user deleted, auth off) or is unknown.
+    /// The client renews it by itself when it has credentials.
+    #[error("etcdserver: invalid auth token")]
+    InvalidAuthToken,
+    /// Users, roles or permissions changed while the call was under way.
+    #[error("etcdserver: revision of auth store is old")]
+    AuthOldRevision,
+    /// Authenticate against a cluster whose authentication is off.
+    #[error("etcdserver: authentication is not enabled")]
+    AuthNotEnabled,
+    /// A token given in the options is not usable.
+    #[error("invalid token: {0}")]
+    InvalidToken(String),
     /// Any other refusal from the server, with its gRPC code and message.
     #[error("{code:?}: {message}")]
     Server {
@@ -119,6 +141,14 @@ impl Error {
             "etcdserver: duplicate key given in txn request" => Some(Error::DuplicateKey),
             "etcdserver: request is too large" => Some(Error::RequestTooLarge),
             "etcdserver: mvcc: database space exceeded" => Some(Error::NoSpace),
+            "etcdserver: permission denied" => Some(Error::PermissionDenied),
+            "etcdserver: user name is empty" => Some(Error::UserEmpty),
+            "etcdserver: authentication failed, invalid user ID or password" => {
+                Some(Error::AuthFailed)
+            }
+            "etcdserver: invalid auth token" => Some(Error::InvalidAuthToken),
+            "etcdserver: revision of auth store is old" => Some(Error::AuthOldRevision),
+            "etcdserver: authentication is not enabled" => Some(Error::AuthNotEnabled),
             _ => None,
         };
         if let Some(e) = known {

@@ -26,6 +26,7 @@ use std::pin::pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use crate::client::Conn;
 use kv_core::proto::etcdserverpb::{
     LeaseGrantRequest, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseLeasesRequest,
     LeaseRevokeRequest, LeaseTimeToLiveRequest,
@@ -34,7 +35,6 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
 use crate::client::{Client, Idempotence, api};
@@ -347,9 +347,11 @@ enum Step {
 /// How a stream ended.
 enum Ended {
     Idle,
-    /// It failed; `answered` says whether it renewed anything first.
+    /// It failed; `answered` says whether it renewed anything first, `status` why (when the
+    /// server said).
     Failed {
         answered: bool,
+        status: Option<tonic::Status>,
     },
 }
 
@@ -467,9 +469,24 @@ impl Task {
         let mut delays = self.client.backoff();
         loop {
             let (index, channel) = self.client.channel();
+            let token = self.client.token();
             match self.session(channel).await {
                 Ended::Idle => return,
-                Ended::Failed { answered } => {
+                Ended::Failed {
+                    status: Some(status),
+                    ..
+                } if self
+                    .client
+                    .wants_new_token(&crate::Error::from_status(&status).0) =>
+                {
+                    // The stream's token expired or went stale: renew it and reopen at once.
+                    if self.client.renew_token(token.as_ref()).await.is_err()
+                        && self.pause(self.client.options().max_backoff).await
+                    {
+                        return;
+                    }
+                }
+                Ended::Failed { answered, .. } => {
                     self.client.endpoint_failed(index);
                     if answered {
                         delays = self.client.backoff();
@@ -592,7 +609,7 @@ impl Task {
     }
 
     /// Runs one stream on `channel` until it fails or nothing is left to renew.
-    async fn session(&self, channel: Channel) -> Ended {
+    async fn session(&self, channel: Conn) -> Ended {
         let (requests, outgoing) = mpsc::unbounded_channel();
         // Unbounded, but holds at most one request per kept lease: one renewal in flight each.
         let mut sent = VecDeque::new();
@@ -610,14 +627,19 @@ impl Task {
                 wake_at = match self.tick(Some((&requests, &mut sent))) {
                     Step::Wait(at) => at,
                     Step::Idle => return Ended::Idle,
-                    Step::Broken => return Ended::Failed { answered },
+                    Step::Broken => {
+                        return Ended::Failed {
+                            answered,
+                            status: None,
+                        };
+                    }
                 };
             }
             look = true;
             tokio::select! {
                 result = &mut call, if answers.is_none() => match result {
                     Ok(response) => answers = Some(response.into_inner()),
-                    Err(_) => return Ended::Failed { answered },
+                    Err(status) => return Ended::Failed { answered, status: Some(status) },
                 },
                 message = next_answer(&mut answers) => match message {
                     Ok(Some(answer)) => {
@@ -631,7 +653,8 @@ impl Task {
                         }
                         look = wake_at.is_none_or(|at| Instant::now() >= at);
                     }
-                    Ok(None) | Err(_) => return Ended::Failed { answered },
+                    Ok(None) => return Ended::Failed { answered, status: None },
+                    Err(status) => return Ended::Failed { answered, status: Some(status) },
                 },
                 () = sleep_until(wake_at) => {}
                 () = self.keeper.wake.notified() => {}

@@ -118,6 +118,7 @@
 //! never resends such a write by itself); the rest are the server's refusals, with etcd's
 //! kinds (compacted, lease not found, ...) as variants.
 
+mod auth;
 mod client;
 mod cluster;
 pub mod coalesce;
@@ -128,7 +129,8 @@ mod maintenance;
 mod txn;
 mod watch;
 
-pub use client::{Client, ClientOptions};
+pub use auth::{Access, Auth, AuthStatus, KeyPermission, ROOT};
+pub use client::{Client, ClientOptions, Credentials};
 pub use cluster::{Cluster, Member};
 pub use error::{Error, Result};
 pub use kv::{

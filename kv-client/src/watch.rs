@@ -296,7 +296,15 @@ async fn session(
     commands: &mut mpsc::UnboundedReceiver<Command>,
 ) -> Ended {
     let (index, channel) = client.channel();
+    let token = client.token();
     let (out, out_rx) = mpsc::unbounded_channel::<WatchRequest>();
+    // Creates sent and not yet answered, oldest first: a refused create comes back without
+    // its id (as -1), and the server answers creates in order.
+    let mut awaiting = std::collections::VecDeque::new();
+    // Watches created on this stream: a Create command queued before the stream opened names
+    // a watch the opening already created, and a second create would be refused as a
+    // duplicate id.
+    let mut created = std::collections::HashSet::new();
     {
         let mut reg = shared.lock();
         if reg.entries.is_empty() {
@@ -307,8 +315,10 @@ async fn session(
         }
         // etcd answers nothing (not even headers) before it receives a request, so the
         // creates are queued before the call is awaited.
-        for entry in reg.entries.values() {
+        for (id, entry) in &reg.entries {
             let _ = out.send(create_for(entry));
+            awaiting.push_back(*id);
+            created.insert(*id);
         }
     }
     let mut stream = match api::watch(channel)
@@ -316,8 +326,13 @@ async fn session(
         .await
     {
         Ok(s) => s.into_inner(),
-        Err(_) => {
-            client.endpoint_failed(index);
+        Err(status) => {
+            if client.wants_new_token(&Error::from_status(&status).0) {
+                // Renewed, the next session opens with the new token on the same member.
+                let _ = client.renew_token(token.as_ref()).await;
+            } else {
+                client.endpoint_failed(index);
+            }
             return Ended::Broken;
         }
     };
@@ -327,7 +342,15 @@ async fn session(
                 let request = match command {
                     Some(Command::Create(id)) => {
                         let reg = shared.lock();
-                        reg.entries.get(&id).map(create_for)
+                        let create = reg
+                            .entries
+                            .get(&id)
+                            .filter(|_| created.insert(id))
+                            .map(create_for);
+                        if create.is_some() {
+                            awaiting.push_back(id);
+                        }
+                        create
                     }
                     Some(Command::Cancel(id)) => Some(WatchRequest {
                         request_union: Some(RequestUnion::CancelRequest(WatchCancelRequest {
@@ -356,6 +379,24 @@ async fn session(
                 }
             }
             message = stream.message() => match message {
+                Ok(Some(response)) if response.created => {
+                    if response.watch_id != -1 {
+                        awaiting.retain(|id| *id != response.watch_id);
+                        deliver(shared, response);
+                        continue;
+                    }
+                    let Some(id) = awaiting.pop_front() else {
+                        continue;
+                    };
+                    let reason = refusal_of(&response.cancel_reason);
+                    if client.wants_new_token(&reason) {
+                        // The stream's token expired or went stale: every watch is created
+                        // again on a new stream, with a renewed token.
+                        let _ = client.renew_token(token.as_ref()).await;
+                        return Ended::Broken;
+                    }
+                    refuse(shared, id, reason);
+                }
                 Ok(Some(response)) => deliver(shared, response),
                 Ok(None) | Err(_) => {
                     client.endpoint_failed(index);
@@ -363,6 +404,26 @@ async fn session(
                 }
             },
         }
+    }
+}
+
+/// The error a refused create's `cancel_reason` names: etcd writes the whole gRPC status
+/// (`rpc error: code = PermissionDenied desc = etcdserver: permission denied`).
+fn refusal_of(reason: &str) -> Error {
+    let message = reason
+        .split_once(" desc = ")
+        .map_or(reason, |(_, desc)| desc);
+    match Error::from_status(&tonic::Status::unknown(message)).0 {
+        Error::OutcomeUnknown(_) => Error::WatchCanceled(reason.to_string()),
+        known => known,
+    }
+}
+
+/// Ends watch `id`, whose create the server refused.
+fn refuse(shared: &Shared, id: i64, reason: Error) {
+    let mut reg = shared.lock();
+    if let Some(entry) = reg.entries.remove(&id) {
+        let _ = entry.updates.send(Err(reason));
     }
 }
 

@@ -84,6 +84,14 @@ pub fn token_random_part() -> Result<String, HashError> {
     Ok(out)
 }
 
+/// A fresh token for the member's own client: 32 random letters and no index, so it can be
+/// neither guessed nor mistaken for an issued token.
+pub fn loopback_token() -> std::io::Result<String> {
+    let first = token_random_part().map_err(std::io::Error::other)?;
+    let second = token_random_part().map_err(std::io::Error::other)?;
+    Ok(format!("{first}{second}"))
+}
+
 /// The token a request carries, if any: the `token` metadata, else `authorization` (with or
 /// without a `Bearer ` prefix, as etcd 3.5.32 accepts it). `Err` for a value that is not
 /// text.
@@ -196,7 +204,10 @@ impl Tokens {
 }
 
 /// Sweeps expired tokens until `stop`.
-pub async fn sweep_tokens(tokens: std::sync::Arc<Tokens>, stop: tokio_util::sync::CancellationToken) {
+pub async fn sweep_tokens(
+    tokens: std::sync::Arc<Tokens>,
+    stop: tokio_util::sync::CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {

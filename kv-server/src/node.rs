@@ -4,12 +4,12 @@
 use crate::failpoint::{self, CrashPoint};
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
+use kv_core::auth::{AuthError, Caller};
 use kv_core::command::{decode_command, decode_outcome, encode_command, encode_outcome};
 use kv_core::proto::etcdserverpb::ResponseHeader;
-use kv_core::auth::{AuthError, Caller};
 use kv_core::proto::kvserverpb::{
     InternalRequest, InternalResponse, RequestHeader, internal_request::Request,
     internal_response::Response,
@@ -135,6 +135,9 @@ pub struct Node {
     pub lessor: Arc<Lessor>,
     /// The auth tokens this member accepts.
     pub tokens: Arc<Tokens>,
+    /// The token of this member's own client (the Lock and Election services' loopback),
+    /// which acts with the root role: those services check their callers themselves.
+    loopback_token: String,
     next_request_id: AtomicU64,
 }
 
@@ -152,8 +155,10 @@ impl Node {
         limits: Limits,
         lessor: Arc<Lessor>,
         tokens: Arc<Tokens>,
+        loopback_token: String,
     ) -> Self {
         Self {
+            loopback_token,
             store,
             raft,
             identity,
@@ -181,6 +186,9 @@ impl Node {
         let Some(token) = crate::auth::token_of(metadata).map_err(|()| invalid())? else {
             return Ok(nobody);
         };
+        if token == self.loopback_token {
+            return Ok(Caller::user(kv_core::auth::ROOT, revision));
+        }
         let index = crate::auth::token_index(token).ok_or_else(invalid)?;
         if self.store.applied_index() < index {
             self.raft
@@ -192,6 +200,11 @@ impl Node {
         // Re-read: the wait may have applied auth changes.
         let revision = self.store.auth(|a| a.revision());
         Ok(Caller::user(&user, revision))
+    }
+
+    /// The token of this member's own client (see [`crate::service::loopback`]).
+    pub fn loopback_token(&self) -> &str {
+        &self.loopback_token
     }
 
     /// Runs an auth check against the state as applied so far, as etcd's error status.
@@ -226,9 +239,7 @@ impl Node {
             kv_core::auth::requests::LeaseKeys<'_>,
         ) -> Result<(), AuthError>,
     ) -> Result<(), Status> {
-        self.store
-            .auth_with_leases(f)
-            .map_err(|e| auth_status(&e))
+        self.store.auth_with_leases(f).map_err(|e| auth_status(&e))
     }
 
     /// Proposes a request of the server's own (trusted: apply checks no permissions) through

@@ -24,8 +24,8 @@ use crate::node::{EngineApplier, Limits, Node};
 use crate::raft::network::{MAX_PEER_MESSAGE_BYTES, PeerCall, PeerConnection};
 use crate::raft::{PeerService, RaftConfig, RaftNode};
 use crate::service::{
-    auth::AuthService, cluster::ClusterService, election::ElectionService, kv::KvService, lease::LeaseService,
-    lock::LockService, loopback::Loopback, maintenance::MaintenanceService,
+    auth::AuthService, cluster::ClusterService, election::ElectionService, kv::KvService,
+    lease::LeaseService, lock::LockService, loopback::Loopback, maintenance::MaintenanceService,
     watch::WatchService, watch_wire::WatchServer,
 };
 use kv_core::proto::kvserverpb::peer_server::PeerServer;
@@ -171,6 +171,7 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
         },
         lessor,
         tokens.clone(),
+        crate::auth::loopback_token()?,
     ));
 
     let cancel = CancellationToken::new();
@@ -242,7 +243,7 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
         .iter()
         .map(TcpListener::local_addr)
         .collect::<Result<Vec<_>, _>>()?;
-    let loopback = Loopback::new(&client_addrs, cancel.clone());
+    let loopback = Loopback::new(&client_addrs, node.loopback_token(), cancel.clone());
     for (listener, bound) in listeners.into_iter().zip(client_addrs.iter().copied()) {
         let router = tonic::transport::Server::builder()
             .layer(crate::oversize::OversizeStatusLayer)

@@ -115,15 +115,18 @@ impl Auth for AuthService {
         let mut last = Status::unavailable("etcdserver: request timed out");
         for _ in 0..AUTHENTICATE_ATTEMPTS {
             self.node.linearize().await?;
-            let (hash, revision) = self.node.store.auth(|a| {
-                if !a.enabled() {
-                    return Err(AuthError::AuthNotEnabled);
-                }
-                let user = a.user(&req.name).ok_or(AuthError::AuthFailed)?;
-                let hash = user.password.clone().ok_or(AuthError::NoPasswordUser)?;
-                Ok((hash, a.revision()))
-            })
-            .map_err(|e| auth_status(&e))?;
+            let (hash, revision) = self
+                .node
+                .store
+                .auth(|a| {
+                    if !a.enabled() {
+                        return Err(AuthError::AuthNotEnabled);
+                    }
+                    let user = a.user(&req.name).ok_or(AuthError::AuthFailed)?;
+                    let hash = user.password.clone().ok_or(AuthError::NoPasswordUser)?;
+                    Ok((hash, a.revision()))
+                })
+                .map_err(|e| auth_status(&e))?;
             let password = req.password.clone();
             let matches = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
                 .await
@@ -174,7 +177,9 @@ impl Auth for AuthService {
         } else {
             hashed(password).await?
         };
-        Ok(Response::new(propose_as!(self.node, UserAdd, req, &caller)?))
+        Ok(Response::new(propose_as!(
+            self.node, UserAdd, req, &caller
+        )?))
     }
 
     async fn user_get(
@@ -270,7 +275,9 @@ impl Auth for AuthService {
     ) -> Result<Response<pb::AuthRoleAddResponse>, Status> {
         let caller = self.admin(&request).await?;
         let req = request.into_inner();
-        Ok(Response::new(propose_as!(self.node, RoleAdd, req, &caller)?))
+        Ok(Response::new(propose_as!(
+            self.node, RoleAdd, req, &caller
+        )?))
     }
 
     async fn role_get(

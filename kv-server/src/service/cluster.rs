@@ -75,12 +75,21 @@ impl ClusterService {
     }
 }
 
+impl ClusterService {
+    /// Refuses a membership change from a caller without the root role.
+    async fn admin<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let caller = self.node.caller(request.metadata()).await?;
+        self.node.check(|a| a.check_admin(&caller))
+    }
+}
+
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn member_add(
         &self,
         request: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
+        self.admin(&request).await?;
         let req = request.into_inner();
         check_urls(&req.peer_ur_ls)?;
         let id = member_id(&req.peer_ur_ls, &self.node.identity.cluster_token);
@@ -111,6 +120,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
+        self.admin(&request).await?;
         let id = request.into_inner().id;
         self.node
             .raft
@@ -137,6 +147,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
+        self.admin(&request).await?;
         let req = request.into_inner();
         check_urls(&req.peer_ur_ls)?;
         self.node
@@ -155,8 +166,11 @@ impl Cluster for ClusterService {
 
     async fn member_list(
         &self,
-        _: Request<MemberListRequest>,
+        request: Request<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
+        // Any user may list members (etcd 3.5.29 and later).
+        let caller = self.node.caller(request.metadata()).await?;
+        self.node.check(|a| a.check_authenticated(&caller))?;
         Ok(Response::new(MemberListResponse {
             header: self.header(),
             members: Self::member_list(&self.node),
@@ -167,6 +181,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
+        self.admin(&request).await?;
         let id = request.into_inner().id;
         self.node
             .raft

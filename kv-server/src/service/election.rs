@@ -19,8 +19,8 @@ use tonic::{Request, Response, Status};
 
 use crate::errors::{MISSING_LEADER_KEY, NO_LEADER, client_status, recipe_status};
 use crate::node::Node;
-use crate::service::loopback::Loopback;
 use crate::service::BoxStream;
+use crate::service::loopback::{Loopback, authorize, authorize_key};
 
 /// The Election service.
 pub struct ElectionService {
@@ -71,6 +71,8 @@ impl ElectionRpc for ElectionService {
         &self,
         request: Request<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
+        let (name, lease) = (&request.get_ref().name, request.get_ref().lease);
+        authorize(&self.node, request.metadata(), name, lease, true).await?;
         let req = request.into_inner();
         let (fence, lease) = self
             .loopback
@@ -103,10 +105,12 @@ impl ElectionRpc for ElectionService {
         &self,
         request: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
         let leader = req
             .leader
             .ok_or_else(|| Status::unknown(MISSING_LEADER_KEY))?;
+        authorize_key(&self.node, &metadata, &leader.key).await?;
         let session = match self.loopback.session(leader.lease).await {
             Ok(session) => session,
             Err(recipes::Error::Client(kv_client::Error::LeaseNotFound)) => {
@@ -128,6 +132,14 @@ impl ElectionRpc for ElectionService {
         &self,
         request: Request<LeaderRequest>,
     ) -> Result<Response<LeaderResponse>, Status> {
+        authorize(
+            &self.node,
+            request.metadata(),
+            &request.get_ref().name,
+            0,
+            false,
+        )
+        .await?;
         let req = request.into_inner();
         let client = self
             .loopback
@@ -152,6 +164,14 @@ impl ElectionRpc for ElectionService {
         &self,
         request: Request<LeaderRequest>,
     ) -> Result<Response<Self::ObserveStream>, Status> {
+        authorize(
+            &self.node,
+            request.metadata(),
+            &request.get_ref().name,
+            0,
+            false,
+        )
+        .await?;
         let req = request.into_inner();
         let client = self
             .loopback
@@ -189,10 +209,12 @@ impl ElectionRpc for ElectionService {
         &self,
         request: Request<ResignRequest>,
     ) -> Result<Response<ResignResponse>, Status> {
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
         let leader = req
             .leader
             .ok_or_else(|| Status::unknown(MISSING_LEADER_KEY))?;
+        authorize_key(&self.node, &metadata, &leader.key).await?;
         let session = match self.loopback.session(leader.lease).await {
             Ok(session) => session,
             // The lease ended, and with it the leader key it held: nothing is left to resign.

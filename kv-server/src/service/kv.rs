@@ -61,7 +61,9 @@ impl Kv for KvService {
         // again against the permissions of the moment.
         self.node
             .check_with_leases(|a, keys| a.check_put(&caller, &req, keys))?;
-        Ok(GrpcResponse::new(propose_as!(self.node, Put, req, &caller)?))
+        Ok(GrpcResponse::new(propose_as!(
+            self.node, Put, req, &caller
+        )?))
     }
 
     async fn delete_range(
@@ -99,7 +101,9 @@ impl Kv for KvService {
             // the state, it tries); the answer is taken after the read barrier, and a txn
             // that writes by then is proposed after all.
             if self.node.store.txn_would_write(&req).unwrap_or(false) {
-                return Ok(GrpcResponse::new(propose_as!(self.node, Txn, req, &caller)?));
+                return Ok(GrpcResponse::new(propose_as!(
+                    self.node, Txn, req, &caller
+                )?));
             }
             self.node.linearize().await?;
             let read = req.clone();
@@ -110,7 +114,9 @@ impl Kv for KvService {
                 })
                 .await?;
             let Some(mut resp) = answer else {
-                return Ok(GrpcResponse::new(propose_as!(self.node, Txn, req, &caller)?));
+                return Ok(GrpcResponse::new(propose_as!(
+                    self.node, Txn, req, &caller
+                )?));
             };
             self.node.fill(&mut resp.header);
             return Ok(GrpcResponse::new(resp));

@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::node::Node;
 use crate::propose_as;
 use crate::service::BoxStream;
+use kv_core::auth::{Access, AuthError, AuthState, Caller};
 
 /// Keep-alives of one stream being answered at once. Responses still leave in request order;
 /// the window only matters when a follower forwards them to the leader.
@@ -40,21 +41,36 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
+        let caller = self.node.caller(request.metadata()).await?;
+        // Anyone authenticated may grant (etcd 3.5.28 and later).
+        self.node.check(|a| a.check_authenticated(&caller))?;
         let mut req = request.into_inner();
         if req.id == NO_LEASE {
             req.id = self.node.lessor.next_id();
         }
         // Raised here, not in apply, so every member applies the same TTL whatever its flags.
         req.ttl = req.ttl.max(self.node.lessor.min_ttl());
-        Ok(Response::new(propose_as!(self.node, LeaseGrant, req)?))
+        Ok(Response::new(propose_as!(
+            self.node, LeaseGrant, req, &caller
+        )?))
     }
 
     async fn lease_revoke(
         &self,
         request: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        let caller = self.node.caller(request.metadata()).await?;
         let req = request.into_inner();
-        Ok(Response::new(propose_as!(self.node, LeaseRevoke, req)?))
+        // A revoke deletes the lease's keys: WRITE on all of them (checked again at apply).
+        self.node.check_with_leases(|a, keys| {
+            lease_keys_allowed(a, &caller, Access::Write, &keys(req.id))
+        })?;
+        Ok(Response::new(propose_as!(
+            self.node,
+            LeaseRevoke,
+            req,
+            &caller
+        )?))
     }
 
     type LeaseKeepAliveStream = BoxStream<LeaseKeepAliveResponse>;
@@ -64,12 +80,20 @@ impl Lease for LeaseService {
         request: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
         let node = self.node.clone();
+        // Each keep-alive is checked with the stream's credentials (which also keeps its
+        // token alive), as etcd 3.5.28 and later check them.
+        let credentials = Arc::new(request.metadata().clone());
         let answers = request
             .into_inner()
             .map(move |msg| {
                 let node = node.clone();
+                let credentials = credentials.clone();
                 async move {
                     let req = msg.map_err(crate::oversize::as_etcd)?;
+                    let caller = node.caller(&credentials).await?;
+                    node.check_with_leases(|a, keys| {
+                        lease_keys_allowed(a, &caller, Access::Write, &keys(req.id))
+                    })?;
                     // The header is taken before the renewal, as etcd does, so a client never
                     // sees a renewal at a revision after the lease's revoke.
                     let header = node.header(node.store.revision());
@@ -99,7 +123,16 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let caller = self.node.caller(request.metadata()).await?;
         let req = request.into_inner();
+        self.node.check_with_leases(|a, keys| {
+            a.check_authenticated(&caller)?;
+            if req.keys {
+                // Listing the keys reads them.
+                a.check_keys(&caller, Access::Read, &keys(req.id))?;
+            }
+            Ok(())
+        })?;
         let header = self.node.header(self.node.store.revision());
         let resp = match self.node.lessor.time_to_live(req.id, req.keys).await? {
             Some(t) => LeaseTimeToLiveResponse {
@@ -123,18 +156,32 @@ impl Lease for LeaseService {
 
     async fn lease_leases(
         &self,
-        _: Request<LeaseLeasesRequest>,
+        request: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
-        let leases = self
-            .node
-            .store
-            .leases()
-            .into_iter()
-            .map(|(id, _)| LeaseStatus { id })
-            .collect();
+        let caller = self.node.caller(request.metadata()).await?;
+        // The list names leases whose keys a user may not read: all of them readable, or an
+        // admin (etcd 3.5.28 and later).
+        let all = self.node.store.leases();
+        self.node.check_with_leases(|a, keys| {
+            a.check_authenticated(&caller)?;
+            all.iter()
+                .try_for_each(|(id, _)| a.check_keys(&caller, Access::Read, &keys(*id)))
+        })?;
+        let leases = all.into_iter().map(|(id, _)| LeaseStatus { id }).collect();
         Ok(Response::new(LeaseLeasesResponse {
             header: self.node.header(self.node.store.revision()),
             leases,
         }))
     }
+}
+
+/// Whether `caller`, authenticated, may have `access` to every key of a lease.
+fn lease_keys_allowed(
+    auth: &AuthState,
+    caller: &Caller,
+    access: Access,
+    keys: &[Vec<u8>],
+) -> Result<(), AuthError> {
+    auth.check_authenticated(caller)?;
+    auth.check_keys(caller, access, keys)
 }

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::errors::{client_status, recipe_status};
 use crate::node::Node;
-use crate::service::loopback::Loopback;
+use crate::service::loopback::{Loopback, authorize, authorize_key};
 
 /// The Lock service.
 pub struct LockService {
@@ -36,6 +36,14 @@ impl Lock for LockService {
     /// future and with it the recipe's wait, and that deletes the waiting key (etcd unlocks in
     /// that case too).
     async fn lock(&self, request: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
+        authorize(
+            &self.node,
+            request.metadata(),
+            &request.get_ref().name,
+            request.get_ref().lease,
+            true,
+        )
+        .await?;
         let req = request.into_inner();
         let fence = self
             .loopback
@@ -72,6 +80,7 @@ impl Lock for LockService {
         &self,
         request: Request<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
+        authorize_key(&self.node, request.metadata(), &request.get_ref().key).await?;
         let req = request.into_inner();
         let client = self
             .loopback

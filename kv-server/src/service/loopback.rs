@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::errors::stopped_status;
+use crate::node::Node;
+use kv_core::auth::Access;
 
 /// A [`Client`] of this member's own client listeners, connected on first use. Cheap to
 /// clone; clones share the one client.
@@ -20,6 +22,8 @@ use crate::errors::stopped_status;
 pub struct Loopback {
     /// `http://host:port` of every client listener, as dialable addresses.
     endpoints: Arc<[String]>,
+    /// The member's own token: the client acts with the root role.
+    token: Arc<str>,
     client: Arc<OnceCell<Client>>,
     /// Cancelled when the member stops.
     stop: CancellationToken,
@@ -28,8 +32,9 @@ pub struct Loopback {
 impl Loopback {
     /// A loopback over the member's bound client addresses (ports already resolved), for a
     /// member that stops when `stop` is cancelled.
-    pub fn new(bound: &[SocketAddr], stop: CancellationToken) -> Loopback {
+    pub fn new(bound: &[SocketAddr], token: &str, stop: CancellationToken) -> Loopback {
         Loopback {
+            token: Arc::from(token),
             endpoints: bound
                 .iter()
                 .map(|a| format!("http://{}", dialable(*a)))
@@ -63,7 +68,13 @@ impl Loopback {
     /// by the next call.
     pub async fn client(&self) -> kv_client::Result<&Client> {
         self.client
-            .get_or_try_init(|| Client::connect(self.endpoints.iter(), ClientOptions::default()))
+            .get_or_try_init(|| {
+                let options = ClientOptions {
+                    token: Some(self.token.to_string()),
+                    ..ClientOptions::default()
+                };
+                Client::connect(self.endpoints.iter(), options)
+            })
             .await
     }
 
@@ -79,6 +90,51 @@ impl Loopback {
             Session::resume(client, lease).await
         }
     }
+}
+
+/// What a Lock or Election call needs of its caller, checked here because the loopback acts
+/// with the root role: READ on the recipe's keys (`<name>/...`), WRITE too unless it only
+/// looks, and WRITE on the keys already on the lease it puts a key on (as a put with that
+/// lease would need). Refusals are code Unknown with etcd's text, as the services' other
+/// errors.
+pub async fn authorize(
+    node: &Node,
+    metadata: &tonic::metadata::MetadataMap,
+    name: &[u8],
+    lease: i64,
+    writes: bool,
+) -> Result<(), Status> {
+    let caller = node.caller(metadata).await.map_err(as_unknown)?;
+    let prefix = [name, b"/"].concat();
+    let end = kv_core::proto::prefix_end(&prefix);
+    node.store
+        .auth_with_leases(|a, keys| {
+            a.check(&caller, Access::Read, &prefix, &end)?;
+            if writes {
+                a.check(&caller, Access::Write, &prefix, &end)?;
+                if lease != 0 {
+                    a.check_keys(&caller, Access::Write, &keys(lease))?;
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e: kv_core::auth::AuthError| Status::unknown(e.to_string()))
+}
+
+/// Whether the caller may write `key` (Unlock, Proclaim and Resign name the key they touch).
+pub async fn authorize_key(
+    node: &Node,
+    metadata: &tonic::metadata::MetadataMap,
+    key: &[u8],
+) -> Result<(), Status> {
+    let caller = node.caller(metadata).await.map_err(as_unknown)?;
+    node.check(|a| a.check(&caller, Access::Write, key, &[]))
+        .map_err(as_unknown)
+}
+
+/// A status as these services send every failure: code Unknown, the same text.
+fn as_unknown(status: Status) -> Status {
+    Status::unknown(status.message())
 }
 
 /// The address to dial for a listener: a wildcard bind is reached over loopback.
@@ -106,7 +162,11 @@ mod tests {
             let bound: SocketAddr = bound.parse().unwrap();
             assert_eq!(dialable(bound).to_string(), dialed);
         }
-        let loopback = Loopback::new(&["0.0.0.0:7".parse().unwrap()], CancellationToken::new());
+        let loopback = Loopback::new(
+            &["0.0.0.0:7".parse().unwrap()],
+            "token",
+            CancellationToken::new(),
+        );
         assert_eq!(&loopback.endpoints[..], ["http://127.0.0.1:7".to_string()]);
     }
 }

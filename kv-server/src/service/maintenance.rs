@@ -6,16 +6,16 @@ use kv_core::proto::etcdserverpb::{
     AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, DowngradeRequest,
     DowngradeResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest,
     MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
-    maintenance_server::Maintenance,
+    alarm_request::AlarmAction, maintenance_server::Maintenance,
 };
 use tonic::{Request, Response, Status};
 
-use crate::errors::{engine_status, error_status};
+use crate::errors::{auth_status_unmapped, engine_status, error_status};
 use crate::node::Node;
 use crate::propose_as;
 use crate::raft::MemberChangeError;
-use crate::service::cluster::change_status;
 use crate::service::BoxStream;
+use crate::service::cluster::change_status;
 
 /// The etcd API version this server speaks; clients read it from Status.
 pub const API_VERSION: &str = "3.5.0";
@@ -33,6 +33,16 @@ impl MaintenanceService {
     pub fn new(node: Arc<Node>) -> Self {
         Self { node }
     }
+
+    /// Refuses a caller without the root role, the way etcd refuses Defragment, Snapshot,
+    /// Hash and HashKV: with the auth error unmapped (code Unknown, `auth: ...`).
+    async fn admin_only<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let caller = self.node.caller(request.metadata()).await?;
+        self.node
+            .store
+            .auth(|a| a.check_admin(&caller))
+            .map_err(|e| auth_status_unmapped(&e))
+    }
 }
 
 #[tonic::async_trait]
@@ -43,14 +53,26 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
-        Ok(Response::new(propose_as!(
-            self.node,
-            Alarm,
-            request.into_inner()
-        )?))
+        let caller = self.node.caller(request.metadata()).await?;
+        let req = request.into_inner();
+        // Listing alarms needs a user, raising or clearing one the root role (etcd 3.5.29);
+        // apply checks again.
+        self.node.check(|a| {
+            if req.action == AlarmAction::Get as i32 {
+                a.check_authenticated(&caller)
+            } else {
+                a.check_admin(&caller)
+            }
+        })?;
+        Ok(Response::new(propose_as!(self.node, Alarm, req, &caller)?))
     }
 
-    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let caller = self.node.caller(request.metadata()).await?;
+        self.node.check(|a| a.check_authenticated(&caller))?;
         let raft = self.node.raft.status();
         let store = self.node.store.status();
         let errors = self
@@ -86,8 +108,9 @@ impl Maintenance for MaintenanceService {
 
     async fn defragment(
         &self,
-        _: Request<DefragmentRequest>,
+        request: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
+        self.admin_only(&request).await?;
         self.node
             .read(|s| s.defragment().map_err(|e| engine_status(&e)))
             .await?;
@@ -96,7 +119,8 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+    async fn hash(&self, request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        self.admin_only(&request).await?;
         let hash = self
             .node
             .read(|s| s.hash().map_err(|e| engine_status(&e)))
@@ -111,6 +135,7 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
+        self.admin_only(&request).await?;
         let rev = request.into_inner().revision;
         let (hash, compact_revision, _) = self
             .node
@@ -125,8 +150,9 @@ impl Maintenance for MaintenanceService {
 
     async fn snapshot(
         &self,
-        _: Request<SnapshotRequest>,
+        request: Request<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
+        self.admin_only(&request).await?;
         let data = self
             .node
             .read(|s| s.snapshot().map_err(|e| engine_status(&e)))
@@ -152,6 +178,8 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
+        let caller = self.node.caller(request.metadata()).await?;
+        self.node.check(|a| a.check_admin(&caller))?;
         let target = request.into_inner().target_id;
         match self.node.raft.transfer_leadership(target).await {
             Ok(()) => {}

@@ -531,10 +531,13 @@ impl WatchService {
                 stream,
             },
         };
+        // The stream's credentials are checked at each create, as etcd does.
+        let credentials = request.metadata().clone();
         tokio::spawn(serve_requests(
             self.node.clone(),
             self.wake.clone(),
             stream,
+            credentials,
             request.into_inner(),
             queue,
         ));
@@ -548,6 +551,7 @@ async fn serve_requests(
     node: Arc<Node>,
     wake: Arc<Notify>,
     stream: StreamId,
+    credentials: tonic::metadata::MetadataMap,
     mut inbound: Streaming<WatchRequest>,
     queue: Arc<StreamQueue>,
 ) {
@@ -577,6 +581,27 @@ async fn serve_requests(
                 fragment: false,
             }))
         };
+        let refuse = |reason: String| {
+            send(WatchResponse {
+                header: node.header(hub.revision()),
+                watch_id: INVALID_WATCH_ID,
+                created: true,
+                canceled: true,
+                cancel_reason: reason,
+                ..Default::default()
+            })
+        };
+        if let RequestUnion::CreateRequest(create) = &request
+            && let Err(status) = watch_permitted(&node, &credentials, create).await
+        {
+            // Refused in the stream, not by ending it, with the whole status as text.
+            refuse(format!(
+                "rpc error: code = {:?} desc = {}",
+                status.code(),
+                status.message()
+            ));
+            continue;
+        }
         match request {
             RequestUnion::CreateRequest(create) => match WatchSpec::from_request(&create) {
                 Ok(spec) => {
@@ -586,14 +611,7 @@ async fn serve_requests(
                         wake.notify_one();
                     }
                 }
-                Err(reason) => send(WatchResponse {
-                    header: node.header(hub.revision()),
-                    watch_id: INVALID_WATCH_ID,
-                    created: true,
-                    canceled: true,
-                    cancel_reason: reason.to_string(),
-                    ..Default::default()
-                }),
+                Err(reason) => refuse(reason.to_string()),
             },
             RequestUnion::CancelRequest(cancel) => {
                 // An unknown id gets no answer, as in etcd.
@@ -615,6 +633,24 @@ async fn serve_requests(
             }
         }
     }
+}
+
+/// Whether the stream's caller may read what `create` watches (checked once, at create: a
+/// watcher keeps running if its permissions later change, as in etcd).
+async fn watch_permitted(
+    node: &Node,
+    credentials: &tonic::metadata::MetadataMap,
+    create: &kv_core::proto::etcdserverpb::WatchCreateRequest,
+) -> Result<(), Status> {
+    let caller = node.caller(credentials).await?;
+    node.check(|a| {
+        a.check(
+            &caller,
+            kv_core::auth::Access::Read,
+            &create.key,
+            &create.range_end,
+        )
+    })
 }
 
 /// The watch hub's background work: catching unsynced watchers up from storage in bounded
