@@ -45,6 +45,74 @@ pub struct ClientOptions {
     /// A token obtained elsewhere, sent with every call as it is and never renewed (ignored
     /// when `credentials` are given).
     pub token: Option<String>,
+    /// TLS settings for `https://` endpoints. When set, endpoints given as `host:port` are
+    /// dialed with TLS too (as etcdctl does once given a CA or a certificate). An `https://`
+    /// endpoint without these settings is verified against the system's trusted roots.
+    pub tls: Option<TlsOptions>,
+}
+
+/// How to verify the members' certificates and which certificate to present to them.
+#[derive(Clone, Default)]
+pub struct TlsOptions {
+    /// PEM of the CA that signed the members' certificates; `None`: the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM of a client certificate and its key, for members that require one
+    /// (`--client-cert-auth` or `--trusted-ca-file`).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the members' certificates must carry, when it is not the endpoints' host.
+    pub domain: Option<String>,
+}
+
+impl std::fmt::Debug for TlsOptions {
+    // The private key stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsOptions")
+            .field("ca_pem", &self.ca_pem.as_ref().map(|c| c.len()))
+            .field(
+                "identity",
+                &self.identity.as_ref().map(|_| "<certificate and key>"),
+            )
+            .field("domain", &self.domain)
+            .finish()
+    }
+}
+
+impl TlsOptions {
+    /// Verify the members against the CA in `ca_pem`.
+    pub fn with_ca(ca_pem: impl Into<Vec<u8>>) -> Self {
+        Self {
+            ca_pem: Some(ca_pem.into()),
+            ..Self::default()
+        }
+    }
+
+    /// These settings, presenting the certificate `cert_pem` with its key `key_pem`.
+    pub fn identity(mut self, cert_pem: impl Into<Vec<u8>>, key_pem: impl Into<Vec<u8>>) -> Self {
+        self.identity = Some((cert_pem.into(), key_pem.into()));
+        self
+    }
+
+    /// These settings, expecting `domain` in the members' certificates.
+    pub fn domain(mut self, domain: impl Into<String>) -> Self {
+        self.domain = Some(domain.into());
+        self
+    }
+
+    fn client_config(&self) -> tonic::transport::ClientTlsConfig {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let mut config = ClientTlsConfig::new();
+        config = match &self.ca_pem {
+            Some(ca) => config.ca_certificate(Certificate::from_pem(ca)),
+            None => config.with_native_roots(),
+        };
+        if let Some((cert, key)) = &self.identity {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(domain) = &self.domain {
+            config = config.domain_name(domain.clone());
+        }
+        config
+    }
 }
 
 impl Default for ClientOptions {
@@ -56,11 +124,18 @@ impl Default for ClientOptions {
             max_backoff: Duration::from_secs(1),
             credentials: None,
             token: None,
+            tls: None,
         }
     }
 }
 
 impl ClientOptions {
+    /// These options with TLS settings (see [`ClientOptions::tls`]).
+    pub fn with_tls(mut self, tls: TlsOptions) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// These options with a user and password (see [`ClientOptions::credentials`]).
     pub fn with_user(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
         self.credentials = Some(Credentials {
@@ -230,17 +305,64 @@ impl std::fmt::Debug for Client {
     }
 }
 
-fn normalize(endpoint: &str) -> String {
+/// The URL of an endpoint given as `host:port`: TLS when the options ask for it, as etcdctl
+/// turns TLS on for such endpoints when given a CA or a certificate.
+fn normalize(endpoint: &str, tls: bool) -> String {
     if endpoint.contains("://") {
         endpoint.to_string()
+    } else if tls {
+        format!("https://{endpoint}")
     } else {
         format!("http://{endpoint}")
     }
 }
 
+/// The gRPC endpoint for `url`, with TLS set up for an `https://` one.
+fn endpoint_for(url: &str, options: &ClientOptions) -> Result<Endpoint> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|_| Error::InvalidEndpoint(url.to_string()))?
+        .connect_timeout(options.connect_timeout);
+    if !url.starts_with("https://") {
+        return Ok(endpoint);
+    }
+    let tls = options.tls.clone().unwrap_or_default();
+    endpoint
+        .tls_config(tls.client_config())
+        .map_err(|e| Error::InvalidTls(e.to_string()))
+}
+
+/// Adapts a connector yielding tokio byte streams to the one tonic's channel takes.
+#[derive(Clone)]
+struct TokioConnector<C>(C);
+
+impl<C, IO> tower::Service<Uri> for TokioConnector<C>
+where
+    C: tower::Service<Uri, Response = IO> + Send + 'static,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    type Response = TokioIo<IO>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = std::result::Result<TokioIo<IO>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), BoxError>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.0.call(uri);
+        Box::pin(async move { connecting.await.map(TokioIo::new).map_err(Into::into) })
+    }
+}
+
+/// Any error a connector may give.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 impl Client {
-    /// Connects to a cluster given its members' client URLs (`http://host:port` or
-    /// `host:port`), and checks that at least one answers within the connect timeout.
+    /// Connects to a cluster given its members' client URLs (`http://host:port`,
+    /// `https://host:port` or `host:port`), and checks that at least one answers within the
+    /// connect timeout.
     pub async fn connect<I, S>(endpoints: I, options: ClientOptions) -> Result<Client>
     where
         I: IntoIterator<Item = S>,
@@ -248,13 +370,42 @@ impl Client {
     {
         let mut list = Vec::new();
         for e in endpoints {
-            let url = normalize(e.as_ref());
-            let channel = Endpoint::from_shared(url.clone())
-                .map_err(|_| Error::InvalidEndpoint(url.clone()))?
-                .connect_timeout(options.connect_timeout)
-                .connect_with_connector_lazy(Dialer);
+            let url = normalize(e.as_ref(), options.tls.is_some());
+            let channel = endpoint_for(&url, &options)?.connect_with_connector_lazy(Dialer);
             list.push((url, channel));
         }
+        Self::start(list, options).await
+    }
+
+    /// [`Client::connect`], reaching every endpoint through `connector` instead of TCP: given
+    /// an endpoint's URI, it returns a byte stream to that member (an in-process transport, a
+    /// Unix socket, a proxy). TLS is still set up for `https://` endpoints.
+    pub async fn connect_with_connector<I, S, C, IO>(
+        endpoints: I,
+        options: ClientOptions,
+        connector: C,
+    ) -> Result<Client>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+        C: tower::Service<Uri, Response = IO> + Clone + Send + 'static,
+        C::Future: Send + 'static,
+        C::Error: Into<BoxError>,
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let mut list = Vec::new();
+        for e in endpoints {
+            let url = normalize(e.as_ref(), options.tls.is_some());
+            let channel = endpoint_for(&url, &options)?
+                .connect_with_connector_lazy(TokioConnector(connector.clone()));
+            list.push((url, channel));
+        }
+        Self::start(list, options).await
+    }
+
+    /// A client over `list` (URL, channel), authenticated if it has credentials, once one
+    /// endpoint answers.
+    async fn start(list: Vec<(String, Channel)>, options: ClientOptions) -> Result<Client> {
         if list.is_empty() {
             return Err(Error::InvalidEndpoint("no endpoint given".into()));
         }
@@ -579,6 +730,10 @@ impl tower::Service<Uri> for Dialer {
             };
             let stream = TcpStream::connect((host, port)).await?;
             stream.set_nodelay(true)?;
+            // TLS goes on top of this stream, and its handshake must not be held back.
+            if uri.scheme_str() == Some("https") {
+                return Ok(TokioIo::new(CoalescingStream::direct(stream)));
+            }
             Ok(TokioIo::new(CoalescingStream::new(stream)))
         })
     }

@@ -50,6 +50,8 @@ pub struct CoalescingStream<S> {
     sent: usize,
     state: TurnState,
     turn: Arc<Turn>,
+    /// Writes go to the socket at once (see [`CoalescingStream::direct`]).
+    direct: bool,
 }
 
 /// Where a connection with bytes held is in asking for its turn.
@@ -93,6 +95,17 @@ impl<S> CoalescingStream<S> {
             sent: 0,
             state: TurnState::Idle,
             turn: Arc::default(),
+            direct: false,
+        }
+    }
+
+    /// Wraps `inner` without holding writes back: for a connection that carries TLS. A TLS
+    /// handshake writes its hello, flushes once and waits for the answer, so a hello held
+    /// until the next flush would never leave.
+    pub fn direct(inner: S) -> Self {
+        CoalescingStream {
+            direct: true,
+            ..Self::new(inner)
         }
     }
 
@@ -211,8 +224,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CoalescingStream<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut()
-            .poll_take(cx, &[io::IoSlice::new(buf)], buf.len())
+        let this = self.get_mut();
+        if this.direct {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        }
+        this.poll_take(cx, &[io::IoSlice::new(buf)], buf.len())
     }
 
     fn poll_write_vectored(
@@ -220,8 +236,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CoalescingStream<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.direct {
+            return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        }
         let len = bufs.iter().map(|b| b.len()).sum();
-        self.get_mut().poll_take(cx, bufs, len)
+        this.poll_take(cx, bufs, len)
     }
 
     /// Vectored: `h2` then hands over large DATA payloads without copying them into its own

@@ -87,6 +87,9 @@ pub enum Error {
     /// Authenticate against a cluster whose authentication is off.
     #[error("etcdserver: authentication is not enabled")]
     AuthNotEnabled,
+    /// The TLS settings are not usable (a certificate or key that does not parse).
+    #[error("invalid TLS settings: {0}")]
+    InvalidTls(String),
     /// A token given in the options is not usable.
     #[error("invalid token: {0}")]
     InvalidToken(String),

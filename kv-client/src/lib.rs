@@ -130,7 +130,7 @@ mod txn;
 mod watch;
 
 pub use auth::{Access, Auth, AuthStatus, KeyPermission, ROOT};
-pub use client::{Client, ClientOptions, Credentials};
+pub use client::{Client, ClientOptions, Credentials, TlsOptions};
 pub use cluster::{Cluster, Member};
 pub use error::{Error, Result};
 pub use kv::{

@@ -92,6 +92,36 @@ pub fn loopback_token() -> std::io::Result<String> {
     Ok(format!("{first}{second}"))
 }
 
+/// What a request says about who sends it: the token in its metadata, and the certificate
+/// chain its TLS client presented (verified by the handshake).
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// The token, or `Err` for metadata that is not text.
+    token: Result<Option<String>, ()>,
+    /// The client's certificate chain, on a TLS connection with client certificates.
+    certs: Option<std::sync::Arc<Vec<tonic::transport::CertificateDer<'static>>>>,
+}
+
+impl Credentials {
+    /// The credentials of `request`.
+    pub fn of<T>(request: &tonic::Request<T>) -> Self {
+        Self {
+            token: token_of(request.metadata()).map(|t| t.map(str::to_string)),
+            certs: request.peer_certs(),
+        }
+    }
+
+    /// The token, if any; `Err` for one that is not text.
+    pub fn token(&self) -> Result<Option<&str>, ()> {
+        self.token.as_ref().map(|t| t.as_deref()).map_err(|()| ())
+    }
+
+    /// The common name of the client's certificate, if it presented one.
+    pub fn certificate_name(&self) -> Option<String> {
+        crate::tls::common_name(self.certs.as_deref()?)
+    }
+}
+
 /// The token a request carries, if any: the `token` metadata, else `authorization` (with or
 /// without a `Bearer ` prefix, as etcd 3.5.32 accepts it). `Err` for a value that is not
 /// text.

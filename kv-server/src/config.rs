@@ -105,6 +105,35 @@ pub struct Flags {
         default_value = "10m"
     )]
     pub watch_progress_notify_interval: String,
+    /// Path to the client server TLS certificate (PEM), served on `https://` client URLs.
+    #[arg(long, env = "ETCD_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// Path to the client server TLS key (PEM).
+    #[arg(long, env = "ETCD_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Path to the CA (PEM) that client certificates must be signed by; setting it makes
+    /// `https://` client URLs require a client certificate, as in etcd.
+    #[arg(long, env = "ETCD_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Require client certificates on `https://` client URLs, and take a certificate's common
+    /// name as the user of a request without a token (when auth is on).
+    #[arg(long, env = "ETCD_CLIENT_CERT_AUTH", default_value_t = false)]
+    pub client_cert_auth: bool,
+    /// Path to the peer TLS certificate (PEM): served on `https://` peer URLs and presented to
+    /// other members.
+    #[arg(long, env = "ETCD_PEER_CERT_FILE")]
+    pub peer_cert_file: Option<PathBuf>,
+    /// Path to the peer TLS key (PEM).
+    #[arg(long, env = "ETCD_PEER_KEY_FILE")]
+    pub peer_key_file: Option<PathBuf>,
+    /// Path to the CA (PEM) that signs the members' peer certificates: used to verify the
+    /// members this one dials and, when set, required of the members dialing it.
+    #[arg(long, env = "ETCD_PEER_TRUSTED_CA_FILE")]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+    /// Require members dialing this one to present a peer certificate signed by
+    /// `--peer-trusted-ca-file`.
+    #[arg(long, env = "ETCD_PEER_CLIENT_CERT_AUTH", default_value_t = false)]
+    pub peer_client_cert_auth: bool,
     /// Auth token kind; only etcd's default, `simple`, is supported (anything else is
     /// refused at start rather than silently ignored).
     #[arg(long, env = "ETCD_AUTH_TOKEN", default_value = "simple")]
@@ -163,18 +192,32 @@ fn flag_error(flag: &'static str, reason: impl Into<String>) -> FlagError {
     }
 }
 
+/// A URL to listen on: the address, and whether it serves TLS (`https://`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenUrl {
+    /// The address.
+    pub addr: SocketAddr,
+    /// True for `https://`.
+    pub tls: bool,
+}
+
 /// Parses an `http://host:port` URL into a socket address. Host names other than `localhost`
 /// are not resolved: listen URLs name addresses, as etcd requires.
 pub fn parse_url(flag: &'static str, url: &str) -> Result<SocketAddr, FlagError> {
+    parse_listen_url(flag, url).map(|u| u.addr)
+}
+
+/// Parses an `http://host:port` or `https://host:port` URL.
+pub fn parse_listen_url(flag: &'static str, url: &str) -> Result<ListenUrl, FlagError> {
     let url = url.trim();
-    let rest = if let Some(rest) = url.strip_prefix("http://") {
-        rest
-    } else if url.starts_with("https://") || url.starts_with("unixs://") {
-        return Err(flag_error(flag, format!("{url}: TLS is not supported yet")));
+    let (rest, tls) = if let Some(rest) = url.strip_prefix("http://") {
+        (rest, false)
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        (rest, true)
     } else {
         return Err(flag_error(
             flag,
-            format!("{url}: expected http://host:port"),
+            format!("{url}: expected http://host:port or https://host:port"),
         ));
     };
     let rest = rest.trim_end_matches('/');
@@ -182,8 +225,10 @@ pub fn parse_url(flag: &'static str, url: &str) -> Result<SocketAddr, FlagError>
         Some(port) => format!("127.0.0.1:{port}"),
         None => rest.to_string(),
     };
-    rest.parse()
-        .map_err(|e| flag_error(flag, format!("{url}: {e}")))
+    let addr = rest
+        .parse()
+        .map_err(|e| flag_error(flag, format!("{url}: {e}")))?;
+    Ok(ListenUrl { addr, tls })
 }
 
 /// Splits a comma-separated URL list.
@@ -235,25 +280,25 @@ impl Flags {
         }
     }
 
-    /// Client listen addresses.
-    pub fn client_addrs(&self) -> Result<Vec<SocketAddr>, FlagError> {
+    /// Client listen URLs.
+    pub fn client_addrs(&self) -> Result<Vec<ListenUrl>, FlagError> {
         let urls = url_list(&self.listen_client_urls);
         if urls.is_empty() {
             return Err(flag_error("listen-client-urls", "no URL given"));
         }
         urls.iter()
-            .map(|u| parse_url("listen-client-urls", u))
+            .map(|u| parse_listen_url("listen-client-urls", u))
             .collect()
     }
 
-    /// Peer listen addresses.
-    pub fn peer_addrs(&self) -> Result<Vec<SocketAddr>, FlagError> {
+    /// Peer listen URLs.
+    pub fn peer_addrs(&self) -> Result<Vec<ListenUrl>, FlagError> {
         let urls = url_list(&self.listen_peer_urls);
         if urls.is_empty() {
             return Err(flag_error("listen-peer-urls", "no URL given"));
         }
         urls.iter()
-            .map(|u| parse_url("listen-peer-urls", u))
+            .map(|u| parse_listen_url("listen-peer-urls", u))
             .collect()
     }
 
@@ -412,7 +457,10 @@ mod tests {
     fn local_flags_use_the_dir_and_os_chosen_loopback_ports() {
         let f = Flags::local(std::path::Path::new("/tmp/some dir")).unwrap();
         assert_eq!(f.data_dir(), PathBuf::from("/tmp/some dir"));
-        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let any = ListenUrl {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            tls: false,
+        };
         assert_eq!(f.client_addrs().unwrap(), vec![any]);
         assert_eq!(f.peer_addrs().unwrap(), vec![any]);
         assert_eq!(f.initial_cluster().unwrap().len(), 1);
@@ -425,7 +473,10 @@ mod tests {
         assert_eq!(f.data_dir(), PathBuf::from("default.kv"));
         assert_eq!(
             f.client_addrs().unwrap(),
-            vec!["127.0.0.1:2379".parse().unwrap()]
+            vec![ListenUrl {
+                addr: "127.0.0.1:2379".parse().unwrap(),
+                tls: false
+            }]
         );
         assert_eq!(f.max_request_bytes, 1572864);
         assert_eq!(f.max_txn_ops, 128);
@@ -478,7 +529,9 @@ mod tests {
                 .retention()
                 .is_err()
         );
-        assert!(parse_url("x", "https://127.0.0.1:1").is_err());
+        assert!(parse_listen_url("x", "https://127.0.0.1:1").unwrap().tls);
+        assert!(!parse_listen_url("x", "http://127.0.0.1:1").unwrap().tls);
+        assert!(parse_url("x", "unixs://127.0.0.1:1").is_err());
         assert!(parse_url("x", "127.0.0.1:1").is_err());
         assert_eq!(
             parse_url("x", "http://localhost:23").unwrap(),

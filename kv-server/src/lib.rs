@@ -15,3 +15,4 @@ pub mod raft;
 pub mod runtime;
 pub mod server;
 pub mod service;
+pub mod tls;

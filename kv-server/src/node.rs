@@ -18,7 +18,7 @@ use kv_core::{KvError, Store};
 use prost::Message;
 use tonic::Status;
 
-use crate::auth::Tokens;
+use crate::auth::{Credentials, Tokens};
 use crate::errors::{auth_status, engine_status, kv_status, raft_status};
 use crate::identity::Identity;
 use crate::lessor::{LeaseClock, Lessor};
@@ -138,6 +138,8 @@ pub struct Node {
     /// The token of this member's own client (the Lock and Election services' loopback),
     /// which acts with the root role: those services check their callers themselves.
     loopback_token: String,
+    /// `--client-cert-auth`: a client certificate's common name is the user.
+    client_cert_auth: bool,
     next_request_id: AtomicU64,
 }
 
@@ -156,9 +158,11 @@ impl Node {
         lessor: Arc<Lessor>,
         tokens: Arc<Tokens>,
         loopback_token: String,
+        client_cert_auth: bool,
     ) -> Self {
         Self {
             loopback_token,
+            client_cert_auth,
             store,
             raft,
             identity,
@@ -171,9 +175,10 @@ impl Node {
     }
 
     /// Who sends a request, from its credentials: the user of its token (while auth is on;
-    /// tokens are ignored while it is off, as in etcd), else nobody. The revision is the auth
+    /// tokens are ignored while it is off, as in etcd), else, with `--client-cert-auth`, the
+    /// common name of its verified client certificate, else nobody. The revision is the auth
     /// state's current one: a token stands for its user, whatever changed since it was issued.
-    pub async fn caller(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Caller, Status> {
+    pub async fn caller(&self, credentials: &Credentials) -> Result<Caller, Status> {
         let (enabled, revision) = self.store.auth(|a| (a.enabled(), a.revision()));
         let nobody = Caller {
             user: None,
@@ -183,7 +188,13 @@ impl Node {
             return Ok(nobody);
         }
         let invalid = || auth_status(&AuthError::InvalidAuthToken);
-        let Some(token) = crate::auth::token_of(metadata).map_err(|()| invalid())? else {
+        let Some(token) = credentials.token().map_err(|()| invalid())? else {
+            // A token takes precedence over the certificate, as in etcd.
+            if self.client_cert_auth
+                && let Some(user) = credentials.certificate_name()
+            {
+                return Ok(Caller::user(&user, revision));
+            }
             return Ok(nobody);
         };
         if token == self.loopback_token {

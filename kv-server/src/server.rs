@@ -83,6 +83,7 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
     let timing = flags.raft_timing()?;
     let tokens = Arc::new(crate::auth::Tokens::new(flags.token_ttl()?));
     let addrs = flags.client_addrs()?;
+    let tls = crate::tls::TlsSettings::from_flags(flags)?;
     // A member joining an existing cluster learns the cluster id from its peers, as etcd does.
     let known_cluster_id =
         if flags.initial_cluster_state == ClusterState::Existing && !identity::exists(&data_dir) {
@@ -92,7 +93,7 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
                 .filter(|(name, url)| name != &flags.name && !own.contains(url))
                 .map(|(_, url)| url.clone())
                 .collect();
-            Some(fetch_cluster_id(&peers).await?)
+            Some(fetch_cluster_id(&peers, &tls.peer_client).await?)
         } else {
             None
         };
@@ -128,8 +129,8 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
     }
     // Bind the peer port before starting Raft so a taken port fails the start at once.
     let mut peer_listeners = Vec::new();
-    for addr in flags.peer_addrs()? {
-        peer_listeners.push(TcpListener::bind(addr).await?);
+    for url in flags.peer_addrs()? {
+        peer_listeners.push((TcpListener::bind(url.addr).await?, url.tls));
     }
     let members = identity::initial_members(&initial_cluster, &flags.initial_cluster_token)
         .into_iter()
@@ -144,6 +145,7 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
             members,
             bootstrap: flags.initial_cluster_state == ClusterState::New,
             timing,
+            peer_tls: tls.peer_client.clone(),
         },
         Arc::new(EngineApplier {
             store: store.clone(),
@@ -172,6 +174,7 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
         lessor,
         tokens.clone(),
         crate::auth::loopback_token()?,
+        tls.client_cert_auth,
     ));
 
     let cancel = CancellationToken::new();
@@ -195,7 +198,7 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
         tokio::spawn(publish);
     }
     let mut serving = tokio::task::JoinSet::new();
-    for listener in peer_listeners {
+    for (listener, https) in peer_listeners {
         let bound = listener.local_addr()?;
         let peer = PeerServer::new(PeerService::new(
             node.raft.clone(),
@@ -206,8 +209,12 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let stop = cancel.clone();
+        let mut builder = tonic::transport::Server::builder();
+        if https {
+            builder = builder.tls_config(tls.peer_server.clone().ok_or_else(no_tls)?)?;
+        }
         serving.spawn(
-            tonic::transport::Server::builder()
+            builder
                 .add_service(peer)
                 .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
         );
@@ -233,20 +240,96 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    // Every client listener is bound before any serves: the Lock and Election services dial
-    // them (through `Loopback`), so they need the ports the kernel chose.
     let mut listeners = Vec::new();
-    for addr in addrs {
-        listeners.push(TcpListener::bind(addr).await?);
+    for url in addrs {
+        listeners.push((TcpListener::bind(url.addr).await?, url.tls));
     }
     let client_addrs = listeners
         .iter()
-        .map(TcpListener::local_addr)
+        .map(|(l, _)| l.local_addr())
         .collect::<Result<Vec<_>, _>>()?;
-    let loopback = Loopback::new(&client_addrs, node.loopback_token(), cancel.clone());
-    for (listener, bound) in listeners.into_iter().zip(client_addrs.iter().copied()) {
-        let router = tonic::transport::Server::builder()
-            .layer(crate::oversize::OversizeStatusLayer)
+    let (loopback, loopback_incoming) = Loopback::new(node.loopback_token(), cancel.clone());
+    let services = ClientServices {
+        node: node.clone(),
+        watch_wake,
+        loopback,
+        health: health_service,
+        max_decode,
+    };
+    // The member's own client (the Lock and Election services' recipes) is served in memory.
+    {
+        let stop = cancel.clone();
+        let incoming = futures::StreamExt::map(loopback_incoming, Ok::<_, std::io::Error>);
+        let router = services.router(
+            tonic::transport::Server::builder().layer(crate::oversize::OversizeStatusLayer),
+        );
+        serving.spawn(
+            router.serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
+        );
+    }
+    for ((listener, https), bound) in listeners.into_iter().zip(client_addrs.iter().copied()) {
+        let mut builder = tonic::transport::Server::builder();
+        if https {
+            builder = builder.tls_config(tls.client.clone().ok_or_else(no_tls)?)?;
+        }
+        let router = services.router(builder.layer(crate::oversize::OversizeStatusLayer));
+        let stop = cancel.clone();
+        // Small request/response exchanges must not wait for Nagle + delayed ACK (~40 ms).
+        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            // Responses finished in one burst leave in one write (`coalesce` says why); not
+            // under TLS, whose handshake would wait for a flush that does not come.
+            .map_ok(move |s| {
+                if https {
+                    CoalescingStream::direct(s)
+                } else {
+                    CoalescingStream::new(s)
+                }
+            });
+        serving.spawn(
+            router.serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
+        );
+        let scheme = if https { "https" } else { "http" };
+        tracing::info!(address = %bound, scheme, "ready to serve client requests");
+    }
+    Ok(Running {
+        node,
+        client_addrs,
+        serving,
+        cancel,
+    })
+}
+
+/// A listener named `https://` whose TLS settings are missing: `TlsSettings::from_flags`
+/// refuses such flags, so this is a bug if ever seen.
+fn no_tls() -> ServerError {
+    ServerError::Join("an https:// listener without TLS settings".into())
+}
+
+/// Everything the client listeners serve, to build one router per listener.
+struct ClientServices<H> {
+    node: Arc<Node>,
+    watch_wake: Arc<tokio::sync::Notify>,
+    loopback: Loopback,
+    health: tonic_health::pb::health_server::HealthServer<H>,
+    max_decode: usize,
+}
+
+/// The layers every client router has.
+type ClientLayers =
+    tower::layer::util::Stack<crate::oversize::OversizeStatusLayer, tower::layer::util::Identity>;
+
+impl<H: tonic_health::pb::health_server::Health> ClientServices<H> {
+    /// The client services on `builder`.
+    fn router(
+        &self,
+        mut builder: tonic::transport::Server<ClientLayers>,
+    ) -> tonic::transport::server::Router<ClientLayers> {
+        let node = &self.node;
+        let max_decode = self.max_decode;
+        let loopback = &self.loopback;
+        let watch_wake = &self.watch_wake;
+        builder
             .add_service(
                 KvServer::new(KvService::new(node.clone())).max_decoding_message_size(max_decode),
             )
@@ -278,24 +361,8 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
                 ElectionServer::new(ElectionService::new(node.clone(), loopback.clone()))
                     .max_decoding_message_size(max_decode),
             )
-            .add_service(health_service.clone());
-        let stop = cancel.clone();
-        // Small request/response exchanges must not wait for Nagle + delayed ACK (~40 ms).
-        let incoming = tonic::transport::server::TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            // Responses finished in one burst leave in one write (`coalesce` says why).
-            .map_ok(CoalescingStream::new);
-        serving.spawn(
-            router.serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
-        );
-        tracing::info!(address = %bound, "ready to serve client requests");
+            .add_service(self.health.clone())
     }
-    Ok(Running {
-        node,
-        client_addrs,
-        serving,
-        cancel,
-    })
 }
 
 /// How long a stopping member lets open client calls finish before it closes them.
@@ -305,11 +372,14 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Asks the existing members (by peer URL) for the cluster id.
-async fn fetch_cluster_id(peers: &[String]) -> Result<u64, ServerError> {
+async fn fetch_cluster_id(
+    peers: &[String],
+    tls: &tonic::transport::ClientTlsConfig,
+) -> Result<u64, ServerError> {
     let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
     loop {
         for url in peers {
-            if let Ok(conn) = PeerConnection::new(url, 0)
+            if let Ok(conn) = PeerConnection::new(url, 0, tls)
                 && let Ok(id) = conn
                     .call::<_, u64>(PeerCall::Hello, &(), Duration::from_secs(2))
                     .await

@@ -234,10 +234,20 @@ pub fn start_etcd(data_dir: &Path) -> Result<Proc, String> {
 
 /// Starts etcd from PATH on free loopback ports with `extra` flags, or returns why it cannot.
 pub fn start_etcd_with(data_dir: &Path, extra: &[&str]) -> Result<Proc, String> {
+    start_etcd_scheme(data_dir, "http", extra)
+}
+
+/// Starts etcd serving clients on an `https://` URL, with `extra` flags (which must name the
+/// certificate and key), or returns why it cannot.
+pub fn start_etcd_tls(data_dir: &Path, extra: &[&str]) -> Result<Proc, String> {
+    start_etcd_scheme(data_dir, "https", extra)
+}
+
+fn start_etcd_scheme(data_dir: &Path, scheme: &str, extra: &[&str]) -> Result<Proc, String> {
     let etcd = which("etcd").ok_or("etcd is not installed (apt-get install etcd-server)")?;
     let client = free_port();
     let peer = free_port();
-    let client_url = format!("http://127.0.0.1:{client}");
+    let client_url = format!("{scheme}://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
     let mut cmd = Command::new(etcd);
     cmd.arg("--data-dir")
@@ -352,6 +362,8 @@ pub struct Cluster {
     /// The members, in the order they were created.
     pub members: Vec<Member>,
     extra: Vec<String>,
+    /// `http` or `https`, for every member's peer and client URLs.
+    scheme: &'static str,
     dir: tempfile::TempDir,
 }
 
@@ -363,10 +375,21 @@ impl Cluster {
 
     /// Starts `n` members as a new cluster, each with `extra` flags.
     pub fn start_with(n: usize, extra: &[&str]) -> Cluster {
+        Self::start_scheme(n, extra, "http")
+    }
+
+    /// Starts `n` members as a new cluster on `https://` peer and client URLs, each with
+    /// `extra` flags (which must name the certificates).
+    pub fn start_tls(n: usize, extra: &[&str]) -> Cluster {
+        Self::start_scheme(n, extra, "https")
+    }
+
+    fn start_scheme(n: usize, extra: &[&str], scheme: &'static str) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut cluster = Cluster {
             members: Vec::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            scheme,
             dir,
         };
         for i in 0..n {
@@ -387,8 +410,8 @@ impl Cluster {
         Member {
             name: name.to_string(),
             data_dir: self.dir.path().join(name),
-            peer_url: format!("http://127.0.0.1:{}", free_port()),
-            client_url: format!("http://127.0.0.1:{}", free_port()),
+            peer_url: format!("{}://127.0.0.1:{}", self.scheme, free_port()),
+            client_url: format!("{}://127.0.0.1:{}", self.scheme, free_port()),
             isolate_file: self.dir.path().join(format!("{name}.isolate")),
             sync_delay_file: self.dir.path().join(format!("{name}.sync-delay")),
             disk_full_file: self.dir.path().join(format!("{name}.disk-full")),
@@ -770,6 +793,7 @@ pub mod procfs {
 /// Re-exported for [`on_both_servers!`].
 pub use tempfile;
 
+pub mod certs;
 pub mod proxy;
 
 pub mod faults;

@@ -273,8 +273,14 @@ fn passwords_are_stored_as_salted_hashes() {
     ok(etcdctl(&ep, &["user", "add", "carol:Sekrit-Carol-2"]));
     ok(etcdctl(&ep, &["user", "add", "dave:Sekrit-Carol-2"]));
     ok(etcdctl(&ep, &["auth", "enable"]));
-    ok(etcdctl(&ep, &["--user", "carol:Sekrit-Carol-2", "user", "get", "carol"]));
-    assert!(server.terminate(Duration::from_secs(10)), "stops on SIGTERM");
+    ok(etcdctl(
+        &ep,
+        &["--user", "carol:Sekrit-Carol-2", "user", "get", "carol"],
+    ));
+    assert!(
+        server.terminate(Duration::from_secs(10)),
+        "stops on SIGTERM"
+    );
     let mut stored = Vec::new();
     for entry in walk(&data) {
         stored.extend(std::fs::read(entry).unwrap());
@@ -284,13 +290,13 @@ fn passwords_are_stored_as_salted_hashes() {
             !contains(&stored, secret.as_bytes()),
             "{secret} is in the data dir in plain text"
         );
-        assert!(!server.log_text().contains(secret), "{secret} is in the log");
+        assert!(
+            !server.log_text().contains(secret),
+            "{secret} is in the log"
+        );
     }
     // Argon2id hashes, one salt each: the same password hashes differently.
-    let hashes: Vec<&[u8]> = stored
-        .windows(10)
-        .filter(|w| w == b"$argon2id$")
-        .collect();
+    let hashes: Vec<&[u8]> = stored.windows(10).filter(|w| w == b"$argon2id$").collect();
     assert!(hashes.len() >= 3, "{} hashes found", hashes.len());
 }
 
@@ -309,4 +315,181 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// What python-etcd3 (Debian's `python3-etcd3`) sees against a server with auth on, over TLS
+/// (python-etcd3 sends its token as call credentials, which gRPC sends only over a secure
+/// channel): one line of JSON, `[step, outcome, detail]` per step.
+const PYTHON_SESSION: &str = r#"
+import json, sys, time
+import etcd3, grpc
+
+host, port, idle, ca = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+out = []
+
+def attempt(name, f):
+    try:
+        out.append([name, "ok", f()])
+    except grpc.RpcError as e:
+        out.append([name, str(e.code()), e.details()])
+    except Exception as e:
+        out.append([name, type(e).__name__, str(e)])
+
+def client(user=None, password=None):
+    return etcd3.client(host=host, port=port, user=user, password=password, timeout=10,
+                        ca_cert=ca)
+
+attempt("wrong password", lambda: (client("alice", "nope"), "connected")[1])
+attempt("unknown user", lambda: (client("mallory", "pw"), "connected")[1])
+alice = client("alice", "alicepw")
+attempt("put in prefix", lambda: (alice.put("/app/p", "v1"), "put")[1])
+attempt("get in prefix", lambda: alice.get("/app/p")[0].decode())
+attempt("put outside", lambda: (alice.put("/other", "v"), "put")[1])
+attempt("get outside", lambda: alice.get("/other")[0])
+attempt("whole prefix", lambda: sorted(v.decode() for v, _ in alice.get_prefix("/app/")))
+attempt("wider prefix", lambda: [v.decode() for v, _ in alice.get_prefix("/ap")])
+attempt("delete outside", lambda: alice.delete("/other"))
+attempt("txn outside", lambda: alice.transaction(
+    compare=[alice.transactions.value("/app/p") == "v1"],
+    success=[alice.transactions.put("/other", "x")],
+    failure=[])[0])
+attempt("txn inside", lambda: alice.transaction(
+    compare=[alice.transactions.value("/app/p") == "v1"],
+    success=[alice.transactions.put("/app/q", "x")],
+    failure=[])[0])
+anonymous = etcd3.client(host=host, port=port, timeout=10, ca_cert=ca)
+attempt("no credentials", lambda: anonymous.get("/app/p")[0])
+# Used within its TTL the token lives on; idle past it, it is gone.
+time.sleep(idle / 2)
+attempt("token in use", lambda: alice.get("/app/p")[0].decode())
+time.sleep(idle / 2)
+attempt("token still in use", lambda: alice.get("/app/p")[0].decode())
+time.sleep(idle * 2)
+attempt("idle token", lambda: alice.get("/app/p")[0].decode())
+print(json.dumps(out))
+"#;
+
+/// The Python interpreter with python-etcd3, if present.
+fn python_with_etcd3() -> Result<String, String> {
+    for python in ["/usr/bin/python3", "python3"] {
+        let found = Command::new(python)
+            .args(["-c", "import etcd3"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if found {
+            return Ok(python.to_string());
+        }
+    }
+    Err("python-etcd3 is not installed (apt-get install python3-etcd3)".into())
+}
+
+/// Root, and alice with read-write on `/app/`; auth on. Over TLS, trusting `ca`.
+fn set_up_alice(ep: &str, ca: &std::path::Path) {
+    let ca = format!("--cacert={}", ca.display());
+    for args in [
+        "user add root:rootpw",
+        "user add alice:alicepw",
+        "role add app",
+        "role grant-permission app readwrite /app/ --prefix",
+        "user grant-role alice app",
+        "auth enable",
+    ] {
+        let mut argv = vec![ca.as_str()];
+        argv.extend(args.split_whitespace());
+        ok(etcdctl(ep, &argv));
+    }
+}
+
+fn python_session(
+    python: &str,
+    endpoint: &str,
+    idle: Duration,
+    ca: &std::path::Path,
+) -> serde_json::Value {
+    let (host, port) = endpoint.rsplit_once(':').unwrap();
+    let out = Command::new(python)
+        .args(["-c", PYTHON_SESSION, host, port])
+        .arg(idle.as_secs_f64().to_string())
+        .arg(ca)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("python's JSON")
+}
+
+#[test]
+fn python_client_with_auth_matches_etcd() {
+    let python = match python_with_etcd3() {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("SKIP python_client_with_auth_matches_etcd: {why}");
+            return;
+        }
+    };
+    if !have_etcdctl("python_client_with_auth_matches_etcd") {
+        return;
+    }
+    // Tokens idle for 2 s expire; the session idles past that once.
+    let idle = Duration::from_secs(2);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = kv_tests::certs::TestCa::new(dir.path(), "test");
+    let server_cert = ca.issue("server");
+    let cert = format!("--cert-file={}", server_cert.cert_file.display());
+    let key = format!("--key-file={}", server_cert.key_file.display());
+    let flags = ["--auth-token-ttl", "2", &cert, &key];
+    let etcd = match kv_tests::start_etcd_tls(&dir.path().join("etcd"), &flags) {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("SKIP python_client_with_auth_matches_etcd: {why}");
+            return;
+        }
+    };
+    let mut ours_flags = vec!["--listen-client-urls", "https://127.0.0.1:0"];
+    ours_flags.extend(flags);
+    let server = start_kv_server(&dir.path().join("ours"), &ours_flags);
+    set_up_alice(&etcd.endpoint, &ca.cert_file);
+    set_up_alice(&server.endpoint, &ca.cert_file);
+    let theirs = python_session(&python, &etcd.endpoint, idle, &ca.cert_file);
+    let ours = python_session(&python, &server.endpoint, idle, &ca.cert_file);
+    assert_eq!(ours, theirs, "python-etcd3 saw different answers");
+    let by_step = |name: &str| -> Vec<String> {
+        ours.as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s[0] == name)
+            .unwrap_or_else(|| panic!("no step {name}"))
+            .as_array()
+            .unwrap()
+            .iter()
+            .skip(1)
+            .map(|v| v.to_string())
+            .collect()
+    };
+    assert_eq!(by_step("get in prefix"), ["\"ok\"", "\"v1\""]);
+    assert_eq!(
+        by_step("put outside"),
+        [
+            "\"StatusCode.PERMISSION_DENIED\"",
+            "\"etcdserver: permission denied\""
+        ]
+    );
+    assert_eq!(
+        by_step("wrong password"),
+        [
+            "\"StatusCode.INVALID_ARGUMENT\"",
+            "\"etcdserver: authentication failed, invalid user ID or password\""
+        ]
+    );
+    assert_eq!(by_step("token still in use"), ["\"ok\"", "\"v1\""]);
+    assert_eq!(
+        by_step("idle token"),
+        [
+            "\"StatusCode.UNAUTHENTICATED\"",
+            "\"etcdserver: invalid auth token\""
+        ]
+    );
 }

@@ -125,6 +125,8 @@ pub struct RaftConfig {
     pub members: BTreeMap<u64, String>,
     /// Heartbeat, election and snapshot settings.
     pub timing: RaftTiming,
+    /// TLS for dialing `https://` peers.
+    pub peer_tls: tonic::transport::ClientTlsConfig,
     /// Bootstrap a new cluster from `members` when the log is empty (`--initial-cluster-state
     /// new`); otherwise wait to be added by an existing cluster.
     pub bootstrap: bool,
@@ -296,6 +298,8 @@ struct Inner<A: Applier> {
     /// Taken (and the database closed) by `shutdown`.
     log_store: Mutex<Option<LogStore>>,
     cluster_id: u64,
+    /// TLS for dialing `https://` peers.
+    peer_tls: tonic::transport::ClientTlsConfig,
     /// Connections to other members' peer URLs for forwarding, by URL.
     peers: Mutex<BTreeMap<String, network::PeerConnection>>,
     /// The stream client writes are forwarded to the leader on, while this is a follower.
@@ -391,7 +395,7 @@ impl<A: Applier> RaftNode<A> {
             .map_err(|e| RaftError::Fatal(e.to_string()))??
         };
 
-        let network = GrpcNetwork::new(cfg.cluster_id);
+        let network = GrpcNetwork::new(cfg.cluster_id, cfg.peer_tls.clone());
         let raft = Raft::new(cfg.node_id, config, network, log_store.clone(), sm).await?;
         let node = RaftNode {
             inner: Arc::new(Inner {
@@ -400,6 +404,7 @@ impl<A: Applier> RaftNode<A> {
                 applier,
                 log_store: Mutex::new(Some(log_store)),
                 cluster_id: cfg.cluster_id,
+                peer_tls: cfg.peer_tls.clone(),
                 peers: Mutex::new(BTreeMap::new()),
                 forwarder: Mutex::new(None),
                 leader_calls: std::sync::OnceLock::new(),
@@ -513,7 +518,7 @@ impl<A: Applier> RaftNode<A> {
         if let Some(c) = peers.get(addr) {
             return Ok(c.clone());
         }
-        let conn = network::PeerConnection::new(addr, self.inner.cluster_id)
+        let conn = network::PeerConnection::new(addr, self.inner.cluster_id, &self.inner.peer_tls)
             .map_err(|e| RaftError::Fatal(e.to_string()))?;
         peers.insert(addr.to_string(), conn.clone());
         Ok(conn)

@@ -29,7 +29,7 @@ use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::types::Snapshot;
 use super::types::SnapshotData;
@@ -119,14 +119,20 @@ pub enum PeerCall {
 
 impl PeerConnection {
     /// A lazy connection to `addr` (a peer URL such as `http://127.0.0.1:2380`).
-    pub fn new(addr: &str, cluster_id: u64) -> Result<Self, PeerError> {
-        let endpoint = Endpoint::from_shared(addr.to_string())
-            .map_err(|e| PeerError::Unreachable {
-                addr: addr.to_string(),
-                reason: e.to_string(),
-            })?
+    pub fn new(addr: &str, cluster_id: u64, tls: &ClientTlsConfig) -> Result<Self, PeerError> {
+        let unreachable = |reason: String| PeerError::Unreachable {
+            addr: addr.to_string(),
+            reason,
+        };
+        let mut endpoint = Endpoint::from_shared(addr.to_string())
+            .map_err(|e| unreachable(e.to_string()))?
             .connect_timeout(PEER_CONNECT_TIMEOUT)
             .tcp_nodelay(true);
+        if addr.starts_with("https://") {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| unreachable(e.to_string()))?;
+        }
         let client = PeerClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
@@ -468,12 +474,14 @@ fn unreachable(e: PeerError) -> Unreachable<TypeConfig> {
 #[derive(Debug, Clone)]
 pub struct GrpcNetwork {
     cluster_id: u64,
+    /// For `https://` peers.
+    tls: ClientTlsConfig,
 }
 
 impl GrpcNetwork {
-    /// A network for members of cluster `cluster_id`.
-    pub fn new(cluster_id: u64) -> Self {
-        Self { cluster_id }
+    /// A network for members of cluster `cluster_id`, dialing `https://` peers with `tls`.
+    pub fn new(cluster_id: u64, tls: ClientTlsConfig) -> Self {
+        Self { cluster_id, tls }
     }
 }
 
@@ -508,7 +516,8 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
 
     async fn new_client(&mut self, _target: u64, node: &openraft::BasicNode) -> Self::Network {
         RaftPeer {
-            conn: PeerConnection::new(&node.addr, self.cluster_id).map_err(|e| e.to_string()),
+            conn: PeerConnection::new(&node.addr, self.cluster_id, &self.tls)
+                .map_err(|e| e.to_string()),
             sequential: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -688,7 +697,8 @@ mod tests {
                 .add_service(Mute)
                 .serve_with_incoming(TcpListenerStream::new(listener)),
         );
-        let conn = PeerConnection::new(&format!("http://{addr}"), 7).unwrap();
+        let conn =
+            PeerConnection::new(&format!("http://{addr}"), 7, &ClientTlsConfig::new()).unwrap();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let taken = Arc::new(AtomicUsize::new(0));
         let counter = taken.clone();

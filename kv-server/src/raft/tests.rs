@@ -100,6 +100,7 @@ fn cfg(dir: &TempDir) -> RaftConfig {
         members: [(1, "http://127.0.0.1:2380".to_string())].into(),
         bootstrap: true,
         timing: RaftTiming::default(),
+        peer_tls: tonic::transport::ClientTlsConfig::new(),
     }
 }
 

@@ -13,6 +13,7 @@ use kv_core::proto::etcdserverpb::{self as pb, auth_server::Auth};
 use kv_core::proto::kvserverpb::InternalAuthenticateRequest;
 use tonic::{Request, Response, Status};
 
+use crate::auth::Credentials;
 use crate::auth::{hash_password, token_random_part, verify_password};
 use crate::errors::auth_status;
 use crate::node::Node;
@@ -35,14 +36,14 @@ impl AuthService {
 
     /// The caller of `request`, after refusing it early unless it may manage auth.
     async fn admin<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        let caller = self.node.caller(request.metadata()).await?;
+        let caller = self.node.caller(&Credentials::of(&request)).await?;
         self.node.check(|a| a.check_admin(&caller))?;
         Ok(caller)
     }
 
     /// The caller of a read, once this member has applied everything committed before it.
     async fn reader<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        let caller = self.node.caller(request.metadata()).await?;
+        let caller = self.node.caller(&Credentials::of(&request)).await?;
         self.node.linearize().await?;
         Ok(caller)
     }

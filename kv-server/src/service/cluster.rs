@@ -11,6 +11,7 @@ use kv_core::proto::etcdserverpb::{
 use kv_core::proto::kvserverpb::MemberAttributes;
 use tonic::{Code, Request, Response, Status};
 
+use crate::auth::Credentials;
 use crate::config::parse_url;
 use crate::identity::member_id;
 use crate::node::Node;
@@ -78,7 +79,7 @@ impl ClusterService {
 impl ClusterService {
     /// Refuses a membership change from a caller without the root role.
     async fn admin<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let caller = self.node.caller(request.metadata()).await?;
+        let caller = self.node.caller(&Credentials::of(&request)).await?;
         self.node.check(|a| a.check_admin(&caller))
     }
 }
@@ -169,7 +170,7 @@ impl Cluster for ClusterService {
         request: Request<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
         // Any user may list members (etcd 3.5.29 and later).
-        let caller = self.node.caller(request.metadata()).await?;
+        let caller = self.node.caller(&Credentials::of(&request)).await?;
         self.node.check(|a| a.check_authenticated(&caller))?;
         Ok(Response::new(MemberListResponse {
             header: self.header(),

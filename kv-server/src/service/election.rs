@@ -17,6 +17,7 @@ use kv_core::proto::v3electionpb::{
 use recipes::{Election, Leadership, Observation};
 use tonic::{Request, Response, Status};
 
+use crate::auth::Credentials;
 use crate::errors::{MISSING_LEADER_KEY, NO_LEADER, client_status, recipe_status};
 use crate::node::Node;
 use crate::service::BoxStream;
@@ -72,7 +73,7 @@ impl ElectionRpc for ElectionService {
         request: Request<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
         let (name, lease) = (&request.get_ref().name, request.get_ref().lease);
-        authorize(&self.node, request.metadata(), name, lease, true).await?;
+        authorize(&self.node, &Credentials::of(&request), name, lease, true).await?;
         let req = request.into_inner();
         let (fence, lease) = self
             .loopback
@@ -105,12 +106,12 @@ impl ElectionRpc for ElectionService {
         &self,
         request: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
-        let metadata = request.metadata().clone();
+        let credentials = Credentials::of(&request);
         let req = request.into_inner();
         let leader = req
             .leader
             .ok_or_else(|| Status::unknown(MISSING_LEADER_KEY))?;
-        authorize_key(&self.node, &metadata, &leader.key).await?;
+        authorize_key(&self.node, &credentials, &leader.key).await?;
         let session = match self.loopback.session(leader.lease).await {
             Ok(session) => session,
             Err(recipes::Error::Client(kv_client::Error::LeaseNotFound)) => {
@@ -134,7 +135,7 @@ impl ElectionRpc for ElectionService {
     ) -> Result<Response<LeaderResponse>, Status> {
         authorize(
             &self.node,
-            request.metadata(),
+            &Credentials::of(&request),
             &request.get_ref().name,
             0,
             false,
@@ -166,7 +167,7 @@ impl ElectionRpc for ElectionService {
     ) -> Result<Response<Self::ObserveStream>, Status> {
         authorize(
             &self.node,
-            request.metadata(),
+            &Credentials::of(&request),
             &request.get_ref().name,
             0,
             false,
@@ -209,12 +210,12 @@ impl ElectionRpc for ElectionService {
         &self,
         request: Request<ResignRequest>,
     ) -> Result<Response<ResignResponse>, Status> {
-        let metadata = request.metadata().clone();
+        let credentials = Credentials::of(&request);
         let req = request.into_inner();
         let leader = req
             .leader
             .ok_or_else(|| Status::unknown(MISSING_LEADER_KEY))?;
-        authorize_key(&self.node, &metadata, &leader.key).await?;
+        authorize_key(&self.node, &credentials, &leader.key).await?;
         let session = match self.loopback.session(leader.lease).await {
             Ok(session) => session,
             // The lease ended, and with it the leader key it held: nothing is left to resign.

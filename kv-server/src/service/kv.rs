@@ -9,6 +9,7 @@ use kv_core::proto::etcdserverpb::{
 use kv_core::{txn_is_read_only, txn_reads_single_keys, validation};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
 
+use crate::auth::Credentials;
 use crate::errors::{error_status, kv_status};
 use crate::node::Node;
 use crate::propose_as;
@@ -31,7 +32,7 @@ impl Kv for KvService {
         &self,
         request: GrpcRequest<RangeRequest>,
     ) -> Result<GrpcResponse<RangeResponse>, Status> {
-        let caller = self.node.caller(request.metadata()).await?;
+        let caller = self.node.caller(&Credentials::of(&request)).await?;
         let req = request.into_inner();
         validation::check_range(&req).map_err(|e| kv_status(&e))?;
         if !req.serializable {
@@ -54,7 +55,7 @@ impl Kv for KvService {
         &self,
         request: GrpcRequest<PutRequest>,
     ) -> Result<GrpcResponse<PutResponse>, Status> {
-        let caller = self.node.caller(request.metadata()).await?;
+        let caller = self.node.caller(&Credentials::of(&request)).await?;
         let req = request.into_inner();
         validation::check_put(&req).map_err(|e| kv_status(&e))?;
         // Refused at the door, so a caller without rights cannot fill the log; apply checks
@@ -70,7 +71,7 @@ impl Kv for KvService {
         &self,
         request: GrpcRequest<DeleteRangeRequest>,
     ) -> Result<GrpcResponse<DeleteRangeResponse>, Status> {
-        let caller = self.node.caller(request.metadata()).await?;
+        let caller = self.node.caller(&Credentials::of(&request)).await?;
         let req = request.into_inner();
         validation::check_delete(&req).map_err(|e| kv_status(&e))?;
         self.node.check(|a| a.check_delete(&caller, &req))?;
@@ -86,7 +87,7 @@ impl Kv for KvService {
         &self,
         request: GrpcRequest<TxnRequest>,
     ) -> Result<GrpcResponse<TxnResponse>, Status> {
-        let caller = self.node.caller(request.metadata()).await?;
+        let caller = self.node.caller(&Credentials::of(&request)).await?;
         let req = request.into_inner();
         validation::check_txn(&req, self.node.limits.max_txn_ops).map_err(|e| kv_status(&e))?;
         // Every compare and op of both branches, whichever runs; writes are checked again at
@@ -138,7 +139,7 @@ impl Kv for KvService {
         request: GrpcRequest<CompactionRequest>,
     ) -> Result<GrpcResponse<CompactionResponse>, Status> {
         // Compaction is applied synchronously, so `physical` needs no extra wait.
-        let caller = self.node.caller(request.metadata()).await?;
+        let caller = self.node.caller(&Credentials::of(&request)).await?;
         let req = request.into_inner();
         // Compaction destroys history for every user: admins only (etcd 3.5.28 and later).
         self.node.check(|a| a.check_admin(&caller))?;

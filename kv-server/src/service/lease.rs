@@ -14,6 +14,7 @@ use kv_core::proto::etcdserverpb::{
 };
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::Credentials;
 use crate::node::Node;
 use crate::propose_as;
 use crate::service::BoxStream;
@@ -41,7 +42,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
-        let caller = self.node.caller(request.metadata()).await?;
+        let caller = self.node.caller(&Credentials::of(&request)).await?;
         // Anyone authenticated may grant (etcd 3.5.28 and later).
         self.node.check(|a| a.check_authenticated(&caller))?;
         let mut req = request.into_inner();
@@ -59,7 +60,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
-        let caller = self.node.caller(request.metadata()).await?;
+        let caller = self.node.caller(&Credentials::of(&request)).await?;
         let req = request.into_inner();
         // A revoke deletes the lease's keys: WRITE on all of them (checked again at apply).
         self.node.check_with_leases(|a, keys| {
@@ -82,7 +83,7 @@ impl Lease for LeaseService {
         let node = self.node.clone();
         // Each keep-alive is checked with the stream's credentials (which also keeps its
         // token alive), as etcd 3.5.28 and later check them.
-        let credentials = Arc::new(request.metadata().clone());
+        let credentials = Arc::new(Credentials::of(&request));
         let answers = request
             .into_inner()
             .map(move |msg| {
@@ -123,7 +124,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        let caller = self.node.caller(request.metadata()).await?;
+        let caller = self.node.caller(&Credentials::of(&request)).await?;
         let req = request.into_inner();
         self.node.check_with_leases(|a, keys| {
             a.check_authenticated(&caller)?;
@@ -158,7 +159,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
-        let caller = self.node.caller(request.metadata()).await?;
+        let caller = self.node.caller(&Credentials::of(&request)).await?;
         // The list names leases whose keys a user may not read: all of them readable, or an
         // admin (etcd 3.5.28 and later).
         let all = self.node.store.leases();

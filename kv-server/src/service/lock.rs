@@ -13,6 +13,7 @@ use kv_core::proto::v3lockpb::{
 use recipes::Mutex;
 use tonic::{Request, Response, Status};
 
+use crate::auth::Credentials;
 use crate::errors::{client_status, recipe_status};
 use crate::node::Node;
 use crate::service::loopback::{Loopback, authorize, authorize_key};
@@ -38,7 +39,7 @@ impl Lock for LockService {
     async fn lock(&self, request: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
         authorize(
             &self.node,
-            request.metadata(),
+            &Credentials::of(&request),
             &request.get_ref().name,
             request.get_ref().lease,
             true,
@@ -80,7 +81,12 @@ impl Lock for LockService {
         &self,
         request: Request<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
-        authorize_key(&self.node, request.metadata(), &request.get_ref().key).await?;
+        authorize_key(
+            &self.node,
+            &Credentials::of(&request),
+            &request.get_ref().key,
+        )
+        .await?;
         let req = request.into_inner();
         let client = self
             .loopback

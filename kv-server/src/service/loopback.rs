@@ -2,9 +2,19 @@
 //! as etcd runs its `concurrency` package over an in-process client. The recipes then see this
 //! server exactly as any remote client does, so the services and the library share one
 //! algorithm.
+//!
+//! The client reaches the member in memory (a duplex pipe per connection, served by the
+//! member's own gRPC services), not through its client listeners: those may require TLS and
+//! client certificates the member has no business holding, and a wildcard or remote listen
+//! address is not the member's to dial.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::DuplexStream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::codegen::http::Uri;
 
 use kv_client::{Client, ClientOptions};
 use recipes::Session;
@@ -12,16 +22,50 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
+use crate::auth::Credentials;
 use crate::errors::stopped_status;
 use crate::node::Node;
 use kv_core::auth::Access;
 
-/// A [`Client`] of this member's own client listeners, connected on first use. Cheap to
-/// clone; clones share the one client.
+/// Bytes a loopback pipe buffers each way.
+const PIPE_BYTES: usize = 256 * 1024;
+
+/// The loopback's connector: each connection is a fresh pipe whose other end goes to the
+/// member's in-memory listener.
+#[derive(Clone)]
+struct InMemory {
+    accept: mpsc::UnboundedSender<DuplexStream>,
+}
+
+impl tower::Service<Uri> for InMemory {
+    type Response = DuplexStream;
+    type Error = std::io::Error;
+    type Future = std::future::Ready<std::io::Result<DuplexStream>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
+        std::future::ready(match self.accept.send(theirs) {
+            Ok(()) => Ok(ours),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "the member stopped serving its loopback",
+            )),
+        })
+    }
+}
+
+/// The connections the loopback opens, for the member to serve (its in-memory listener).
+pub type LoopbackIncoming = UnboundedReceiverStream<DuplexStream>;
+
+/// A [`Client`] of this member, in memory, connected on first use. Cheap to clone; clones
+/// share the one client.
 #[derive(Clone)]
 pub struct Loopback {
-    /// `http://host:port` of every client listener, as dialable addresses.
-    endpoints: Arc<[String]>,
+    connector: InMemory,
     /// The member's own token: the client acts with the root role.
     token: Arc<str>,
     client: Arc<OnceCell<Client>>,
@@ -30,18 +74,17 @@ pub struct Loopback {
 }
 
 impl Loopback {
-    /// A loopback over the member's bound client addresses (ports already resolved), for a
-    /// member that stops when `stop` is cancelled.
-    pub fn new(bound: &[SocketAddr], token: &str, stop: CancellationToken) -> Loopback {
-        Loopback {
+    /// A loopback acting with `token`, for a member that stops when `stop` is cancelled, and
+    /// the connections it opens, which the member must serve.
+    pub fn new(token: &str, stop: CancellationToken) -> (Loopback, LoopbackIncoming) {
+        let (accept, incoming) = mpsc::unbounded_channel();
+        let loopback = Loopback {
+            connector: InMemory { accept },
             token: Arc::from(token),
-            endpoints: bound
-                .iter()
-                .map(|a| format!("http://{}", dialable(*a)))
-                .collect(),
             client: Arc::new(OnceCell::new()),
             stop,
-        }
+        };
+        (loopback, UnboundedReceiverStream::new(incoming))
     }
 
     /// Runs `call` (a request that may wait indefinitely) unless the member stops first, in
@@ -73,7 +116,11 @@ impl Loopback {
                     token: Some(self.token.to_string()),
                     ..ClientOptions::default()
                 };
-                Client::connect(self.endpoints.iter(), options)
+                Client::connect_with_connector(
+                    ["http://loopback.invalid"],
+                    options,
+                    self.connector.clone(),
+                )
             })
             .await
     }
@@ -99,12 +146,12 @@ impl Loopback {
 /// errors.
 pub async fn authorize(
     node: &Node,
-    metadata: &tonic::metadata::MetadataMap,
+    credentials: &Credentials,
     name: &[u8],
     lease: i64,
     writes: bool,
 ) -> Result<(), Status> {
-    let caller = node.caller(metadata).await.map_err(as_unknown)?;
+    let caller = node.caller(credentials).await.map_err(as_unknown)?;
     let prefix = [name, b"/"].concat();
     let end = kv_core::proto::prefix_end(&prefix);
     node.store
@@ -124,10 +171,10 @@ pub async fn authorize(
 /// Whether the caller may write `key` (Unlock, Proclaim and Resign name the key they touch).
 pub async fn authorize_key(
     node: &Node,
-    metadata: &tonic::metadata::MetadataMap,
+    credentials: &Credentials,
     key: &[u8],
 ) -> Result<(), Status> {
-    let caller = node.caller(metadata).await.map_err(as_unknown)?;
+    let caller = node.caller(credentials).await.map_err(as_unknown)?;
     node.check(|a| a.check(&caller, Access::Write, key, &[]))
         .map_err(as_unknown)
 }
@@ -135,38 +182,4 @@ pub async fn authorize_key(
 /// A status as these services send every failure: code Unknown, the same text.
 fn as_unknown(status: Status) -> Status {
     Status::unknown(status.message())
-}
-
-/// The address to dial for a listener: a wildcard bind is reached over loopback.
-fn dialable(bound: SocketAddr) -> SocketAddr {
-    let ip = match bound.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
-    };
-    SocketAddr::new(ip, bound.port())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wildcard_binds_are_dialed_over_loopback() {
-        let cases = [
-            ("0.0.0.0:2379", "127.0.0.1:2379"),
-            ("[::]:2379", "[::1]:2379"),
-            ("10.1.2.3:2379", "10.1.2.3:2379"),
-        ];
-        for (bound, dialed) in cases {
-            let bound: SocketAddr = bound.parse().unwrap();
-            assert_eq!(dialable(bound).to_string(), dialed);
-        }
-        let loopback = Loopback::new(
-            &["0.0.0.0:7".parse().unwrap()],
-            "token",
-            CancellationToken::new(),
-        );
-        assert_eq!(&loopback.endpoints[..], ["http://127.0.0.1:7".to_string()]);
-    }
 }

@@ -10,6 +10,7 @@ use kv_core::proto::etcdserverpb::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::auth::Credentials;
 use crate::errors::{auth_status_unmapped, engine_status, error_status};
 use crate::node::Node;
 use crate::propose_as;
@@ -37,7 +38,7 @@ impl MaintenanceService {
     /// Refuses a caller without the root role, the way etcd refuses Defragment, Snapshot,
     /// Hash and HashKV: with the auth error unmapped (code Unknown, `auth: ...`).
     async fn admin_only<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let caller = self.node.caller(request.metadata()).await?;
+        let caller = self.node.caller(&Credentials::of(&request)).await?;
         self.node
             .store
             .auth(|a| a.check_admin(&caller))
@@ -53,7 +54,7 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
-        let caller = self.node.caller(request.metadata()).await?;
+        let caller = self.node.caller(&Credentials::of(&request)).await?;
         let req = request.into_inner();
         // Listing alarms needs a user, raising or clearing one the root role (etcd 3.5.29);
         // apply checks again.
@@ -71,7 +72,7 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        let caller = self.node.caller(request.metadata()).await?;
+        let caller = self.node.caller(&Credentials::of(&request)).await?;
         self.node.check(|a| a.check_authenticated(&caller))?;
         let raft = self.node.raft.status();
         let store = self.node.store.status();
@@ -178,7 +179,7 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
-        let caller = self.node.caller(request.metadata()).await?;
+        let caller = self.node.caller(&Credentials::of(&request)).await?;
         self.node.check(|a| a.check_admin(&caller))?;
         let target = request.into_inner().target_id;
         match self.node.raft.transfer_leadership(target).await {

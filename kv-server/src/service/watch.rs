@@ -532,7 +532,7 @@ impl WatchService {
             },
         };
         // The stream's credentials are checked at each create, as etcd does.
-        let credentials = request.metadata().clone();
+        let credentials = crate::auth::Credentials::of(&request);
         tokio::spawn(serve_requests(
             self.node.clone(),
             self.wake.clone(),
@@ -551,7 +551,7 @@ async fn serve_requests(
     node: Arc<Node>,
     wake: Arc<Notify>,
     stream: StreamId,
-    credentials: tonic::metadata::MetadataMap,
+    credentials: crate::auth::Credentials,
     mut inbound: Streaming<WatchRequest>,
     queue: Arc<StreamQueue>,
 ) {
@@ -639,7 +639,7 @@ async fn serve_requests(
 /// watcher keeps running if its permissions later change, as in etcd).
 async fn watch_permitted(
     node: &Node,
-    credentials: &tonic::metadata::MetadataMap,
+    credentials: &crate::auth::Credentials,
     create: &kv_core::proto::etcdserverpb::WatchCreateRequest,
 ) -> Result<(), Status> {
     let caller = node.caller(credentials).await?;
