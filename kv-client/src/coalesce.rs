@@ -470,4 +470,22 @@ mod tests {
         stream.shutdown().await.unwrap();
         assert_eq!(recorder.bytes(), piece.repeat(pieces));
     }
+
+    /// A TLS handshake writes its hello, flushes once and waits for the answer: with writes
+    /// held until a later flush, the hello never left and every TLS connection hung.
+    #[tokio::test]
+    async fn a_direct_stream_hands_each_write_to_the_socket_at_once() {
+        let recorder = Recorder::default();
+        let mut stream = CoalescingStream::direct(recorder.clone());
+        stream.write_all(b"client hello").await.unwrap();
+        assert_eq!(recorder.bytes(), b"client hello", "written before any flush");
+        stream.flush().await.unwrap();
+        stream.write_all(b"finished").await.unwrap();
+        assert_eq!(recorder.writes(), [b"client hello".to_vec(), b"finished".to_vec()]);
+        // A coalescing stream holds the same write back: the difference is the point.
+        let held = Recorder::default();
+        let mut coalescing = CoalescingStream::new(held.clone());
+        coalescing.write_all(b"client hello").await.unwrap();
+        assert!(held.writes().is_empty());
+    }
 }

@@ -8,7 +8,7 @@
 //! deletion or auth being turned off. Clients re-authenticate on `invalid auth token`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -84,12 +84,36 @@ pub fn token_random_part() -> Result<String, HashError> {
     Ok(out)
 }
 
-/// A fresh token for the member's own client: 32 random letters and no index, so it can be
-/// neither guessed nor mistaken for an issued token.
-pub fn loopback_token() -> std::io::Result<String> {
-    let first = token_random_part().map_err(std::io::Error::other)?;
-    let second = token_random_part().map_err(std::io::Error::other)?;
-    Ok(format!("{first}{second}"))
+/// What a member needs to tell who sends a request: the tokens issued, the token of its own
+/// client, and whether certificates name users.
+#[derive(Debug)]
+pub struct Callers {
+    /// The tokens this member accepts.
+    pub tokens: Arc<Tokens>,
+    /// The token of this member's own client (the Lock and Election services' loopback),
+    /// which acts with the root role: those services check their callers themselves.
+    loopback_token: String,
+    /// `--client-cert-auth`: a client certificate's common name is the user.
+    pub client_cert_auth: bool,
+}
+
+impl Callers {
+    /// Callers known by `tokens` (and, with `client_cert_auth`, by certificate), with a fresh
+    /// loopback token: 32 random letters and no index, so it can be neither guessed nor
+    /// mistaken for an issued token.
+    pub fn new(tokens: Arc<Tokens>, client_cert_auth: bool) -> Result<Self, HashError> {
+        let loopback_token = format!("{}{}", token_random_part()?, token_random_part()?);
+        Ok(Self {
+            tokens,
+            loopback_token,
+            client_cert_auth,
+        })
+    }
+
+    /// The token of this member's own client.
+    pub fn loopback_token(&self) -> &str {
+        &self.loopback_token
+    }
 }
 
 /// What a request says about who sends it: the token in its metadata, and the certificate
@@ -97,7 +121,7 @@ pub fn loopback_token() -> std::io::Result<String> {
 #[derive(Debug, Clone)]
 pub struct Credentials {
     /// The token, or `Err` for metadata that is not text.
-    token: Result<Option<String>, ()>,
+    token: Result<Option<String>, BadToken>,
     /// The client's certificate chain, on a TLS connection with client certificates.
     certs: Option<std::sync::Arc<Vec<tonic::transport::CertificateDer<'static>>>>,
 }
@@ -112,8 +136,11 @@ impl Credentials {
     }
 
     /// The token, if any; `Err` for one that is not text.
-    pub fn token(&self) -> Result<Option<&str>, ()> {
-        self.token.as_ref().map(|t| t.as_deref()).map_err(|()| ())
+    pub fn token(&self) -> Result<Option<&str>, BadToken> {
+        match &self.token {
+            Ok(token) => Ok(token.as_deref()),
+            Err(e) => Err(*e),
+        }
     }
 
     /// The common name of the client's certificate, if it presented one.
@@ -122,17 +149,22 @@ impl Credentials {
     }
 }
 
+/// A token in metadata that is not text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the auth token is not text")]
+pub struct BadToken;
+
 /// The token a request carries, if any: the `token` metadata, else `authorization` (with or
 /// without a `Bearer ` prefix, as etcd 3.5.32 accepts it). `Err` for a value that is not
 /// text.
-pub fn token_of(metadata: &MetadataMap) -> Result<Option<&str>, ()> {
+pub fn token_of(metadata: &MetadataMap) -> Result<Option<&str>, BadToken> {
     let Some(value) = metadata
         .get(TOKEN_KEY)
         .or_else(|| metadata.get(AUTHORIZATION_KEY))
     else {
         return Ok(None);
     };
-    let text = value.to_str().map_err(|_| ())?;
+    let text = value.to_str().map_err(|_| BadToken)?;
     Ok(Some(text.strip_prefix("Bearer ").unwrap_or(text)))
 }
 
@@ -235,7 +267,7 @@ impl Tokens {
 
 /// Sweeps expired tokens until `stop`.
 pub async fn sweep_tokens(
-    tokens: std::sync::Arc<Tokens>,
+    tokens: Arc<Tokens>,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -18,7 +18,7 @@ use kv_core::{KvError, Store};
 use prost::Message;
 use tonic::Status;
 
-use crate::auth::{Credentials, Tokens};
+use crate::auth::{Callers, Credentials, Tokens};
 use crate::errors::{auth_status, engine_status, kv_status, raft_status};
 use crate::identity::Identity;
 use crate::lessor::{LeaseClock, Lessor};
@@ -133,13 +133,8 @@ pub struct Node {
     pub limits: Limits,
     /// Lease clocks, keep-alives and expiry.
     pub lessor: Arc<Lessor>,
-    /// The auth tokens this member accepts.
-    pub tokens: Arc<Tokens>,
-    /// The token of this member's own client (the Lock and Election services' loopback),
-    /// which acts with the root role: those services check their callers themselves.
-    loopback_token: String,
-    /// `--client-cert-auth`: a client certificate's common name is the user.
-    client_cert_auth: bool,
+    /// How callers are known: tokens, the loopback's token, certificates.
+    pub callers: Callers,
     next_request_id: AtomicU64,
 }
 
@@ -156,20 +151,16 @@ impl Node {
         client_urls: Vec<String>,
         limits: Limits,
         lessor: Arc<Lessor>,
-        tokens: Arc<Tokens>,
-        loopback_token: String,
-        client_cert_auth: bool,
+        callers: Callers,
     ) -> Self {
         Self {
-            loopback_token,
-            client_cert_auth,
+            callers,
             store,
             raft,
             identity,
             client_urls,
             limits,
             lessor,
-            tokens,
             next_request_id: AtomicU64::new(1),
         }
     }
@@ -188,16 +179,16 @@ impl Node {
             return Ok(nobody);
         }
         let invalid = || auth_status(&AuthError::InvalidAuthToken);
-        let Some(token) = credentials.token().map_err(|()| invalid())? else {
+        let Some(token) = credentials.token().map_err(|_| invalid())? else {
             // A token takes precedence over the certificate, as in etcd.
-            if self.client_cert_auth
+            if self.callers.client_cert_auth
                 && let Some(user) = credentials.certificate_name()
             {
                 return Ok(Caller::user(&user, revision));
             }
             return Ok(nobody);
         };
-        if token == self.loopback_token {
+        if token == self.callers.loopback_token() {
             return Ok(Caller::user(kv_core::auth::ROOT, revision));
         }
         let index = crate::auth::token_index(token).ok_or_else(invalid)?;
@@ -207,15 +198,10 @@ impl Node {
                 .await
                 .map_err(|_| invalid())?;
         }
-        let user = self.tokens.user_of(token).ok_or_else(invalid)?;
+        let user = self.callers.tokens.user_of(token).ok_or_else(invalid)?;
         // Re-read: the wait may have applied auth changes.
         let revision = self.store.auth(|a| a.revision());
         Ok(Caller::user(&user, revision))
-    }
-
-    /// The token of this member's own client (see [`crate::service::loopback`]).
-    pub fn loopback_token(&self) -> &str {
-        &self.loopback_token
     }
 
     /// Runs an auth check against the state as applied so far, as etcd's error status.

@@ -172,9 +172,8 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
             max_txn_ops: flags.max_txn_ops,
         },
         lessor,
-        tokens.clone(),
-        crate::auth::loopback_token()?,
-        tls.client_cert_auth,
+        crate::auth::Callers::new(tokens.clone(), tls.client_cert_auth)
+            .map_err(std::io::Error::other)?,
     ));
 
     let cancel = CancellationToken::new();
@@ -248,7 +247,7 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
         .iter()
         .map(|(l, _)| l.local_addr())
         .collect::<Result<Vec<_>, _>>()?;
-    let (loopback, loopback_incoming) = Loopback::new(node.loopback_token(), cancel.clone());
+    let (loopback, loopback_incoming) = Loopback::new(node.callers.loopback_token(), cancel.clone());
     let services = ClientServices {
         node: node.clone(),
         watch_wake,

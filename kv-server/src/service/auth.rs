@@ -36,14 +36,14 @@ impl AuthService {
 
     /// The caller of `request`, after refusing it early unless it may manage auth.
     async fn admin<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        let caller = self.node.caller(&Credentials::of(&request)).await?;
+        let caller = self.node.caller(&Credentials::of(request)).await?;
         self.node.check(|a| a.check_admin(&caller))?;
         Ok(caller)
     }
 
     /// The caller of a read, once this member has applied everything committed before it.
     async fn reader<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        let caller = self.node.caller(&Credentials::of(&request)).await?;
+        let caller = self.node.caller(&Credentials::of(request)).await?;
         self.node.linearize().await?;
         Ok(caller)
     }
@@ -156,7 +156,7 @@ impl Auth for AuthService {
             if self.node.store.auth(|a| a.revision()) == revision {
                 return Ok(Response::new(resp));
             }
-            self.node.tokens.forget(&resp.token);
+            self.node.callers.tokens.forget(&resp.token);
             last = Status::unavailable("etcdserver: request timed out");
         }
         Err(last)

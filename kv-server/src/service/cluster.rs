@@ -79,7 +79,7 @@ impl ClusterService {
 impl ClusterService {
     /// Refuses a membership change from a caller without the root role.
     async fn admin<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let caller = self.node.caller(&Credentials::of(&request)).await?;
+        let caller = self.node.caller(&Credentials::of(request)).await?;
         self.node.check(|a| a.check_admin(&caller))
     }
 }

@@ -38,7 +38,7 @@ impl MaintenanceService {
     /// Refuses a caller without the root role, the way etcd refuses Defragment, Snapshot,
     /// Hash and HashKV: with the auth error unmapped (code Unknown, `auth: ...`).
     async fn admin_only<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let caller = self.node.caller(&Credentials::of(&request)).await?;
+        let caller = self.node.caller(&Credentials::of(request)).await?;
         self.node
             .store
             .auth(|a| a.check_admin(&caller))
