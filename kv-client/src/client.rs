@@ -201,12 +201,18 @@ impl tower::Service<http::Request<tonic::body::Body>> for Conn {
     }
 
     fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
-        if let Some(token) = self.token.get() {
+        // Authenticate goes without the old token: etcd refuses a proposal whose metadata
+        // carries an expired token, Authenticate's own included.
+        let authenticating = request.uri().path() == AUTHENTICATE_PATH;
+        if let Some(token) = self.token.get().filter(|_| !authenticating) {
             request.headers_mut().entry(TOKEN_METADATA).or_insert(token);
         }
         tower::Service::call(&mut self.channel, request)
     }
 }
+
+/// The gRPC path of Authenticate.
+const AUTHENTICATE_PATH: &str = "/etcdserverpb.Auth/Authenticate";
 
 /// The metadata key etcd reads a token from.
 const TOKEN_METADATA: &str = "token";
