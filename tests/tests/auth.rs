@@ -493,3 +493,123 @@ fn python_client_with_auth_matches_etcd() {
         ]
     );
 }
+
+/// Root, alice with read-write on `/app/`, and auth on, through the client's Auth API.
+async fn set_up_with_client(endpoints: &[String]) {
+    let admin = kv_client::Client::connect(endpoints, kv_client::ClientOptions::default())
+        .await
+        .expect("connect");
+    let auth = admin.auth();
+    auth.user_add("root", "rootpw").await.unwrap();
+    auth.user_add("alice", "alicepw").await.unwrap();
+    auth.role_add("app").await.unwrap();
+    let app = kv_client::KeyPermission::prefix(kv_client::Access::ReadWrite, "/app/");
+    auth.role_grant_permission("app", &app).await.unwrap();
+    auth.user_grant_role("alice", "app").await.unwrap();
+    auth.enable_with_root().await.unwrap();
+}
+
+async fn user(endpoints: &[String], name: &str, password: &str) -> kv_client::Client {
+    let options = kv_client::ClientOptions::default().with_user(name, password);
+    kv_client::Client::connect(endpoints, options)
+        .await
+        .unwrap_or_else(|e| panic!("connect as {name}: {e}"))
+}
+
+/// alice may write under `/app/` and nowhere else; returns the revision of her write.
+async fn alice_is_checked(alice: &kv_client::Client, key: &str) -> i64 {
+    use kv_client::{Error, PutOptions};
+    let done = alice
+        .kv()
+        .put(key, "v", PutOptions::new())
+        .await
+        .unwrap_or_else(|e| panic!("alice's put of {key}: {e}"));
+    assert_eq!(
+        alice.kv().put("/other", "v", PutOptions::new()).await,
+        Err(Error::PermissionDenied)
+    );
+    done.revision
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_survives_a_leader_kill_and_a_restart_of_every_member() {
+    tokio::time::timeout(Duration::from_secs(150), async {
+        let mut cluster = kv_tests::Cluster::start(3);
+        let leader =
+            kv_tests::wait_leader_among(&cluster, &[0, 1, 2], Duration::from_secs(10)).await;
+        let endpoints = cluster.endpoints();
+        set_up_with_client(&endpoints).await;
+        let alice = user(&endpoints, "alice", "alicepw").await;
+        alice_is_checked(&alice, "/app/1").await;
+
+        // The leader goes: the others hold the same users, roles and tokens.
+        cluster.kill(leader);
+        alice_is_checked(&alice, "/app/2").await;
+        let root = user(&cluster.endpoints(), "root", "rootpw").await;
+        root.auth().user_add("bob", "bobpw").await.unwrap();
+        // It comes back and catches up, auth changes included.
+        cluster.start_member(leader);
+        let back = [cluster.endpoint(leader)];
+        let root_there = user(&back, "root", "rootpw").await;
+        let mut users = Vec::new();
+        for _ in 0..50 {
+            users = root_there.auth().user_list().await.unwrap();
+            if users.len() == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(users, ["alice", "bob", "root"]);
+        alice_is_checked(&user(&back, "alice", "alicepw").await, "/app/3").await;
+
+        // Every member restarts: auth is still on, from the stored state; tokens (kept in
+        // memory only) are gone, and the client renews its own.
+        for i in 0..3 {
+            cluster.kill(i);
+        }
+        for i in 0..3 {
+            cluster.start_member(i);
+        }
+        let all = cluster.endpoints();
+        let anonymous = kv_client::Client::connect(&all, kv_client::ClientOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            anonymous
+                .kv()
+                .get("/app/1", kv_client::GetOptions::new())
+                .await
+                .err(),
+            Some(kv_client::Error::UserEmpty)
+        );
+        let restarted = kv_client::Client::connect(
+            &all,
+            kv_client::ClientOptions::default().with_user("alice", "alicepw"),
+        )
+        .await
+        .unwrap();
+        alice_is_checked(&restarted, "/app/4").await;
+        // The client from before the restart holds a token no member knows any more.
+        alice_is_checked(&alice, "/app/5").await;
+        let got = restarted
+            .kv()
+            .get("/app/", kv_client::GetOptions::new().prefix())
+            .await
+            .unwrap();
+        assert_eq!(got.kvs.len(), 5);
+        let root = user(&all, "root", "rootpw").await;
+        assert!(root.auth().status().await.unwrap().enabled);
+        assert_eq!(
+            root.auth().user_list().await.unwrap(),
+            ["alice", "bob", "root"]
+        );
+        // bob has no role: a token but no permission.
+        let bob = user(&all, "bob", "bobpw").await;
+        assert_eq!(
+            bob.kv().get("/app/1", kv_client::GetOptions::new()).await.err(),
+            Some(kv_client::Error::PermissionDenied)
+        );
+    })
+    .await
+    .expect("test timed out");
+}
