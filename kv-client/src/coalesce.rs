@@ -478,10 +478,17 @@ mod tests {
         let recorder = Recorder::default();
         let mut stream = CoalescingStream::direct(recorder.clone());
         stream.write_all(b"client hello").await.unwrap();
-        assert_eq!(recorder.bytes(), b"client hello", "written before any flush");
+        assert_eq!(
+            recorder.bytes(),
+            b"client hello",
+            "written before any flush"
+        );
         stream.flush().await.unwrap();
         stream.write_all(b"finished").await.unwrap();
-        assert_eq!(recorder.writes(), [b"client hello".to_vec(), b"finished".to_vec()]);
+        assert_eq!(
+            recorder.writes(),
+            [b"client hello".to_vec(), b"finished".to_vec()]
+        );
         // A coalescing stream holds the same write back: the difference is the point.
         let held = Recorder::default();
         let mut coalescing = CoalescingStream::new(held.clone());

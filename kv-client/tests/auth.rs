@@ -136,7 +136,10 @@ async fn auth_scenario(endpoint: String, c: Certs) {
         tokio::spawn(async move {
             for i in 0.. {
                 let value = format!("seen {i}");
-                root.kv().put("/app/w", value, PutOptions::new()).await.unwrap();
+                root.kv()
+                    .put("/app/w", value, PutOptions::new())
+                    .await
+                    .unwrap();
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         })
@@ -158,7 +161,10 @@ async fn auth_scenario(endpoint: String, c: Certs) {
     let refusal = tokio::time::timeout(Duration::from_secs(10), denied.next())
         .await
         .expect("no answer to a refused watch");
-    assert_eq!(refusal.map(|r| r.err()), Some(Some(Error::PermissionDenied)));
+    assert_eq!(
+        refusal.map(|r| r.err()),
+        Some(Some(Error::PermissionDenied))
+    );
 
     // A lease kept alive across token expiries (renewals every third of 6 s; the token idles
     // out between them unless something else used it).
@@ -243,7 +249,10 @@ async fn tls_refusals() {
         quick().with_tls(TlsOptions::with_ca(c.ca.cert_pem())),
     )
     .await;
-    assert!(no_identity.is_err(), "connected without a client certificate");
+    assert!(
+        no_identity.is_err(),
+        "connected without a client certificate"
+    );
     let other = TestCa::new(dir.path(), "other");
     let wrong_ca = connect(
         &server.endpoint,

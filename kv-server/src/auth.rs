@@ -266,10 +266,7 @@ impl Tokens {
 }
 
 /// Sweeps expired tokens until `stop`.
-pub async fn sweep_tokens(
-    tokens: Arc<Tokens>,
-    stop: tokio_util::sync::CancellationToken,
-) {
+pub async fn sweep_tokens(tokens: Arc<Tokens>, stop: tokio_util::sync::CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {

@@ -247,7 +247,8 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
         .iter()
         .map(|(l, _)| l.local_addr())
         .collect::<Result<Vec<_>, _>>()?;
-    let (loopback, loopback_incoming) = Loopback::new(node.callers.loopback_token(), cancel.clone());
+    let (loopback, loopback_incoming) =
+        Loopback::new(node.callers.loopback_token(), cancel.clone());
     let services = ClientServices {
         node: node.clone(),
         watch_wake,

@@ -606,9 +606,172 @@ async fn auth_survives_a_leader_kill_and_a_restart_of_every_member() {
         // bob has no role: a token but no permission.
         let bob = user(&all, "bob", "bobpw").await;
         assert_eq!(
-            bob.kv().get("/app/1", kv_client::GetOptions::new()).await.err(),
+            bob.kv()
+                .get("/app/1", kv_client::GetOptions::new())
+                .await
+                .err(),
             Some(kv_client::Error::PermissionDenied)
         );
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// `message` with the `token` metadata etcd's clients send, if any.
+fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(t) = token {
+        request
+            .metadata_mut()
+            .insert("token", t.parse().expect("token as metadata"));
+    }
+    request
+}
+
+/// The Lock and Election services run with the caller's rights, as etcd's in-process client
+/// does: alice may lock and campaign under `/app/`, not elsewhere, and nobody may without
+/// credentials. Refusals are code Unknown with etcd's text, as every failure of these services.
+async fn recipes_services_scenario(endpoint: &str) {
+    use kv_core::proto::etcdserverpb::{
+        AuthenticateRequest, LeaseGrantRequest, auth_client::AuthClient, lease_client::LeaseClient,
+    };
+    use kv_core::proto::v3electionpb::{
+        CampaignRequest, LeaderRequest, ResignRequest, election_client::ElectionClient,
+    };
+    use kv_core::proto::v3lockpb::{LockRequest, UnlockRequest, lock_client::LockClient};
+    set_up_with_client(&[endpoint.to_string()]).await;
+    let channel = kv_tests::connect_channel(endpoint).await;
+    let token = AuthClient::new(channel.clone())
+        .authenticate(AuthenticateRequest {
+            name: "alice".into(),
+            password: "alicepw".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let token = Some(token.as_str());
+    let lease = LeaseClient::new(channel.clone())
+        .lease_grant(with_token(LeaseGrantRequest { ttl: 60, id: 0 }, token))
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let refused = |status: tonic::Status| (status.code(), status.message().to_string());
+    let denied = (
+        tonic::Code::Unknown,
+        "etcdserver: permission denied".to_string(),
+    );
+    let nobody = (
+        tonic::Code::Unknown,
+        "etcdserver: user name is empty".to_string(),
+    );
+
+    let mut lock = LockClient::new(channel.clone());
+    let lock_on = |name: &str| LockRequest {
+        name: name.into(),
+        lease,
+    };
+    let held = lock
+        .lock(with_token(lock_on("/app/lock"), token))
+        .await
+        .unwrap()
+        .into_inner()
+        .key;
+    assert!(held.starts_with(b"/app/lock/"), "{held:?}");
+    let other = lock.lock(with_token(lock_on("/other/lock"), token)).await;
+    assert_eq!(other.map_err(refused).err(), Some(denied.clone()));
+    let anonymous = lock.lock(with_token(lock_on("/app/lock2"), None)).await;
+    assert_eq!(anonymous.map_err(refused).err(), Some(nobody.clone()));
+    let unlock = |key: &[u8]| UnlockRequest { key: key.to_vec() };
+    let not_hers = lock.unlock(with_token(unlock(b"/other/x"), token)).await;
+    assert_eq!(not_hers.map_err(refused).err(), Some(denied.clone()));
+    lock.unlock(with_token(unlock(&held), token)).await.unwrap();
+
+    let mut election = ElectionClient::new(channel);
+    let campaign = |name: &str| CampaignRequest {
+        name: name.into(),
+        lease,
+        value: b"alice".to_vec(),
+    };
+    let leader = election
+        .campaign(with_token(campaign("/app/election"), token))
+        .await
+        .unwrap()
+        .into_inner()
+        .leader;
+    let seen = election
+        .leader(with_token(
+            LeaderRequest {
+                name: b"/app/election".to_vec(),
+            },
+            token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(seen.kv.unwrap().value, b"alice"[..]);
+    let other = election
+        .campaign(with_token(campaign("/other/election"), token))
+        .await;
+    assert_eq!(other.map_err(refused).err(), Some(denied.clone()));
+    let peek = election
+        .leader(with_token(
+            LeaderRequest {
+                name: b"/other/election".to_vec(),
+            },
+            token,
+        ))
+        .await;
+    assert_eq!(peek.map_err(refused).err(), Some(denied));
+    election
+        .resign(with_token(ResignRequest { leader }, token))
+        .await
+        .unwrap();
+}
+
+kv_tests::on_both_servers!(
+    recipes_services_scenario,
+    lock_and_election_check_their_callers,
+    lock_and_election_check_their_callers_on_etcd,
+    60
+);
+
+/// The recipes over a client with credentials: a user's locks and queues work inside the
+/// keys granted to it, and anywhere else fail with a typed refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recipes_run_with_the_users_rights() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start_kv_server(&dir.path().join("data"), &[]);
+        let endpoints = [server.endpoint.clone()];
+        set_up_with_client(&endpoints).await;
+        let alice = user(&endpoints, "alice", "alicepw").await;
+        let session = recipes::Session::with_ttl(&alice, 10).await.unwrap();
+        let guard = recipes::Mutex::new(&session, "/app/lock")
+            .lock()
+            .await
+            .expect("a lock under /app/");
+        drop(guard);
+        let refused = recipes::Mutex::new(&session, "/other/lock").lock().await;
+        assert!(
+            matches!(
+                refused,
+                Err(recipes::Error::Client(kv_client::Error::PermissionDenied))
+            ),
+            "{:?}",
+            refused.map(|_| ())
+        );
+        let queue: recipes::Queue<String> = recipes::Queue::new(&alice, "/app/jobs");
+        queue.enqueue(&"index".to_string()).await.unwrap();
+        let job = queue.dequeue(&session).await.unwrap();
+        assert_eq!(job.item, "index");
+        job.ack().await.unwrap();
+        let elsewhere: recipes::Queue<String> = recipes::Queue::new(&alice, "/other/jobs");
+        assert!(matches!(
+            elsewhere.enqueue(&"x".to_string()).await,
+            Err(recipes::Error::Client(kv_client::Error::PermissionDenied))
+        ));
     })
     .await
     .expect("test timed out");
