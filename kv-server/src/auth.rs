@@ -124,6 +124,9 @@ pub struct Credentials {
     token: Result<Option<String>, BadToken>,
     /// The client's certificate chain, on a TLS connection with client certificates.
     certs: Option<std::sync::Arc<Vec<tonic::transport::CertificateDer<'static>>>>,
+    /// The request came over the member's in-memory listener (its own client), which has no
+    /// peer address: only such a request may use the loopback token.
+    in_memory: bool,
 }
 
 impl Credentials {
@@ -132,7 +135,14 @@ impl Credentials {
         Self {
             token: token_of(request.metadata()).map(|t| t.map(str::to_string)),
             certs: request.peer_certs(),
+            in_memory: request.remote_addr().is_none(),
         }
+    }
+
+    /// Whether the request carries `loopback_token` and came from the member itself.
+    pub fn is_loopback(&self, loopback_token: &str) -> bool {
+        self.in_memory
+            && matches!(&self.token, Ok(Some(t)) if same_secret(t.as_bytes(), loopback_token.as_bytes()))
     }
 
     /// The token, if any; `Err` for one that is not text.
@@ -147,6 +157,11 @@ impl Credentials {
     pub fn certificate_name(&self) -> Option<String> {
         crate::tls::common_name(self.certs.as_deref()?)
     }
+}
+
+/// Compares secrets in time independent of where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 /// A token in metadata that is not text.
@@ -349,5 +364,32 @@ mod tests {
         assert_eq!(token_of(&md), Ok(Some("abc.7")));
         md.insert("token", "xyz.9".parse().unwrap());
         assert_eq!(token_of(&md), Ok(Some("xyz.9")));
+    }
+
+    /// The loopback token acts as root: it counts only on the member's in-memory listener,
+    /// never from a network peer that learned it.
+    #[test]
+    fn the_loopback_token_counts_only_from_the_member_itself() {
+        let with_token = |token: &str| {
+            let mut request = tonic::Request::new(());
+            request
+                .metadata_mut()
+                .insert("token", token.parse().unwrap());
+            request
+        };
+        let secret = "SecretLoopbackTokenOfThirtyTwoLe";
+        assert!(Credentials::of(&with_token(secret)).is_loopback(secret));
+        assert!(
+            !Credentials::of(&with_token("SecretLoopbackTokenOfThirtyTwoLf")).is_loopback(secret)
+        );
+        assert!(!Credentials::of(&with_token("short")).is_loopback(secret));
+        let mut remote = with_token(secret);
+        remote
+            .extensions_mut()
+            .insert(tonic::transport::server::TcpConnectInfo {
+                local_addr: Some("127.0.0.1:2379".parse().unwrap()),
+                remote_addr: Some("127.0.0.1:40000".parse().unwrap()),
+            });
+        assert!(!Credentials::of(&remote).is_loopback(secret));
     }
 }

@@ -136,3 +136,55 @@ pub fn common_name(chain: &[CertificateDer<'static>]) -> Option<String> {
     let cn = cert.subject().iter_common_name().next()?;
     cn.as_str().ok().map(str::to_string)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn flags(args: &[&str]) -> Flags {
+        let mut all = vec!["kv-server"];
+        all.extend_from_slice(args);
+        Flags::try_parse_from(all).unwrap()
+    }
+
+    fn refused(args: &[&str]) -> String {
+        match TlsSettings::from_flags(&flags(args)) {
+            Ok(_) => panic!("{args:?} accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn https_urls_need_their_certificate_and_key_as_etcd_says() {
+        let client = ["--listen-client-urls", "https://127.0.0.1:2379"];
+        assert!(
+            refused(&client).contains(
+                "TLS key/cert (--cert-file, --key-file) must be provided for client url \
+                 https://127.0.0.1:2379 with HTTPS scheme"
+            ),
+            "{}",
+            refused(&client)
+        );
+        let peer = ["--listen-peer-urls", "https://127.0.0.1:2380"];
+        assert!(refused(&peer).contains("--peer-cert-file, --peer-key-file"));
+        let missing = [
+            "--listen-client-urls",
+            "https://127.0.0.1:2379",
+            "--cert-file",
+            "/nonexistent/server.pem",
+            "--key-file",
+            "/nonexistent/server-key.pem",
+        ];
+        assert!(refused(&missing).contains("cannot read /nonexistent/server.pem"));
+        assert!(refused(&["--client-cert-auth"]).contains("--trusted-ca-file"));
+        assert!(refused(&["--peer-client-cert-auth"]).contains("--peer-trusted-ca-file"));
+    }
+
+    #[test]
+    fn plain_urls_need_nothing() {
+        let settings = TlsSettings::from_flags(&flags(&[])).unwrap();
+        assert!(settings.client.is_none() && settings.peer_server.is_none());
+        assert!(!settings.client_cert_auth);
+    }
+}
