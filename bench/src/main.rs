@@ -111,6 +111,7 @@ impl Load {
             range_keys: self.range_keys,
             quiet: self.quiet,
             keep_keys: false,
+            credentials: None,
         }
     }
 }
@@ -126,6 +127,9 @@ struct RunArgs {
     /// Write the results to this file as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// `name:password` of a user to run as, for a server with auth on.
+    #[arg(long)]
+    user: Option<String>,
     #[command(flatten)]
     load: Load,
 }
@@ -158,7 +162,16 @@ struct CompareArgs {
 
 async fn run(args: RunArgs) -> Result<bool, kv_bench::Error> {
     let workloads = Workload::parse_list(&args.load.workloads)?;
-    let settings = args.load.settings(args.endpoints, args.server_pid);
+    let mut settings = args.load.settings(args.endpoints, args.server_pid);
+    if let Some(user) = &args.user {
+        let (user, password) = user
+            .split_once(':')
+            .ok_or_else(|| kv_bench::Error::Settings("--user takes name:password".to_string()))?;
+        settings.credentials = Some(kv_client::Credentials {
+            user: user.to_string(),
+            password: password.to_string(),
+        });
+    }
     let report = kv_bench::run(&settings, &workloads).await?;
     if let Some(path) = &args.json {
         kv_bench::write_json(path, &report.results)?;

@@ -1,7 +1,7 @@
 //! A run: connect the clients, then each chosen workload in turn, each under a key prefix of
 //! its own, printing its result line as it finishes.
 
-use kv_client::{Client, ClientOptions, DeleteOptions};
+use kv_client::{Client, DeleteOptions};
 
 use crate::error::{During, Error};
 use crate::load::Measured;
@@ -42,7 +42,7 @@ impl Context<'_> {
     /// A client of its own, on a connection no other workload request uses (the watch
     /// workloads' watchers).
     pub(crate) async fn dedicated_client(&self) -> Result<Client, Error> {
-        Client::connect(&self.settings.endpoints, ClientOptions::default())
+        Client::connect(&self.settings.endpoints, self.settings.client_options())
             .await
             .during("connect")
     }
@@ -92,7 +92,7 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Vec<Client>, Error> {
             .take(n)
             .collect();
         clients.push(
-            Client::connect(endpoints, ClientOptions::default())
+            Client::connect(endpoints, settings.client_options())
                 .await
                 .during("connect")?,
         );

@@ -41,6 +41,9 @@ pub struct Settings {
     /// run (the memory probes), where deleting a million keys in one request only timed etcd
     /// out and lost the probe's figure.
     pub keep_keys: bool,
+    /// A user and password for a server with auth on: every client authenticates and its
+    /// requests are checked (the cost of permission checks is then in the figures).
+    pub credentials: Option<kv_client::Credentials>,
 }
 
 impl Default for Settings {
@@ -61,6 +64,7 @@ impl Default for Settings {
             range_keys: 10_000,
             quiet: false,
             keep_keys: false,
+            credentials: None,
         }
     }
 }
@@ -69,6 +73,14 @@ impl Default for Settings {
 pub const MIN_VALUE_SIZE: usize = 16;
 
 impl Settings {
+    /// The options every client of the run connects with.
+    pub fn client_options(&self) -> kv_client::ClientOptions {
+        kv_client::ClientOptions {
+            credentials: self.credentials.clone(),
+            ..kv_client::ClientOptions::default()
+        }
+    }
+
     /// Refuses settings no workload can run with.
     pub fn check(&self) -> Result<(), Error> {
         let positive = [

@@ -1083,7 +1083,7 @@ fn authorize(state: &State, caller: &Caller, request: &Request) -> Result<(), Au
         Request::LeaseGrant(_) => auth.check_authenticated(caller),
         Request::LeaseRevoke(r) => {
             auth.check_authenticated(caller)?;
-            auth.check_keys(caller, auth::Access::Write, &lease_keys(r.id))
+            auth.check_lease_keys(caller, auth::Access::Write, &lease_keys, r.id)
         }
         Request::Alarm(a) if a.action == AlarmAction::Get as i32 => {
             auth.check_authenticated(caller)

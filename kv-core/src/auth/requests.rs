@@ -106,13 +106,16 @@ impl AuthState {
         }
     }
 
-    /// Whether `caller` may have `access` to every key of a lease (revoke and keep-alive need
-    /// WRITE, a time-to-live listing the keys needs READ).
-    pub fn check_keys(
+    /// Whether `caller` may have `access` to every key of lease `lease` (revoke and
+    /// keep-alive need WRITE, a time-to-live listing the keys needs READ). The keys are looked
+    /// up only when there is something to check: keep-alives are a hot path, and most callers
+    /// (auth off, admins) need no list.
+    pub fn check_lease_keys(
         &self,
         caller: &Caller,
         access: super::Access,
-        keys: &[Vec<u8>],
+        lease_keys: LeaseKeys<'_>,
+        lease: i64,
     ) -> Result<(), AuthError> {
         let Some(p) = self.caller_permissions(caller)? else {
             return Ok(());
@@ -121,7 +124,9 @@ impl AuthState {
             super::Access::Read => &p.read,
             super::Access::Write => &p.write,
         };
-        keys.iter().try_for_each(|k| need(set.allows(k, &[])))
+        lease_keys(lease)
+            .iter()
+            .try_for_each(|k| need(set.allows(k, &[])))
     }
 
     /// Whether `caller` is someone: with auth on, requests without credentials are refused

@@ -18,7 +18,7 @@ use crate::auth::Credentials;
 use crate::node::Node;
 use crate::propose_as;
 use crate::service::BoxStream;
-use kv_core::auth::{Access, AuthError, AuthState, Caller};
+use kv_core::auth::{Access, AuthError, AuthState, Caller, requests::LeaseKeys};
 
 /// Keep-alives of one stream being answered at once. Responses still leave in request order;
 /// the window only matters when a follower forwards them to the leader.
@@ -64,7 +64,7 @@ impl Lease for LeaseService {
         let req = request.into_inner();
         // A revoke deletes the lease's keys: WRITE on all of them (checked again at apply).
         self.node.check_with_leases(|a, keys| {
-            lease_keys_allowed(a, &caller, Access::Write, &keys(req.id))
+            lease_keys_allowed(a, &caller, Access::Write, keys, req.id)
         })?;
         Ok(Response::new(propose_as!(
             self.node,
@@ -93,7 +93,7 @@ impl Lease for LeaseService {
                     let req = msg.map_err(crate::oversize::as_etcd)?;
                     let caller = node.caller(&credentials).await?;
                     node.check_with_leases(|a, keys| {
-                        lease_keys_allowed(a, &caller, Access::Write, &keys(req.id))
+                        lease_keys_allowed(a, &caller, Access::Write, keys, req.id)
                     })?;
                     // The header is taken before the renewal, as etcd does, so a client never
                     // sees a renewal at a revision after the lease's revoke.
@@ -130,7 +130,7 @@ impl Lease for LeaseService {
             a.check_authenticated(&caller)?;
             if req.keys {
                 // Listing the keys reads them.
-                a.check_keys(&caller, Access::Read, &keys(req.id))?;
+                a.check_lease_keys(&caller, Access::Read, keys, req.id)?;
             }
             Ok(())
         })?;
@@ -166,7 +166,7 @@ impl Lease for LeaseService {
         self.node.check_with_leases(|a, keys| {
             a.check_authenticated(&caller)?;
             all.iter()
-                .try_for_each(|(id, _)| a.check_keys(&caller, Access::Read, &keys(*id)))
+                .try_for_each(|(id, _)| a.check_lease_keys(&caller, Access::Read, keys, *id))
         })?;
         let leases = all.into_iter().map(|(id, _)| LeaseStatus { id }).collect();
         Ok(Response::new(LeaseLeasesResponse {
@@ -176,13 +176,14 @@ impl Lease for LeaseService {
     }
 }
 
-/// Whether `caller`, authenticated, may have `access` to every key of a lease.
+/// Whether `caller`, authenticated, may have `access` to every key of `lease`.
 fn lease_keys_allowed(
     auth: &AuthState,
     caller: &Caller,
     access: Access,
-    keys: &[Vec<u8>],
+    keys: LeaseKeys<'_>,
+    lease: i64,
 ) -> Result<(), AuthError> {
     auth.check_authenticated(caller)?;
-    auth.check_keys(caller, access, keys)
+    auth.check_lease_keys(caller, access, keys, lease)
 }

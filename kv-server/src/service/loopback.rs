@@ -160,7 +160,7 @@ pub async fn authorize(
             if writes {
                 a.check(&caller, Access::Write, &prefix, &end)?;
                 if lease != 0 {
-                    a.check_keys(&caller, Access::Write, &keys(lease))?;
+                    a.check_lease_keys(&caller, Access::Write, keys, lease)?;
                 }
             }
             Ok(())
