@@ -196,17 +196,22 @@ async fn run(server: Proc, c: Certs) {
     drop(server);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auth_and_tls_on_our_server() {
-    let dir = tempfile::tempdir().unwrap();
-    let c = certs(dir.path());
+/// Our server on an `https://` client URL with [`flags`].
+fn our_server(dir: &std::path::Path, c: &Certs) -> Proc {
     let mut args = vec![
         "--listen-client-urls".to_string(),
         "https://127.0.0.1:0".to_string(),
     ];
-    args.extend(flags(&c));
+    args.extend(flags(c));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let server = start_kv_server(&dir.path().join("data"), &refs);
+    start_kv_server(&dir.join("data"), &refs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_and_tls_on_our_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = certs(dir.path());
+    let server = our_server(dir.path(), &c);
     run(server, c).await;
 }
 
@@ -229,13 +234,7 @@ async fn auth_and_tls_on_etcd() {
 async fn tls_refusals() {
     let dir = tempfile::tempdir().unwrap();
     let c = certs(dir.path());
-    let mut args = vec![
-        "--listen-client-urls".to_string(),
-        "https://127.0.0.1:0".to_string(),
-    ];
-    args.extend(flags(&c));
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let server = start_kv_server(&dir.path().join("data"), &refs);
+    let server = our_server(dir.path(), &c);
     let quick = || ClientOptions {
         connect_timeout: Duration::from_secs(2),
         request_timeout: Duration::from_secs(3),

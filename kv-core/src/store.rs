@@ -686,13 +686,6 @@ impl Store {
             };
             authorize(state, &caller, request).map_err(KvError::from)?;
         }
-        if let Some(response) =
-            apply_auth(&mut state.auth, index, request).map_err(KvError::from)?
-        {
-            return Ok(InternalResponse {
-                response: Some(with_header(response, state.mvcc.current)),
-            });
-        }
         let writes = match request {
             Request::Put(_) | Request::LeaseGrant(_) => true,
             Request::Txn(t) => !apply::txn_is_read_only(t),
@@ -757,7 +750,12 @@ impl Store {
             | Request::RoleAdd(_)
             | Request::RoleDelete(_)
             | Request::RoleGrantPermission(_)
-            | Request::RoleRevokePermission(_) => unreachable!("applied by apply_auth"),
+            | Request::RoleRevokePermission(_) => {
+                let response = apply_auth(&mut state.auth, index, request)
+                    .map_err(KvError::from)?
+                    .ok_or_else(|| EngineError::Corrupt("an auth request not applied".into()))?;
+                with_header(response, state.mvcc.current)
+            }
         };
         Ok(InternalResponse {
             response: Some(response),

@@ -104,6 +104,13 @@ fn server_flags(c: &Certs, mutual: bool) -> Vec<String> {
     flags
 }
 
+/// kv-server on an `https://` client URL with `flags`, its data in `dir/ours-<label>`.
+fn start_ours(dir: &Path, label: &str, flags: &[String]) -> kv_tests::Proc {
+    let mut args = vec!["--listen-client-urls", "https://127.0.0.1:0"];
+    args.extend(flags.iter().map(String::as_str));
+    start_kv_server(&dir.join(format!("ours-{label}")), &args)
+}
+
 /// Runs `steps` against etcd and against kv-server, both started with `flags`, and compares.
 fn compare(dir: &Path, label: &str, flags: &[String], steps: &[(Expect, Vec<String>, &[&str])]) {
     let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
@@ -114,9 +121,7 @@ fn compare(dir: &Path, label: &str, flags: &[String], steps: &[(Expect, Vec<Stri
             return;
         }
     };
-    let mut ours_flags = vec!["--listen-client-urls", "https://127.0.0.1:0"];
-    ours_flags.extend(flag_refs.iter().copied());
-    let ours = start_kv_server(&dir.join(format!("ours-{label}")), &ours_flags);
+    let ours = start_ours(dir, label, flags);
     let mut differences = Vec::new();
     for (i, (expect, tls, args)) in steps.iter().enumerate() {
         let theirs = shown(&etcdctl_tls(&etcd.endpoint, tls, args));
@@ -215,13 +220,7 @@ fn etcdctl_over_tls_with_and_without_client_certificates_matches_etcd() {
     ]);
     compare(dir.path(), "common-name", &server_flags(&c, true), &steps);
     // And what it did, on ours alone.
-    let mut ours_flags = vec![
-        "--listen-client-urls".to_string(),
-        "https://127.0.0.1:0".to_string(),
-    ];
-    ours_flags.extend(server_flags(&c, true));
-    let refs: Vec<&str> = ours_flags.iter().map(String::as_str).collect();
-    let ours = start_kv_server(&dir.path().join("ours-check"), &refs);
+    let ours = start_ours(dir.path(), "check", &server_flags(&c, true));
     for args in [
         &["user", "add", "root:rootpw"][..],
         &["user", "add", "alice:alicepw"],
