@@ -125,6 +125,21 @@ async fn auth_scenario(endpoint: String, c: Certs) {
     let got = kv.get("/app/a", GetOptions::new()).await.unwrap();
     assert_eq!(got.kvs[0].value, b"1"[..]);
 
+    // Idle again, then many calls at once: all are refused for the token, and they renew it
+    // once between them (each Authenticate is a log entry, on etcd as here).
+    tokio::time::sleep(IDLE).await;
+    let before = root.maintenance().status().await.unwrap().raft_index;
+    let gets = (0..32).map(|_| kv.get("/app/a", GetOptions::new()));
+    for got in futures::future::join_all(gets).await {
+        got.expect("a get after the token expired");
+    }
+    let after = root.maintenance().status().await.unwrap().raft_index;
+    assert!(
+        after - before <= 2,
+        "{} log entries for one token renewal",
+        after - before
+    );
+
     // Idle again, then a watch: its create is refused for the token, and the client renews
     // it and creates the watch again.
     tokio::time::sleep(IDLE).await;
