@@ -267,13 +267,21 @@ fn start_etcd_scheme(data_dir: &Path, scheme: &str, extra: &[&str]) -> Result<Pr
     ))
 }
 
+/// An `etcdctl` (v3 API) command against `endpoint`, dialing for at most `dial_timeout`
+/// (a Go duration such as `5s`); the caller adds arguments and runs it.
+pub fn etcdctl_command(endpoint: &str, dial_timeout: &str) -> Command {
+    let etcdctl = which("etcdctl").expect("etcdctl is not installed (apt-get install etcd-client)");
+    let mut cmd = Command::new(etcdctl);
+    cmd.env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .arg(format!("--dial-timeout={dial_timeout}"))
+        .arg("--command-timeout=20s");
+    cmd
+}
+
 /// Runs `etcdctl` (v3 API) against `endpoint`.
 pub fn etcdctl(endpoint: &str, args: &[&str]) -> Output {
-    let etcdctl = which("etcdctl").expect("etcdctl is not installed (apt-get install etcd-client)");
-    Command::new(etcdctl)
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={endpoint}"))
-        .args(["--dial-timeout=5s", "--command-timeout=20s"])
+    etcdctl_command(endpoint, "5s")
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -283,11 +291,7 @@ pub fn etcdctl(endpoint: &str, args: &[&str]) -> Output {
 /// Like [`etcdctl`] with text on stdin (for `txn`).
 pub fn etcdctl_stdin(endpoint: &str, args: &[&str], input: &str) -> Output {
     use std::io::Write;
-    let etcdctl = which("etcdctl").expect("etcdctl is not installed (apt-get install etcd-client)");
-    let mut child = Command::new(etcdctl)
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={endpoint}"))
-        .args(["--dial-timeout=5s", "--command-timeout=20s"])
+    let mut child = etcdctl_command(endpoint, "5s")
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -4,7 +4,7 @@
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use kv_tests::{etcdctl, etcdctl_stdin, have_etcdctl, ok, start_etcd, start_kv_server, which};
+use kv_tests::{etcdctl, etcdctl_stdin, have_etcdctl, ok, start_etcd, start_kv_server};
 
 /// One etcdctl run, reduced to what a user sees and what may be compared across servers: the
 /// exit code, stdout, and stderr's `Error:`/`Failed`/`watch` lines (the 3.4 client also logs
@@ -33,11 +33,7 @@ fn seen(out: &Output, endpoint: &str) -> Seen {
 
 /// etcdctl with a time bound, for commands that may wait (a watch that is not refused).
 fn etcdctl_bounded(endpoint: &str, args: &[&str], limit: Duration) -> Output {
-    let etcdctl = which("etcdctl").expect("etcdctl");
-    let mut child = Command::new(etcdctl)
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={endpoint}"))
-        .args(["--dial-timeout=5s", "--command-timeout=20s"])
+    let mut child = kv_tests::etcdctl_command(endpoint, "5s")
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

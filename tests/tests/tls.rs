@@ -3,11 +3,11 @@
 //! etcd 3.4 given the same certificates; and a 3-member cluster over TLS peer links.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use kv_tests::certs::{Issued, TestCa};
-use kv_tests::{Cluster, have_etcdctl, ok, start_etcd_tls, start_kv_server, which};
+use kv_tests::{Cluster, etcdctl_command, have_etcdctl, ok, start_etcd_tls, start_kv_server};
 
 /// The certificates of a test: a good CA with a server certificate and client certificates
 /// for root, alice and nobody (no such user); another CA with a client certificate and a
@@ -45,11 +45,7 @@ fn path(p: &Path) -> String {
 /// etcdctl against `endpoint` with TLS arguments, bounded by a short dial timeout (a refused
 /// handshake otherwise waits the whole default).
 fn etcdctl_tls(endpoint: &str, tls: &[String], args: &[&str]) -> Output {
-    let etcdctl = which("etcdctl").expect("etcdctl");
-    Command::new(etcdctl)
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={endpoint}"))
-        .args(["--dial-timeout=3s", "--command-timeout=10s"])
+    etcdctl_command(endpoint, "3s")
         .args(tls)
         .args(args)
         .stdin(Stdio::null())
@@ -182,25 +178,9 @@ fn etcdctl_over_tls_with_and_without_client_certificates_matches_etcd() {
         ],
     );
     // With auth on, a verified certificate's common name is the user; a token wins over it.
-    let set_up: Vec<&[&str]> = vec![
-        &["user", "add", "root:rootpw"],
-        &["user", "add", "alice:alicepw"],
-        &["user", "add", "bob", "--no-password"],
-        &["role", "add", "app"],
-        &[
-            "role",
-            "grant-permission",
-            "app",
-            "readwrite",
-            "/app/",
-            "--prefix",
-        ],
-        &["user", "grant-role", "alice", "app"],
-        &["auth", "enable"],
-    ];
-    let mut steps: Vec<(Expect, Vec<String>, &[&str])> = set_up
-        .into_iter()
-        .map(|args| (Same, good(Some(&c.root)), args))
+    let mut steps: Vec<(Expect, Vec<String>, &[&str])> = SET_UP
+        .iter()
+        .map(|args| (Same, good(Some(&c.root)), *args))
         .collect();
     let alice = || good(Some(&c.alice));
     steps.extend([
@@ -221,21 +201,7 @@ fn etcdctl_over_tls_with_and_without_client_certificates_matches_etcd() {
     compare(dir.path(), "common-name", &server_flags(&c, true), &steps);
     // And what it did, on ours alone.
     let ours = start_ours(dir.path(), "check", &server_flags(&c, true));
-    for args in [
-        &["user", "add", "root:rootpw"][..],
-        &["user", "add", "alice:alicepw"],
-        &["role", "add", "app"],
-        &[
-            "role",
-            "grant-permission",
-            "app",
-            "readwrite",
-            "/app/",
-            "--prefix",
-        ],
-        &["user", "grant-role", "alice", "app"],
-        &["auth", "enable"],
-    ] {
+    for args in SET_UP {
         ok(etcdctl_tls(&ours.endpoint, &good(Some(&c.root)), args));
     }
     let alice = good(Some(&c.alice));
@@ -256,6 +222,24 @@ fn etcdctl_over_tls_with_and_without_client_certificates_matches_etcd() {
     ));
     assert_ne!(plain.0, Some(0), "no client certificate, no connection");
 }
+
+/// Root, alice with read-write on `/app/`, bob without a password; auth on.
+const SET_UP: &[&[&str]] = &[
+    &["user", "add", "root:rootpw"],
+    &["user", "add", "alice:alicepw"],
+    &["user", "add", "bob", "--no-password"],
+    &["role", "add", "app"],
+    &[
+        "role",
+        "grant-permission",
+        "app",
+        "readwrite",
+        "/app/",
+        "--prefix",
+    ],
+    &["user", "grant-role", "alice", "app"],
+    &["auth", "enable"],
+];
 
 /// Flags for a member of a cluster over TLS: client and peer certificates of `c`, both
 /// required of whoever dials.
