@@ -95,6 +95,8 @@ pub struct StoreStatus {
     pub db_size: i64,
     /// Backend bytes in use.
     pub db_size_in_use: i64,
+    /// Keys with history in the index (live ones and deleted ones not yet compacted away).
+    pub keys: usize,
 }
 
 /// The MVCC state machine over a backend.
@@ -286,6 +288,7 @@ impl Store {
             applied_index: s.applied_index,
             db_size: self.backend.size() as i64,
             db_size_in_use: self.backend.size_in_use() as i64,
+            keys: s.mvcc.index.len(),
         }
     }
 

@@ -178,6 +178,8 @@ pub fn min_lease_ttl(timing: &RaftTiming) -> i64 {
 /// Leases on one member: its clock (kept while it leads), id choice, and the calls that read
 /// or restart a clock, forwarded to the leader from a follower.
 pub struct Lessor {
+    /// Counts the keep-alives answered here.
+    metrics: Arc<crate::metrics::Metrics>,
     store: Arc<Store>,
     raft: RaftNode<EngineApplier>,
     clock: Arc<LeaseClock>,
@@ -195,8 +197,10 @@ impl Lessor {
         clock: Arc<LeaseClock>,
         timing: &RaftTiming,
         member_id: u64,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         Self {
+            metrics,
             store,
             raft,
             clock,
@@ -305,7 +309,11 @@ impl Lessor {
         };
         let now = Instant::now();
         let mut s = self.clock.lock();
-        match s.deadlines.renew(id, ttl, now) {
+        let renewal = s.deadlines.renew(id, ttl, now);
+        if !matches!(renewal, Renewal::Expired) {
+            self.metrics.leases.renewed.inc();
+        }
+        match renewal {
             Renewal::Renewed => Some(ttl),
             Renewal::Expired => None,
             // Granted while this member was taking over: its clock starts now.

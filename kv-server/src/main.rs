@@ -2,7 +2,7 @@
 //! cluster named `default` with data in `./default.kv`, serving clients on 127.0.0.1:2379.
 
 use clap::Parser;
-use kv_server::config::Flags;
+use kv_server::config::{Flags, LogFormat};
 use kv_server::server;
 
 /// mimalloc instead of glibc's malloc: the request path allocates and frees many small
@@ -27,12 +27,20 @@ async fn run() -> std::process::ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Logs go to stderr, as etcd's do; colour only on a terminal.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match flags.log_format {
+        LogFormat::Text => logs.with_ansi(ansi).init(),
+        // Flattened, so a line reads {"timestamp":..,"level":..,"message":..,"address":..}:
+        // the fields shippers index sit at the top level.
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
     tracing::debug!(
         "allocator: mimalloc, arena eager commit {}",
         kv_server::allocator::arena_eager_commit()

@@ -22,6 +22,7 @@ use crate::auth::{Callers, Credentials, Tokens};
 use crate::errors::{auth_status, engine_status, kv_status, raft_status};
 use crate::identity::Identity;
 use crate::lessor::{LeaseClock, Lessor};
+use crate::metrics::Metrics;
 use crate::raft::{Applier, RaftNode};
 
 /// The engine as Raft sees it: log entries are protobuf `InternalRequest`s, responses are
@@ -34,6 +35,8 @@ pub struct EngineApplier {
     pub clock: Arc<LeaseClock>,
     /// The tokens this member accepts.
     pub tokens: Arc<Tokens>,
+    /// Where applied writes and commits are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 /// The largest apply batch run on an async worker: a few hundred small writes take well
@@ -69,10 +72,20 @@ impl Applier for EngineApplier {
         if compacts {
             failpoint::crash(CrashPoint::CompactionAfterApply);
         }
+        let counts = &self.metrics;
         for ((_, cmd), outcome) in decoded.iter().zip(&outcomes) {
             match (cmd.as_ref().and_then(|c| c.request.as_ref()), outcome) {
-                (Some(Request::LeaseGrant(g)), Ok(_)) => self.clock.granted(g.id, g.ttl),
-                (Some(Request::LeaseRevoke(r)), Ok(_)) => self.clock.revoked(r.id),
+                (Some(Request::Put(_)), Ok(_)) => counts.mvcc.put.inc(),
+                (Some(Request::DeleteRange(_)), Ok(_)) => counts.mvcc.delete.inc(),
+                (Some(Request::Txn(_)), Ok(_)) => counts.mvcc.txn.inc(),
+                (Some(Request::LeaseGrant(g)), Ok(_)) => {
+                    counts.leases.granted.inc();
+                    self.clock.granted(g.id, g.ttl)
+                }
+                (Some(Request::LeaseRevoke(r)), Ok(_)) => {
+                    counts.leases.revoked.inc();
+                    self.clock.revoked(r.id)
+                }
                 (Some(Request::Authenticate(a)), Ok(resp)) => {
                     if let Some(Response::Authenticate(issued)) = &resp.response {
                         self.tokens.assign(issued.token.clone(), a.name.clone());
@@ -111,7 +124,10 @@ impl Applier for EngineApplier {
     }
 
     fn sync(&self) -> Result<(), io::Error> {
-        Ok(self.store.sync()?)
+        let start = std::time::Instant::now();
+        let synced = self.store.sync();
+        self.metrics.backend_commit.observe(start.elapsed());
+        Ok(synced?)
     }
 }
 
@@ -140,6 +156,8 @@ pub struct Node {
     pub lessor: Arc<Lessor>,
     /// How callers are known: tokens, the loopback's token, certificates.
     pub callers: Callers,
+    /// What this member counts (served on `/metrics`).
+    pub metrics: Arc<Metrics>,
     next_request_id: AtomicU64,
 }
 
@@ -148,7 +166,7 @@ pub struct Node {
 pub const TOKEN_APPLY_WAIT: Duration = Duration::from_secs(5);
 
 impl Node {
-    /// Wraps a started store and Raft node.
+    /// Wraps a started store and Raft node; the metrics are the applier's.
     pub fn new(
         store: Arc<Store>,
         raft: RaftNode<EngineApplier>,
@@ -160,6 +178,7 @@ impl Node {
     ) -> Self {
         Self {
             callers,
+            metrics: raft.applier().metrics.clone(),
             store,
             raft,
             identity,
@@ -277,11 +296,14 @@ impl Node {
         if req.encoded_len() > self.limits.max_request_bytes {
             return Err(kv_status(&KvError::RequestTooLarge));
         }
-        let out = self
-            .raft
-            .propose(encode_command(&req))
-            .await
-            .map_err(|e| raft_status(&e))?;
+        let pending = &self.metrics.proposals_pending;
+        pending.fetch_add(1, Ordering::Relaxed);
+        let proposed = self.raft.propose(encode_command(&req)).await;
+        pending.fetch_sub(1, Ordering::Relaxed);
+        let out = proposed.map_err(|e| {
+            self.metrics.proposals_failed.inc();
+            raft_status(&e)
+        })?;
         match decode_outcome(&out) {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(kv_status(&e)),
@@ -380,6 +402,7 @@ mod tests {
             store: store(),
             clock: Arc::default(),
             tokens: Arc::new(Tokens::new(Duration::from_secs(300))),
+            metrics: Arc::default(),
         };
         applier
             .tokens

@@ -29,6 +29,9 @@ use crate::service::{
     watch::WatchService, watch_wire::WatchServer,
 };
 use kv_core::proto::kvserverpb::peer_server::PeerServer;
+use tonic::transport::Server;
+
+use crate::metrics::grpc::GrpcMetricsLayer;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +140,7 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
         .map(|(id, _, urls)| (id, urls.into_iter().next().unwrap_or_default()))
         .collect();
     let clock = Arc::new(LeaseClock::default());
+    let metrics = Arc::new(crate::metrics::Metrics::new());
     let raft = RaftNode::start(
         RaftConfig {
             node_id: identity.member_id,
@@ -151,6 +155,7 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
             store: store.clone(),
             clock: clock.clone(),
             tokens: tokens.clone(),
+            metrics: metrics.clone(),
         }),
     )
     .await?;
@@ -160,6 +165,7 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
         clock,
         &timing,
         identity.member_id,
+        metrics,
     ));
     raft.set_leader_calls(lessor.clone());
     let node = Arc::new(Node::new(
@@ -221,6 +227,14 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
     }
     tokio::spawn(crate::lessor::run(node.clone(), cancel.clone()));
     tokio::spawn(crate::auth::sweep_tokens(tokens, cancel.clone()));
+    tokio::spawn(crate::metrics::probe::probe_peers(
+        node.clone(),
+        cancel.clone(),
+    ));
+    tokio::spawn(crate::metrics::probe::count_leader_changes(
+        node.clone(),
+        cancel.clone(),
+    ));
     let watch_wake = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(crate::service::watch::run(
         node.clone(),
@@ -260,19 +274,17 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
     {
         let stop = cancel.clone();
         let incoming = futures::StreamExt::map(loopback_incoming, Ok::<_, std::io::Error>);
-        let router = services.router(
-            tonic::transport::Server::builder().layer(crate::oversize::OversizeStatusLayer),
-        );
+        let router = services.router(client_builder(None), false);
         serving.spawn(
             router.serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
         );
     }
     for ((listener, https), bound) in listeners.into_iter().zip(client_addrs.iter().copied()) {
-        let mut builder = tonic::transport::Server::builder();
+        let mut builder = client_builder(Some(node.metrics.clone()));
         if https {
             builder = builder.tls_config(tls.client.clone().ok_or_else(no_tls)?)?;
         }
-        let router = services.router(builder.layer(crate::oversize::OversizeStatusLayer));
+        let router = services.router(builder, true);
         let stop = cancel.clone();
         // Small request/response exchanges must not wait for Nagle + delayed ACK (~40 ms).
         let incoming = tonic::transport::server::TcpIncoming::from(listener)
@@ -315,21 +327,35 @@ struct ClientServices<H> {
     max_decode: usize,
 }
 
-/// The layers every client router has.
-type ClientLayers =
-    tower::layer::util::Stack<crate::oversize::OversizeStatusLayer, tower::layer::util::Identity>;
+/// The layers every client router has: gRPC metrics outermost, so they count the codes
+/// clients see.
+type ClientLayers = tower::layer::util::Stack<
+    crate::oversize::OversizeStatusLayer,
+    tower::layer::util::Stack<GrpcMetricsLayer, tower::layer::util::Identity>,
+>;
+
+/// A server builder for client listeners, counting calls into `metrics` (none for the
+/// member's own in-memory client). HTTP/1.1 is accepted for `/health` and `/metrics`.
+fn client_builder(metrics: Option<Arc<crate::metrics::Metrics>>) -> Server<ClientLayers> {
+    Server::builder()
+        .accept_http1(true)
+        .layer(GrpcMetricsLayer::new(metrics))
+        .layer(crate::oversize::OversizeStatusLayer)
+}
 
 impl<H: tonic_health::pb::health_server::Health> ClientServices<H> {
-    /// The client services on `builder`.
+    /// The client services on `builder`, with the HTTP routes if `http`.
     fn router(
         &self,
-        mut builder: tonic::transport::Server<ClientLayers>,
+        mut builder: Server<ClientLayers>,
+        http: bool,
     ) -> tonic::transport::server::Router<ClientLayers> {
         let node = &self.node;
         let max_decode = self.max_decode;
         let loopback = &self.loopback;
         let watch_wake = &self.watch_wake;
-        builder
+        let mut routes = tonic::service::RoutesBuilder::default();
+        routes
             .add_service(
                 KvServer::new(KvService::new(node.clone())).max_decoding_message_size(max_decode),
             )
@@ -361,7 +387,16 @@ impl<H: tonic_health::pb::health_server::Health> ClientServices<H> {
                 ElectionServer::new(ElectionService::new(node.clone(), loopback.clone()))
                     .max_decoding_message_size(max_decode),
             )
-            .add_service(self.health.clone())
+            .add_service(self.health.clone());
+        let mut routes = routes.routes();
+        if http {
+            let merged = routes
+                .into_axum_router()
+                .merge(crate::http::routes(node.clone()))
+                .fallback(crate::http::not_found);
+            routes = tonic::service::Routes::from(merged);
+        }
+        builder.add_routes(routes)
     }
 }
 

@@ -213,7 +213,11 @@ impl Drop for Proc {
 }
 
 fn parse_address(line: &str) -> Option<String> {
-    let at = line.find("address=")? + "address=".len();
+    // `address=..` in a text log line, `"address":".."` in a JSON one (`--log-format json`).
+    let at = match line.find("address=") {
+        Some(at) => at + "address=".len(),
+        None => line.find("\"address\":\"")? + "\"address\":\"".len(),
+    };
     let addr: String = line[at..]
         .chars()
         .take_while(|c| !c.is_whitespace() && *c != '"')
@@ -807,6 +811,7 @@ pub mod linearizability;
 pub mod recipe_checks;
 pub mod reliability;
 pub mod rng;
+pub mod scrape;
 
 /// Declares two tests running the async fn `$scenario(endpoint: &str)`: `$ours` against a
 /// fresh kv-server, `$etcd` against a fresh etcd 3.4 (skipped, with the reason printed, when

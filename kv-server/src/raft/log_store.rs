@@ -58,6 +58,13 @@ pub struct LogStore {
     committed: Arc<Mutex<Option<Vec<u8>>>>,
 }
 
+impl LogStore {
+    /// The fsync latencies of the log.
+    pub fn fsyncs(&self) -> Arc<crate::metrics::Histogram> {
+        self.wal.fsyncs()
+    }
+}
+
 impl Debug for LogStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("LogStore")

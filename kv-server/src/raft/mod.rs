@@ -308,6 +308,12 @@ struct Inner<A: Applier> {
     leader_calls: std::sync::OnceLock<Arc<dyn LeaderCalls>>,
     /// Linearizable reads waiting for the next shared read barrier.
     reads: Mutex<ReadBatch>,
+    /// The log's fsync latencies.
+    wal_fsyncs: Arc<crate::metrics::Histogram>,
+    /// When a leader's replication last reached this member, in nanoseconds after `epoch`
+    /// (0: never).
+    leader_contact: std::sync::atomic::AtomicU64,
+    epoch: std::time::Instant,
 }
 
 /// Reads waiting for a read barrier. Every read that arrives while a barrier is in flight
@@ -397,6 +403,7 @@ impl<A: Applier> RaftNode<A> {
 
         let network = GrpcNetwork::new(cfg.cluster_id, cfg.peer_tls.clone());
         let raft = Raft::new(cfg.node_id, config, network, log_store.clone(), sm).await?;
+        let wal_fsyncs = log_store.fsyncs();
         let node = RaftNode {
             inner: Arc::new(Inner {
                 node_id: cfg.node_id,
@@ -409,6 +416,9 @@ impl<A: Applier> RaftNode<A> {
                 forwarder: Mutex::new(None),
                 leader_calls: std::sync::OnceLock::new(),
                 reads: Mutex::new(ReadBatch::default()),
+                wal_fsyncs,
+                leader_contact: std::sync::atomic::AtomicU64::new(0),
+                epoch: std::time::Instant::now(),
             }),
         };
 
@@ -783,6 +793,76 @@ impl<A: Applier> RaftNode<A> {
             .await
     }
 
+    /// Times one small call to the member at `addr` (at most `limit`): the peer round trip
+    /// etcd's prober measures. `None` if the call failed.
+    pub async fn round_trip(&self, addr: &str, limit: Duration) -> Option<Duration> {
+        let conn = self.peer(addr).ok()?;
+        let start = std::time::Instant::now();
+        conn.call::<_, u64>(network::PeerCall::Hello, &(), limit)
+            .await
+            .ok()?;
+        Some(start.elapsed())
+    }
+
+    /// Waits (at most `limit`) until the known leader differs from `seen`; returns it.
+    pub async fn leader_change(&self, seen: Option<u64>, limit: Duration) -> Option<u64> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut rx = self.inner.raft.server_metrics();
+        loop {
+            let now = rx.borrow_watched().current_leader;
+            if now != seen {
+                return now;
+            }
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(remaining, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return rx.borrow_watched().current_leader,
+            }
+        }
+    }
+
+    /// Notes that a leader's replication (entries or a heartbeat) reached this member.
+    pub fn leader_contacted(&self) {
+        let nanos = u64::try_from(self.inner.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.inner
+            .leader_contact
+            .store(nanos.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a leader is in contact, as etcd's `has_leader` means it: this member leads and
+    /// a quorum acknowledged it within an election timeout (always, alone), or it follows a
+    /// leader whose replication reached it within an election timeout. Raft's own idea of the
+    /// leader outlives the contact: a follower cut off keeps naming the last leader while its
+    /// pre-votes fail, where etcd's pre-candidate forgets it.
+    pub fn has_leader(&self) -> bool {
+        let rx = self.inner.raft.metrics();
+        let m = rx.borrow_watched();
+        let Some(leader) = m.current_leader else {
+            return false;
+        };
+        let timeout = Duration::from_millis(self.inner.raft.config().election_timeout_max);
+        if leader == self.inner.node_id {
+            if m.membership_config.membership().voter_ids().count() <= 1 {
+                return m.state.is_leader();
+            }
+            return m
+                .last_quorum_acked
+                .as_ref()
+                .is_some_and(|at| openraft::Instant::elapsed(&**at) <= timeout);
+        }
+        let contact = self
+            .inner
+            .leader_contact
+            .load(std::sync::atomic::Ordering::Relaxed);
+        contact > 0
+            && self
+                .inner
+                .epoch
+                .elapsed()
+                .saturating_sub(Duration::from_nanos(contact))
+                <= timeout
+    }
+
     /// Whether this node leads, and in which term.
     pub fn leadership(&self) -> Leadership {
         let rx = self.inner.raft.metrics();
@@ -841,6 +921,16 @@ impl<A: Applier> RaftNode<A> {
             .await
             .map(|_| ())
             .map_err(|e| RaftError::Timeout(e.to_string()))
+    }
+
+    /// The fsync latencies of the Raft log (`etcd_disk_wal_fsync_duration_seconds`).
+    pub fn wal_fsyncs(&self) -> Arc<crate::metrics::Histogram> {
+        self.inner.wal_fsyncs.clone()
+    }
+
+    /// The state machine Raft applies to.
+    pub fn applier(&self) -> &Arc<A> {
+        &self.inner.applier
     }
 
     /// This node's id.

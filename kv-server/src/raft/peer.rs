@@ -84,6 +84,7 @@ impl<A: Applier> Peer for PeerService<A> {
         request: Request<PeerRequest>,
     ) -> Result<Response<PeerResponse>, Status> {
         let rpc = self.open(request)?;
+        self.node.leader_contacted();
         let resp = self
             .node
             .raft()
@@ -104,7 +105,9 @@ impl<A: Applier> Peer for PeerService<A> {
         // back, then the stream ends with the reason.
         let refused: Arc<Mutex<Option<Status>>> = Arc::default();
         let refusal = refused.clone();
+        let node = self.node.clone();
         let requests = request.into_inner().scan((), move |_, message| {
+            node.leader_contacted();
             let opened = message.and_then(|m| {
                 check_cluster(cluster_id, &m)?;
                 decode::<AppendEntriesRequest<TypeConfig>>(&m.data)

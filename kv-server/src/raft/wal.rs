@@ -40,6 +40,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use kv_core::checksum::Crc32c;
 
+use crate::metrics::{DISK_BUCKETS, Histogram};
+
 /// The first bytes of every segment.
 pub const MAGIC: &[u8; 8] = b"KVWAL\0\0\x01";
 /// Magic plus the segment's seq.
@@ -289,6 +291,8 @@ pub struct Wal {
     state: Mutex<State>,
     failed: AtomicBool,
     sync_jobs: Mutex<Option<mpsc::Sender<SyncJob>>>,
+    /// How long each fsync of an append or a vote took (`etcd_disk_wal_fsync_duration_seconds`).
+    fsyncs: Arc<Histogram>,
 }
 
 impl std::fmt::Debug for Wal {
@@ -335,6 +339,7 @@ impl Wal {
             state: Mutex::new(state),
             failed: AtomicBool::new(false),
             sync_jobs: Mutex::new(None),
+            fsyncs: Arc::new(Histogram::new(DISK_BUCKETS)),
         });
         if seqs.is_empty() {
             let mut state = wal.lock();
@@ -546,9 +551,23 @@ impl Wal {
         }
     }
 
+    /// Syncs `file`'s data, recording how long it took.
+    fn timed_sync(&self, file: &File) -> io::Result<()> {
+        let start = std::time::Instant::now();
+        let result = file.sync_data();
+        self.fsyncs.observe(start.elapsed());
+        result
+    }
+
+    /// The fsync latencies of this log.
+    pub fn fsyncs(&self) -> Arc<Histogram> {
+        self.fsyncs.clone()
+    }
+
     fn start_sync_thread(self: &Arc<Self>) -> io::Result<()> {
         let (tx, rx) = mpsc::channel::<SyncJob>();
         let wal = Arc::downgrade(self);
+        let fsyncs = self.fsyncs.clone();
         std::thread::Builder::new()
             .name("raft-wal-sync".into())
             .spawn(move || {
@@ -562,7 +581,9 @@ impl Wal {
                         if result.is_ok() && !synced.contains(&key) {
                             failpoint::sync_delay();
                             failpoint::crash(CrashPoint::WalAppendBeforeSync);
+                            let start = std::time::Instant::now();
                             result = file.sync_data();
+                            fsyncs.observe(start.elapsed());
                             synced.push(key);
                         }
                     }
@@ -588,7 +609,7 @@ impl Wal {
     fn write_durable(&self, state: &mut State, buf: &[u8]) -> io::Result<()> {
         let res = self.write(state, buf).and_then(|(_, file, _)| {
             failpoint::sync_delay();
-            file.sync_data()
+            self.timed_sync(&file)
         });
         self.poison_on(res)
     }

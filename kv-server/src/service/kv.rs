@@ -35,6 +35,7 @@ impl Kv for KvService {
         let caller = self.node.caller(&Credentials::of(&request)).await?;
         let req = request.into_inner();
         validation::check_range(&req).map_err(|e| kv_status(&e))?;
+        self.node.metrics.mvcc.range.inc();
         if !req.serializable {
             self.node.linearize().await?;
         }
