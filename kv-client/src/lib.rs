@@ -139,6 +139,6 @@ pub use kv::{
 pub use kv_core::proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 pub use kv_core::proto::mvccpb::KeyValue;
 pub use lease::{KeepAlive, Lease, LeaseGrant, LeaseLost, TimeToLive};
-pub use maintenance::{Alarm, Maintenance, Status};
+pub use maintenance::{Alarm, Maintenance, SnapshotDownload, Status};
 pub use txn::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse, TxnResponse};
 pub use watch::{Event, EventKind, Watch, WatchOptions, WatchStream, WatchUpdate};

@@ -1,8 +1,9 @@
-//! Maintenance: member status, alarms, defragmentation, history hashes, leader transfer.
+//! Maintenance: member status, alarms, defragmentation, history hashes, leader transfer,
+//! snapshot downloads.
 
 use kv_core::proto::etcdserverpb::{
-    AlarmRequest, DefragmentRequest, HashKvRequest, MoveLeaderRequest, StatusRequest,
-    alarm_request::AlarmAction,
+    AlarmRequest, DefragmentRequest, HashKvRequest, MoveLeaderRequest, SnapshotRequest,
+    SnapshotResponse, StatusRequest, alarm_request::AlarmAction,
 };
 
 use crate::client::{Client, Idempotence, api};
@@ -144,6 +145,21 @@ impl Maintenance {
         Ok((resp.hash, resp.compact_revision))
     }
 
+    /// Starts downloading a snapshot of the current member's state (etcd's format: the body,
+    /// then its SHA-256). Chunks come with the bytes still to come, for progress.
+    pub async fn snapshot(&self) -> Result<SnapshotDownload> {
+        let stream = self
+            .client
+            .call(Idempotence::Safe, |channel| async move {
+                Ok(api::maintenance(channel)
+                    .snapshot(SnapshotRequest {})
+                    .await?
+                    .into_inner())
+            })
+            .await?;
+        Ok(SnapshotDownload { stream })
+    }
+
     /// Hands leadership to member `target` (the request must reach the leader).
     pub async fn move_leader(&self, target: u64) -> Result<()> {
         self.client
@@ -154,5 +170,22 @@ impl Maintenance {
                     .map(|_| ())
             })
             .await
+    }
+}
+
+/// A snapshot being downloaded, chunk by chunk.
+#[derive(Debug)]
+pub struct SnapshotDownload {
+    stream: tonic::Streaming<SnapshotResponse>,
+}
+
+impl SnapshotDownload {
+    /// The next chunk and how many bytes remain after it; `None` once all has arrived.
+    pub async fn next_chunk(&mut self) -> Result<Option<(Vec<u8>, u64)>> {
+        match self.stream.message().await {
+            Ok(Some(chunk)) => Ok(Some((chunk.blob, chunk.remaining_bytes))),
+            Ok(None) => Ok(None),
+            Err(status) => Err(crate::error::Error::from_status(&status).0),
+        }
     }
 }

@@ -954,6 +954,36 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Seeds an empty store for a new cluster from a snapshot of another one (etcd's
+    /// `snapshot restore`): the keyspace with its history and revisions, leases, users and
+    /// roles stay; what belonged to the old cluster goes: its members, alarms, the applied
+    /// Raft index and Raft's metadata. Returns the restored revision.
+    pub fn restore_as_new_cluster(&self, data: &[u8]) -> Result<i64, EngineError> {
+        self.restore(data)?;
+        let mut batch = WriteBatch::default();
+        {
+            let read = self.backend.read()?;
+            for prefix in [META_MEMBER_PREFIX, META_ALARM_PREFIX] {
+                read.scan(Table::Meta, prefix, None, &mut |k, _| {
+                    if k.starts_with(prefix) {
+                        batch.delete(Table::Meta, k.to_vec());
+                        true
+                    } else {
+                        false
+                    }
+                })?;
+            }
+        }
+        batch.delete(Table::Meta, META_APPLIED_INDEX.to_vec());
+        batch.delete(Table::Meta, META_RAFT.to_vec());
+        let mut state = self.write_state();
+        self.backend.commit(batch, Durability::Immediate)?;
+        *state = Self::load(self.backend.as_ref())?;
+        Ok(state.mvcc.current)
+    }
+}
+
 /// `key`'s value as of revision `at` (a watcher's `prev_kv`): `None` if it did not exist
 /// then, or that version was compacted away (as in etcd).
 fn value_at(
@@ -1319,6 +1349,89 @@ mod tests {
             s.hash_kv(5),
             Err(Error::Request(KvError::FutureRevision))
         ));
+    }
+}
+
+#[cfg(test)]
+mod restore_tests {
+    use super::*;
+    use crate::backend::MemoryBackend;
+    use crate::proto::etcdserverpb::{AlarmRequest, Member, PutRequest};
+    use crate::proto::kvserverpb::MemberAttributes;
+
+    fn store() -> Store {
+        let config = StoreConfig {
+            member_id: 7,
+            quota_bytes: 0,
+        };
+        Store::open(Box::new(MemoryBackend::new()), config).unwrap()
+    }
+
+    fn apply(store: &Store, index: u64, request: Request) {
+        let cmd = InternalRequest {
+            header: None,
+            id: index,
+            request: Some(request),
+        };
+        let outcome = store
+            .apply_batch(&[(index, Some(cmd))], b"raft meta")
+            .unwrap();
+        assert!(outcome[0].is_ok(), "{outcome:?}");
+    }
+
+    /// A new cluster seeded from a snapshot has the old keyspace, history and leases, and
+    /// none of the old cluster's members, alarms or Raft position.
+    #[test]
+    fn a_new_cluster_keeps_the_data_and_forgets_the_old_cluster() {
+        let old = store();
+        apply(
+            &old,
+            1,
+            Request::LeaseGrant(LeaseGrantRequest { ttl: 60, id: 9 }),
+        );
+        for (i, key) in ["a", "b", "a"].iter().enumerate() {
+            let put = PutRequest {
+                key: key.as_bytes().to_vec(),
+                value: vec![i as u8],
+                lease: if *key == "b" { 9 } else { 0 },
+                ..Default::default()
+            };
+            apply(&old, 2 + i as u64, Request::Put(put));
+        }
+        let member = Member {
+            id: 7,
+            name: "m7".into(),
+            ..Default::default()
+        };
+        apply(
+            &old,
+            5,
+            Request::MemberAttributes(MemberAttributes {
+                member: Some(member),
+                removed: false,
+            }),
+        );
+        let alarm = AlarmRequest {
+            action: 1,
+            member_id: 7,
+            alarm: 1,
+        };
+        apply(&old, 6, Request::Alarm(alarm));
+        assert_eq!(old.alarms().len(), 1);
+        assert_eq!(old.members().len(), 1);
+
+        let new = store();
+        let revision = new
+            .restore_as_new_cluster(&old.snapshot().unwrap())
+            .unwrap();
+        assert_eq!(revision, old.revision());
+        assert_eq!(new.hash_kv(0).unwrap(), old.hash_kv(0).unwrap());
+        assert_eq!(new.lease(9), Some((60, vec![b"b".to_vec()])));
+        assert!(new.alarms().is_empty());
+        assert!(new.members().is_empty());
+        assert_eq!(new.applied_index(), 0);
+        assert_eq!(new.raft_meta(), None);
+        assert!(new.restore_as_new_cluster(b"not a snapshot").is_err());
     }
 }
 

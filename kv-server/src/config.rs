@@ -62,6 +62,13 @@ pub struct Flags {
     /// Initial cluster state: `new` or `existing`.
     #[arg(long, env = "ETCD_INITIAL_CLUSTER_STATE", default_value = "new")]
     pub initial_cluster_state: ClusterState,
+    /// Seeds a new member's data dir from a snapshot (`kvctl snapshot save`, or a Snapshot
+    /// RPC's download) before it starts, as etcd's `snapshot restore` does: the keyspace with
+    /// its revisions, leases, users and roles come from the snapshot; members, alarms and the
+    /// Raft log start afresh. Every member of the new cluster is started with the same file;
+    /// the data dir must not exist yet.
+    #[arg(long, env = "KV_RESTORE_FROM")]
+    pub restore_from: Option<PathBuf>,
     /// Initial cluster token, which makes cluster and member ids unique per cluster.
     #[arg(
         long,

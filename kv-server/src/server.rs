@@ -65,6 +65,9 @@ pub enum ServerError {
     /// gRPC transport failed.
     #[error(transparent)]
     Transport(#[from] tonic::transport::Error),
+    /// `--restore-from` could not seed the data dir.
+    #[error("--restore-from: {0}")]
+    Restore(String),
 }
 
 /// A started member: its node and the addresses it listens on.
@@ -100,6 +103,9 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
         } else {
             None
         };
+    if flags.restore_from.is_some() {
+        check_restore_target(&data_dir, flags.initial_cluster_state)?;
+    }
     let identity = identity::prepare(
         &data_dir,
         &flags.name,
@@ -123,6 +129,14 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
         )
         .map_err(engine_err)?,
     );
+    if let Some(file) = &flags.restore_from
+        && let Err(e) = restore(&store, file).await
+    {
+        // The data dir was empty or absent (checked above): leave it so, for a retry.
+        drop(store);
+        let _ = std::fs::remove_dir_all(&data_dir);
+        return Err(e);
+    }
     // Watch events reach the hub on a thread of their own, off the apply path.
     {
         let store = store.clone();
@@ -310,6 +324,56 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
         serving,
         cancel,
     })
+}
+
+/// Refuses to restore over a member's existing data, or into a member joining an existing
+/// cluster (a restored cluster is a new one).
+fn check_restore_target(
+    data_dir: &std::path::Path,
+    state: ClusterState,
+) -> Result<(), ServerError> {
+    if state == ClusterState::Existing {
+        return Err(ServerError::Restore(
+            "a restored member starts a new cluster (--initial-cluster-state new)".into(),
+        ));
+    }
+    let occupied = std::fs::read_dir(data_dir).is_ok_and(|mut d| d.next().is_some());
+    if occupied {
+        return Err(ServerError::Restore(format!(
+            "data dir {} already exists; restore into a new one",
+            data_dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Seeds the fresh `store` from the snapshot in `file`, checking its SHA-256 first.
+async fn restore(store: &Arc<Store>, file: &std::path::Path) -> Result<(), ServerError> {
+    let failed = |what: String| ServerError::Restore(format!("{}: {what}", file.display()));
+    let framed = tokio::fs::read(file)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    tracing::info!(file = %file.display(), bytes = framed.len(), "restoring from a snapshot: read");
+    let store = store.clone();
+    let revision = tokio::task::spawn_blocking(move || {
+        let data = crate::service::maintenance::unframe_snapshot(&framed)
+            .ok_or("not a snapshot, or its SHA-256 does not match its contents".to_string())?;
+        tracing::info!(
+            bytes = data.len(),
+            "restoring from a snapshot: checksum verified"
+        );
+        store
+            .restore_as_new_cluster(data)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| failed(e.to_string()))?
+    .map_err(failed)?;
+    tracing::info!(
+        revision,
+        "restoring from a snapshot: done; starting a new cluster"
+    );
+    Ok(())
 }
 
 /// A listener named `https://` whose TLS settings are missing: `TlsSettings::from_flags`

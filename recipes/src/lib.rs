@@ -64,6 +64,7 @@ pub mod config;
 pub mod discovery;
 mod election;
 mod error;
+pub mod inspect;
 mod mutex;
 mod owned;
 mod predecessor;

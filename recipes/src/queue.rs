@@ -95,20 +95,20 @@ impl EnqueueOptions {
     }
 }
 
-/// What is stored for an item.
+/// What is stored for an item (`inspect` reads it too).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Envelope {
+pub(crate) struct Envelope {
     /// Deliveries so far.
-    attempts: u32,
+    pub(crate) attempts: u32,
     /// Unix time in ms before which it is not delivered (0: at once).
     #[serde(default, skip_serializing_if = "is_zero")]
-    visible_at_ms: u64,
+    pub(crate) visible_at_ms: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    conditions: Vec<Condition>,
+    pub(crate) conditions: Vec<Condition>,
     /// The capacity slot it occupies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     slot: Option<u32>,
-    payload: serde_json::Value,
+    pub(crate) payload: serde_json::Value,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -17,7 +17,17 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Path of the `kv-server` binary under test.
 pub fn kv_server_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("KV_SERVER_BIN") {
+    workspace_bin("kv-server", "KV_SERVER_BIN")
+}
+
+/// Path of the `kvctl` binary under test (`KVCTL_BIN` overrides it).
+pub fn kvctl_bin() -> PathBuf {
+    workspace_bin("kvctl", "KVCTL_BIN")
+}
+
+/// A binary of the workspace built beside the test executables, or the one `env` names.
+fn workspace_bin(name: &str, env: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
     // Test executables live in target/<profile>/deps, the binary one level up; this crate's
@@ -29,10 +39,10 @@ pub fn kv_server_bin() -> PathBuf {
     } else {
         dir
     };
-    let bin = profile_dir.join("kv-server");
+    let bin = profile_dir.join(name);
     assert!(
         bin.exists(),
-        "{} is missing: run the tests with `cargo test --workspace` (it builds the binary) or set KV_SERVER_BIN",
+        "{} is missing: run the tests with `cargo test --workspace` (it builds the binary) or set {env}",
         bin.display()
     );
     bin
