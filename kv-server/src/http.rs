@@ -1,6 +1,7 @@
 //! Plain HTTP on the client port, beside gRPC, as etcd serves it: `/health`, `/version` and
-//! `/metrics`. Requests are told apart by path; HTTP/1.1 and HTTP/2 both work, so `curl`,
-//! Prometheus and load balancers' health checks need nothing special.
+//! `/metrics`, and the dashboard (`/ui`, see [`crate::ui`]). Requests are told apart by path;
+//! HTTP/1.1 and HTTP/2 both work, so `curl`, Prometheus, browsers and load balancers' health
+//! checks need nothing special.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,9 +17,10 @@ use crate::service::maintenance::API_VERSION;
 pub const HEALTH_READ_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The HTTP routes of the client port.
-pub fn routes(node: Arc<Node>) -> axum::Router {
+pub fn routes(node: Arc<Node>, dashboard: &Arc<crate::ui::Dashboard>) -> axum::Router {
     let health_node = node.clone();
-    axum::Router::new()
+    dashboard
+        .routes()
         .route(
             "/health",
             get(move |query: axum::extract::RawQuery| {

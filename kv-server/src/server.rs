@@ -277,7 +277,14 @@ pub async fn start(flags: &Flags) -> Result<Running, ServerError> {
         .collect::<Result<Vec<_>, _>>()?;
     let (loopback, loopback_incoming) =
         Loopback::new(node.callers.loopback_token(), cancel.clone());
+    let history = Arc::new(crate::ui::history::History::default());
+    tokio::spawn(crate::ui::history::sample(
+        node.clone(),
+        history.clone(),
+        cancel.clone(),
+    ));
     let services = ClientServices {
+        dashboard: crate::ui::Dashboard::new(node.clone(), history),
         node: node.clone(),
         watch_wake,
         loopback,
@@ -389,6 +396,7 @@ struct ClientServices<H> {
     loopback: Loopback,
     health: tonic_health::pb::health_server::HealthServer<H>,
     max_decode: usize,
+    dashboard: Arc<crate::ui::Dashboard>,
 }
 
 /// The layers every client router has: gRPC metrics outermost, so they count the codes
@@ -456,7 +464,7 @@ impl<H: tonic_health::pb::health_server::Health> ClientServices<H> {
         if http {
             let merged = routes
                 .into_axum_router()
-                .merge(crate::http::routes(node.clone()))
+                .merge(crate::http::routes(node.clone(), &self.dashboard))
                 .fallback(crate::http::not_found);
             routes = tonic::service::Routes::from(merged);
         }

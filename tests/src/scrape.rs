@@ -26,6 +26,17 @@ pub fn http_request(
     path: &str,
     timeout: Duration,
 ) -> Result<HttpAnswer, String> {
+    http_request_with(endpoint, method, path, &[], timeout)
+}
+
+/// `method path` over HTTP/1.1 with extra `headers` (name, value) and no body.
+pub fn http_request_with(
+    endpoint: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<HttpAnswer, String> {
     let addr = endpoint.parse().map_err(|e| format!("{endpoint}: {e}"))?;
     let mut stream =
         TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{endpoint}: {e}"))?;
@@ -35,8 +46,12 @@ pub fn http_request(
     stream
         .set_write_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     let request =
-        format!("{method} {path} HTTP/1.1\r\nHost: {endpoint}\r\nConnection: close\r\n\r\n");
+        format!("{method} {path} HTTP/1.1\r\nHost: {endpoint}\r\nConnection: close\r\n{extra}\r\n");
     stream
         .write_all(request.as_bytes())
         .map_err(|e| e.to_string())?;

@@ -309,6 +309,12 @@ async fn kvctl_shows_and_follows_the_recipes_on_a_three_member_cluster() {
     assert_eq!(dead[0]["attempts"], 1);
 
     // services list and watch
+    let services_revision = client
+        .kv()
+        .get("services/search/node-1", Default::default())
+        .await
+        .expect("get")
+        .revision;
     let services = json(&endpoints, &["services", "list"]);
     assert_eq!(services[0]["name"], "services/search");
     assert_eq!(services[0]["instances"][0]["id"], "node-1");
@@ -322,6 +328,46 @@ async fn kvctl_shows_and_follows_the_recipes_on_a_three_member_cluster() {
         table.contains("node-1") && table.contains("zone=eu-1"),
         "{table}"
     );
+    // The same state as gauges on every member's /metrics (once each has applied it: a
+    // member may trail the quorum).
+    for ep in &endpoints {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let text = loop {
+            let text = kv_tests::scrape::http_get(ep, "/metrics", Duration::from_secs(5))
+                .expect("scrape")
+                .body;
+            let revision = kv_tests::scrape::metric(&text, "etcd_debugging_mvcc_current_revision");
+            if revision.unwrap_or(0.0) >= services_revision as f64 || Instant::now() > deadline {
+                break text;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        for (series, want) in [
+            ("kv_recipe_locks_held", 1.0),
+            ("kv_recipe_lock_waiters", 1.0),
+            ("kv_recipe_elections_led", 1.0),
+            ("kv_recipe_election_candidates", 1.0),
+            (
+                "kv_recipe_queue_items{queue=\"queues/jobs\",state=\"ready\"}",
+                1.0,
+            ),
+            (
+                "kv_recipe_queue_items{queue=\"queues/jobs\",state=\"dead\"}",
+                1.0,
+            ),
+            (
+                "kv_recipe_service_instances{service=\"services/search\"}",
+                1.0,
+            ),
+            ("kv_recipe_scan_truncated", 0.0),
+        ] {
+            assert_eq!(
+                kv_tests::scrape::metric(&text, series),
+                Some(want),
+                "{ep}: {series}"
+            );
+        }
+    }
     let watch = Stream::start(
         &endpoints,
         &["services", "watch", "services/search", "--count", "3"],

@@ -215,6 +215,7 @@ pub fn scrape(node: &Node) -> String {
         attached as f64,
     );
 
+    recipes(&mut out, &crate::recipe_state::recipes_now(&node.store));
     m.grpc.render(&mut out);
 
     if let Some(p) = ProcessStats::read() {
@@ -258,4 +259,67 @@ pub fn cluster_version() -> String {
 
 fn flag(b: bool) -> f64 {
     if b { 1.0 } else { 0.0 }
+}
+
+/// The recipes' state as gauges: locks held and waited for, elections led, queue depths by
+/// state, service instances.
+fn recipes(out: &mut Exposition, found: &recipes::inspect::Inspection) {
+    out.gauge(
+        "kv_recipe_locks_held",
+        "Locks (mutexes, read-write locks) with a holder.",
+        found.locks.len() as f64,
+    );
+    out.gauge(
+        "kv_recipe_lock_waiters",
+        "Sessions waiting for a lock.",
+        found.locks.iter().map(|l| l.waiting.len()).sum::<usize>() as f64,
+    );
+    out.gauge(
+        "kv_recipe_elections_led",
+        "Elections with a leader.",
+        found.elections.len() as f64,
+    );
+    out.gauge(
+        "kv_recipe_election_candidates",
+        "Candidates waiting behind an election's leader.",
+        found
+            .elections
+            .iter()
+            .map(|e| e.candidates.len())
+            .sum::<usize>() as f64,
+    );
+    let mut depths = Vec::new();
+    for q in &found.queues {
+        for (state, n) in [
+            ("ready", q.ready),
+            ("delayed", q.delayed),
+            ("claimed", q.claimed),
+            ("dead", q.dead),
+        ] {
+            depths.push(([("queue", q.name.as_str()), ("state", state)], n as f64));
+        }
+    }
+    out.gauges(
+        "kv_recipe_queue_items",
+        "Items in a queue, by state.",
+        &depths.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>(),
+    );
+    let instances: Vec<_> = found
+        .services
+        .iter()
+        .map(|s| ([("service", s.name.as_str())], s.instances.len() as f64))
+        .collect();
+    out.gauges(
+        "kv_recipe_service_instances",
+        "Registered instances of a service.",
+        &instances
+            .iter()
+            .map(|(l, n)| (&l[..], *n))
+            .collect::<Vec<_>>(),
+    );
+    out.gauge(
+        "kv_recipe_scan_truncated",
+        "1 when the keyspace is larger than one look reads, so recipes past it are not counted.",
+        flag(found.truncated),
+    );
 }

@@ -1,0 +1,149 @@
+//! Who may use the dashboard's data. With auth off, anyone who reaches the client port, as
+//! with every other request. With auth on, only a user with the root role, by HTTP Basic
+//! credentials (the browser asks for them): the dashboard reads the whole keyspace, queue
+//! payloads included, which only root may read.
+//!
+//! A password check is an Argon2 hash (tens of milliseconds of CPU) and the page refreshes
+//! every second, so credentials once verified are remembered, by their SHA-256, for a minute
+//! and while the auth state is unchanged.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use base64::Engine;
+use kv_core::auth::Caller;
+use sha2::Digest;
+use tonic::codegen::http::{HeaderMap, Response, StatusCode, header};
+
+use crate::auth::verify_password;
+use crate::node::Node;
+
+/// How long verified credentials are trusted without hashing the password again.
+pub const REMEMBERED_FOR: Duration = Duration::from_secs(60);
+
+/// The dashboard's gate.
+pub struct Access {
+    node: Arc<Node>,
+    /// SHA-256 of `user NUL password` → (auth revision, when verified).
+    verified: Mutex<HashMap<[u8; 32], (u64, Instant)>>,
+}
+
+impl Access {
+    /// The gate of `node`'s dashboard.
+    pub fn new(node: Arc<Node>) -> Self {
+        Access {
+            node,
+            verified: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Lets the request through, or answers why not (401 asking for credentials, 403).
+    pub async fn check(&self, headers: &HeaderMap) -> Result<(), Response<Body>> {
+        let (enabled, revision) = self.node.store.auth(|a| (a.enabled(), a.revision()));
+        if !enabled {
+            return Ok(());
+        }
+        let Some((user, password)) = basic_credentials(headers) else {
+            return Err(refuse(
+                StatusCode::UNAUTHORIZED,
+                "auth is on: sign in as a root user",
+            ));
+        };
+        let digest: [u8; 32] = sha2::Sha256::digest(format!("{user}\0{password}")).into();
+        {
+            let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+            verified.retain(|_, (rev, at)| *rev == revision && at.elapsed() < REMEMBERED_FOR);
+            if verified.contains_key(&digest) {
+                return Ok(());
+            }
+        }
+        let hash = self
+            .node
+            .store
+            .auth(|a| a.user(&user).and_then(|u| u.password.clone()));
+        let Some(hash) = hash else {
+            return Err(refuse(StatusCode::UNAUTHORIZED, "authentication failed"));
+        };
+        let matches = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+            .await
+            .unwrap_or(false);
+        if !matches {
+            return Err(refuse(StatusCode::UNAUTHORIZED, "authentication failed"));
+        }
+        let caller = Caller {
+            user: Some(user),
+            revision,
+        };
+        if self.node.store.auth(|a| a.check_admin(&caller)).is_err() {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "the dashboard needs the root role",
+            ));
+        }
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        verified.insert(digest, (revision, Instant::now()));
+        Ok(())
+    }
+}
+
+/// `(user, password)` from an `Authorization: Basic ...` header.
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = value
+        .strip_prefix("Basic ")
+        .or_else(|| value.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, password) = text.split_once(':')?;
+    Some((user.to_string(), password.to_string()))
+}
+
+fn refuse(status: StatusCode, why: &str) -> Response<Body> {
+    let mut resp = Response::new(Body::from(format!("{why}\n")));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if status == StatusCode::UNAUTHORIZED {
+        headers.insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Basic realm=\"kv-server dashboard\""),
+        );
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_credentials_are_read() {
+        let mut headers = HeaderMap::new();
+        // "root:pa:ss" — a colon in the password stays in the password.
+        headers.insert(
+            header::AUTHORIZATION,
+            header::HeaderValue::from_static("Basic cm9vdDpwYTpzcw=="),
+        );
+        assert_eq!(
+            basic_credentials(&headers),
+            Some(("root".into(), "pa:ss".into()))
+        );
+        headers.insert(
+            header::AUTHORIZATION,
+            header::HeaderValue::from_static("Bearer x"),
+        );
+        assert_eq!(basic_credentials(&headers), None);
+        headers.insert(
+            header::AUTHORIZATION,
+            header::HeaderValue::from_static("Basic !!"),
+        );
+        assert_eq!(basic_credentials(&headers), None);
+    }
+}
