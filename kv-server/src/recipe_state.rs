@@ -5,32 +5,52 @@ use kv_core::Store;
 use kv_core::proto::etcdserverpb::RangeRequest;
 use recipes::inspect::Inspection;
 
-/// Keys read at most per look: past this the views say `truncated`, so a huge keyspace costs
-/// a bounded read per dashboard refresh or scrape.
+/// Keys listed at most per look: past this the views say `truncated`, so a huge keyspace
+/// costs a bounded read per dashboard refresh or scrape.
 pub const KEY_LIMIT: i64 = 20_000;
 
 /// Locks, elections, queues and services as of this member's latest applied revision.
+///
+/// Keys are listed without values, then only the values the classification needs are read
+/// (keys on a lease, queue entries): the bulk of a keyspace is application data whose values
+/// may be large, and a scrape must not copy them all.
 pub fn recipes_now(store: &Store) -> Inspection {
-    let all = RangeRequest {
-        key: vec![0],
-        range_end: vec![0],
-        limit: KEY_LIMIT,
-        serializable: true,
-        ..Default::default()
-    };
-    match store.range(&all) {
-        Ok(resp) => {
-            let revision = resp.header.map_or(0, |h| h.revision);
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            let mut found = Inspection::from_kvs(revision, &resp.kvs, now_ms);
-            found.truncated = resp.more;
-            found
-        }
+    match read(store) {
+        Ok(found) => found,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the keyspace for the recipes' state");
             Inspection::default()
         }
     }
+}
+
+fn read(store: &Store) -> Result<Inspection, kv_core::Error> {
+    let listed = store.range(&RangeRequest {
+        key: vec![0],
+        range_end: vec![0],
+        limit: KEY_LIMIT,
+        keys_only: true,
+        serializable: true,
+        ..Default::default()
+    })?;
+    let revision = listed.header.map_or(0, |h| h.revision);
+    let mut kvs = Vec::new();
+    for listed_kv in &listed.kvs {
+        if !Inspection::wants_value(&listed_kv.key, listed_kv.lease) {
+            continue;
+        }
+        let one = store.range(&RangeRequest {
+            key: listed_kv.key.to_vec(),
+            revision,
+            serializable: true,
+            ..Default::default()
+        })?;
+        kvs.extend(one.kvs);
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut found = Inspection::from_kvs(revision, &kvs, now_ms);
+    found.truncated = listed.more;
+    Ok(found)
 }

@@ -371,6 +371,13 @@ impl Inspection {
         }
     }
 
+    /// Whether classifying a key needs its value: keys on a lease (locks, elections,
+    /// services) and queue items, claims and dead letters. Every other key is ignored, so a
+    /// reader may list keys only and fetch just these values.
+    pub fn wants_value(key: &[u8], lease: i64) -> bool {
+        lease != 0 || queue_key(&String::from_utf8_lossy(key)).is_some()
+    }
+
     /// The queue `name`'s items waiting or claimed, in delivery order (its peek).
     pub fn items(&self, name: &str) -> &[QueueItem] {
         self.queue(name).map_or(&[], |q| &q.items)
@@ -516,6 +523,14 @@ mod tests {
             kv("jobs/items/7/123_ab", "{}", 0, 63),
         ];
         let found = Inspection::from_kvs(70, &kvs, 5_000);
+        // Listing keys only and fetching just the values it wants gives the same views.
+        let wanted: Vec<KeyValue> = kvs
+            .iter()
+            .filter(|kv| Inspection::wants_value(&kv.key, kv.lease))
+            .cloned()
+            .collect();
+        assert!(wanted.len() < kvs.len());
+        assert_eq!(Inspection::from_kvs(70, &wanted, 5_000), found);
         assert_eq!(found.revision, 70);
 
         assert_eq!(found.locks.len(), 2, "{:?}", found.locks);

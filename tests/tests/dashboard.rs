@@ -242,6 +242,11 @@ async fn with_auth_on_the_dashboard_data_needs_a_root_user() {
     assert!(granted.body.contains("\"recipes\""));
     // Remembered: the second look needs no second password hash, and still works.
     assert_eq!(state(&root).status, 200);
+    // /metrics stays open, as etcd's, but no longer names queues or services (key names).
+    let metrics = http_get(ep, "/metrics", Duration::from_secs(5)).expect("metrics");
+    assert_eq!(metrics.status, 200);
+    assert!(metrics.body.contains("kv_recipe_locks_held"));
+    assert!(!metrics.body.contains("kv_recipe_queue_items"));
     // The page itself and the numbers stay open, as /metrics does.
     assert_eq!(
         http_get(ep, "/ui", Duration::from_secs(5))

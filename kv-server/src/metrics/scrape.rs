@@ -215,7 +215,14 @@ pub fn scrape(node: &Node) -> String {
         attached as f64,
     );
 
-    recipes(&mut out, &crate::recipe_state::recipes_now(&node.store));
+    // Queue and service names are key names: with auth on, /metrics (open to anyone, as
+    // etcd's) leaves out the series labelled with them.
+    let named = !node.store.auth(|a| a.enabled());
+    recipes(
+        &mut out,
+        &crate::recipe_state::recipes_now(&node.store),
+        named,
+    );
     m.grpc.render(&mut out);
 
     if let Some(p) = ProcessStats::read() {
@@ -261,9 +268,9 @@ fn flag(b: bool) -> f64 {
     if b { 1.0 } else { 0.0 }
 }
 
-/// The recipes' state as gauges: locks held and waited for, elections led, queue depths by
-/// state, service instances.
-fn recipes(out: &mut Exposition, found: &recipes::inspect::Inspection) {
+/// The recipes' state as gauges: locks held and waited for, elections led, and, if `named`,
+/// queue depths by queue and state and instances by service.
+fn recipes(out: &mut Exposition, found: &recipes::inspect::Inspection, named: bool) {
     out.gauge(
         "kv_recipe_locks_held",
         "Locks (mutexes, read-write locks) with a holder.",
@@ -288,6 +295,14 @@ fn recipes(out: &mut Exposition, found: &recipes::inspect::Inspection) {
             .map(|e| e.candidates.len())
             .sum::<usize>() as f64,
     );
+    out.gauge(
+        "kv_recipe_scan_truncated",
+        "1 when the keyspace is larger than one look reads, so recipes past it are not counted.",
+        flag(found.truncated),
+    );
+    if !named {
+        return;
+    }
     let mut depths = Vec::new();
     for q in &found.queues {
         for (state, n) in [
@@ -316,10 +331,5 @@ fn recipes(out: &mut Exposition, found: &recipes::inspect::Inspection) {
             .iter()
             .map(|(l, n)| (&l[..], *n))
             .collect::<Vec<_>>(),
-    );
-    out.gauge(
-        "kv_recipe_scan_truncated",
-        "1 when the keyspace is larger than one look reads, so recipes past it are not counted.",
-        flag(found.truncated),
     );
 }
