@@ -56,6 +56,11 @@ impl LeaseTable {
         self.leases.get(&id)
     }
 
+    /// The lease `key` is attached to (`NO_LEASE`: none).
+    pub fn lease_of(&self, key: &[u8]) -> i64 {
+        self.attached.get(key).copied().unwrap_or(NO_LEASE)
+    }
+
     /// Every lease as (id, granted TTL), in id order.
     pub fn iter(&self) -> impl Iterator<Item = (i64, i64)> + '_ {
         self.leases.iter().map(|(id, l)| (*id, l.ttl))

@@ -344,6 +344,37 @@ impl Store {
         (state.mvcc.leases.len(), state.mvcc.leases.attached_keys())
     }
 
+    /// Lists live keys without reading their records: the first `limit` keys in key order
+    /// at the current revision, keeping those `keep` accepts (given the key and its lease,
+    /// 0 for none). Returns the revision, the kept keys with their leases, and whether keys
+    /// remain past `limit`. Costs a walk of `limit` index entries under the read lock, never
+    /// the values (tools that look for recipes in a keyspace of application data).
+    pub fn list_keys(
+        &self,
+        limit: usize,
+        keep: impl Fn(&[u8], i64) -> bool,
+    ) -> (i64, Vec<(Vec<u8>, i64)>, bool) {
+        let state = self.read_state();
+        let at = state.mvcc.current;
+        let (mut seen, mut more, mut kept) = (0, false, Vec::new());
+        state
+            .mvcc
+            .index
+            .range(KeyRange::Span(&[0], None), at, |key, _| {
+                if seen == limit {
+                    more = true;
+                    return false;
+                }
+                seen += 1;
+                let lease = state.mvcc.leases.lease_of(key);
+                if keep(key, lease) {
+                    kept.push((key.to_vec(), lease));
+                }
+                true
+            });
+        (at, kept, more)
+    }
+
     /// Runs `f` over the auth state as applied so far (for checks made before serving a read,
     /// and for the Auth service's reads).
     pub fn auth<T>(&self, f: impl FnOnce(&AuthState) -> T) -> T {
@@ -895,6 +926,16 @@ impl Store {
     /// Replaces the replicated state with a snapshot from [`Store::snapshot`], durably.
     /// Member-local metadata stays.
     pub fn restore(&self, data: &[u8]) -> Result<(), EngineError> {
+        self.restore_keeping(data, |_, _| true).map(|_| ())
+    }
+
+    /// [`Store::restore`], storing only the snapshot's records `keep` accepts, in one commit;
+    /// returns the restored revision.
+    fn restore_keeping(
+        &self,
+        data: &[u8],
+        keep: impl Fn(Table, &[u8]) -> bool,
+    ) -> Result<i64, EngineError> {
         let bad = |what: &str| EngineError::Corrupt(format!("snapshot: {what}"));
         if data.len() < SNAPSHOT_MAGIC.len() + 4 || &data[..8] != SNAPSHOT_MAGIC {
             return Err(bad("not a snapshot of this store"));
@@ -937,7 +978,9 @@ impl Store {
                 1 => Table::Meta,
                 _ => return Err(bad("unknown table")),
             };
-            batch.put(table, key, value);
+            if keep(table, &key) {
+                batch.put(table, key, value);
+            }
         }
         self.backend.commit(batch, Durability::Immediate)?;
         *state = Self::load(self.backend.as_ref())?;
@@ -950,7 +993,7 @@ impl Store {
         {
             self.hub.resync_all(revision);
         }
-        Ok(())
+        Ok(revision)
     }
 }
 
@@ -959,28 +1002,16 @@ impl Store {
     /// `snapshot restore`): the keyspace with its history and revisions, leases, users and
     /// roles stay; what belonged to the old cluster goes: its members, alarms, the applied
     /// Raft index and Raft's metadata. Returns the restored revision.
+    /// One commit: a crash leaves either the empty store or the seeded one, never the old
+    /// cluster's members or Raft position.
     pub fn restore_as_new_cluster(&self, data: &[u8]) -> Result<i64, EngineError> {
-        self.restore(data)?;
-        let mut batch = WriteBatch::default();
-        {
-            let read = self.backend.read()?;
-            for prefix in [META_MEMBER_PREFIX, META_ALARM_PREFIX] {
-                read.scan(Table::Meta, prefix, None, &mut |k, _| {
-                    if k.starts_with(prefix) {
-                        batch.delete(Table::Meta, k.to_vec());
-                        true
-                    } else {
-                        false
-                    }
-                })?;
-            }
-        }
-        batch.delete(Table::Meta, META_APPLIED_INDEX.to_vec());
-        batch.delete(Table::Meta, META_RAFT.to_vec());
-        let mut state = self.write_state();
-        self.backend.commit(batch, Durability::Immediate)?;
-        *state = Self::load(self.backend.as_ref())?;
-        Ok(state.mvcc.current)
+        self.restore_keeping(data, |table, key| {
+            table == Table::Kv
+                || !(key.starts_with(META_MEMBER_PREFIX)
+                    || key.starts_with(META_ALARM_PREFIX)
+                    || key == META_APPLIED_INDEX
+                    || key == META_RAFT)
+        })
     }
 }
 
@@ -1495,6 +1526,41 @@ mod lease_tests {
             .iter()
             .map(|kv| kv.key.to_vec())
             .collect()
+    }
+
+    #[test]
+    fn keys_are_listed_with_their_leases_up_to_a_limit() {
+        let s = Store::open(Box::new(MemoryBackend::new()), config()).unwrap();
+        run(&s, 1, grant(7, 60)).unwrap();
+        run(&s, 2, put("a", 0)).unwrap();
+        run(&s, 3, put("b", 7)).unwrap();
+        run(&s, 4, put("c", 0)).unwrap();
+        run(&s, 5, put("d", 7)).unwrap();
+        run(
+            &s,
+            6,
+            Request::DeleteRange(DeleteRangeRequest {
+                key: b"c".to_vec(),
+                ..Default::default()
+            }),
+        )
+        .unwrap();
+        let (rev, all, more) = s.list_keys(10, |_, _| true);
+        assert_eq!(rev, s.revision());
+        let listed: Vec<(&[u8], i64)> = all.iter().map(|(k, l)| (&k[..], *l)).collect();
+        assert_eq!(
+            listed,
+            [(&b"a"[..], 0), (b"b", 7), (b"d", 7)],
+            "live keys only"
+        );
+        assert!(!more);
+        let (_, leased, _) = s.list_keys(10, |_, lease| lease != 0);
+        assert_eq!(leased.len(), 2);
+        let (_, first, more) = s.list_keys(2, |_, _| true);
+        assert_eq!(first.len(), 2);
+        assert!(more, "a key remains past the limit");
+        let (_, _, more) = s.list_keys(3, |_, _| true);
+        assert!(!more, "exactly the limit: nothing remains");
     }
 
     #[test]

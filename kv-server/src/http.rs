@@ -33,7 +33,19 @@ pub fn routes(node: Arc<Node>, dashboard: &Arc<crate::ui::Dashboard>) -> axum::R
             "/metrics",
             get(move || {
                 let node = node.clone();
-                async move { metrics(&node) }
+                // A scrape reads /proc and lists the keyspace for the recipes' gauges: blocking
+                // work, kept off the workers that serve gRPC.
+                async move {
+                    tokio::task::spawn_blocking(move || metrics(&node))
+                        .await
+                        .unwrap_or_else(|e| {
+                            respond(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                "text/plain; charset=utf-8",
+                                format!("{e}\n"),
+                            )
+                        })
+                }
             }),
         )
 }

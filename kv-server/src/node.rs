@@ -77,7 +77,11 @@ impl Applier for EngineApplier {
             match (cmd.as_ref().and_then(|c| c.request.as_ref()), outcome) {
                 (Some(Request::Put(_)), Ok(_)) => counts.mvcc.put.inc(),
                 (Some(Request::DeleteRange(_)), Ok(_)) => counts.mvcc.delete.inc(),
-                (Some(Request::Txn(_)), Ok(_)) => counts.mvcc.txn.inc(),
+                (Some(Request::Txn(_)), Ok(resp)) => {
+                    if let Some(Response::Txn(txn)) = &resp.response {
+                        counts.mvcc.count_txn(txn);
+                    }
+                }
                 (Some(Request::LeaseGrant(g)), Ok(_)) => {
                     counts.leases.granted.inc();
                     self.clock.granted(g.id, g.ttl)
@@ -128,6 +132,23 @@ impl Applier for EngineApplier {
         let synced = self.store.sync();
         self.metrics.backend_commit.observe(start.elapsed());
         Ok(synced?)
+    }
+}
+
+/// One proposal in flight, counted in `etcd_server_proposals_pending` while it lives (also
+/// when the caller goes away mid-proposal and its future is dropped).
+struct Pending<'a>(&'a AtomicU64);
+
+impl<'a> Pending<'a> {
+    fn new(count: &'a AtomicU64) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Pending(count)
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -296,10 +317,9 @@ impl Node {
         if req.encoded_len() > self.limits.max_request_bytes {
             return Err(kv_status(&KvError::RequestTooLarge));
         }
-        let pending = &self.metrics.proposals_pending;
-        pending.fetch_add(1, Ordering::Relaxed);
+        let pending = Pending::new(&self.metrics.proposals_pending);
         let proposed = self.raft.propose(encode_command(&req)).await;
-        pending.fetch_sub(1, Ordering::Relaxed);
+        drop(pending);
         let out = proposed.map_err(|e| {
             self.metrics.proposals_failed.inc();
             raft_status(&e)

@@ -7,13 +7,13 @@ use recipes::inspect::Inspection;
 
 /// Keys listed at most per look: past this the views say `truncated`, so a huge keyspace
 /// costs a bounded read per dashboard refresh or scrape.
-pub const KEY_LIMIT: i64 = 20_000;
+pub const KEY_LIMIT: usize = 20_000;
 
 /// Locks, elections, queues and services as of this member's latest applied revision.
 ///
-/// Keys are listed without values, then only the values the classification needs are read
-/// (keys on a lease, queue entries): the bulk of a keyspace is application data whose values
-/// may be large, and a scrape must not copy them all.
+/// Key names are walked in the index (no records read), then only the values the
+/// classification needs are read (keys on a lease, queue entries): the bulk of a keyspace is
+/// application data whose values may be large, and a scrape must not copy them all.
 pub fn recipes_now(store: &Store) -> Inspection {
     match read(store) {
         Ok(found) => found,
@@ -25,22 +25,11 @@ pub fn recipes_now(store: &Store) -> Inspection {
 }
 
 fn read(store: &Store) -> Result<Inspection, kv_core::Error> {
-    let listed = store.range(&RangeRequest {
-        key: vec![0],
-        range_end: vec![0],
-        limit: KEY_LIMIT,
-        keys_only: true,
-        serializable: true,
-        ..Default::default()
-    })?;
-    let revision = listed.header.map_or(0, |h| h.revision);
-    let mut kvs = Vec::new();
-    for listed_kv in &listed.kvs {
-        if !Inspection::wants_value(&listed_kv.key, listed_kv.lease) {
-            continue;
-        }
+    let (revision, wanted, more) = store.list_keys(KEY_LIMIT, Inspection::wants_value);
+    let mut kvs = Vec::with_capacity(wanted.len());
+    for (key, _) in wanted {
         let one = store.range(&RangeRequest {
-            key: listed_kv.key.to_vec(),
+            key,
             revision,
             serializable: true,
             ..Default::default()
@@ -51,6 +40,6 @@ fn read(store: &Store) -> Result<Inspection, kv_core::Error> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let mut found = Inspection::from_kvs(revision, &kvs, now_ms);
-    found.truncated = listed.more;
+    found.truncated = more;
     Ok(found)
 }

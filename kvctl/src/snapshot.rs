@@ -53,7 +53,10 @@ impl Progress {
 
 /// Saves a snapshot of the member the client talks to into `file`.
 pub async fn save(client: &Client, file: &Path, out: Output) -> Result<(), CtlError> {
-    let part = file.with_extension("part");
+    // `<file>.part`, beside the target, so the rename into place stays on one file system.
+    let mut part_name = file.as_os_str().to_owned();
+    part_name.push(".part");
+    let part = std::path::PathBuf::from(part_name);
     let io = |path: &Path| {
         let path = path.display().to_string();
         move |source| CtlError::File { path, source }
@@ -64,23 +67,30 @@ pub async fn save(client: &Client, file: &Path, out: Output) -> Result<(), CtlEr
         terminal: std::io::stderr().is_terminal(),
         shown_tenth: 0,
     };
-    let mut data = Vec::new();
+    // etcd's format: the body, then its SHA-256. The last 32 bytes seen may be the digest,
+    // so they are held back from the hash until more arrive.
+    let mut hasher = sha2::Sha256::new();
+    let mut tail: Vec<u8> = Vec::with_capacity(64);
+    let mut total = 0u64;
     let result = async {
         while let Some((chunk, remaining)) = download.next_chunk().await? {
             writer.write_all(&chunk).map_err(io(&part))?;
-            data.extend_from_slice(&chunk);
-            progress.show(data.len() as u64, remaining);
+            total += chunk.len() as u64;
+            tail.extend_from_slice(&chunk);
+            if tail.len() > 32 {
+                let body = tail.len() - 32;
+                hasher.update(&tail[..body]);
+                tail.drain(..body);
+            }
+            progress.show(total, remaining);
         }
         writer.sync_all().map_err(io(&part))?;
-        // etcd's format: the body, then its SHA-256.
-        if data.len() < 32 {
+        if tail.len() < 32 {
             return Err(CtlError::Invalid(format!(
-                "the snapshot is too short ({} bytes)",
-                data.len()
+                "the snapshot is too short ({total} bytes)"
             )));
         }
-        let (body, sum) = data.split_at(data.len() - 32);
-        if sha2::Sha256::digest(body).as_slice() != sum {
+        if hasher.finalize().as_slice() != tail.as_slice() {
             return Err(CtlError::Invalid(
                 "the snapshot's SHA-256 does not match its contents".into(),
             ));
@@ -95,11 +105,8 @@ pub async fn save(client: &Client, file: &Path, out: Output) -> Result<(), CtlEr
     std::fs::rename(&part, file).map_err(io(file))?;
     let saved = Saved {
         path: file.display().to_string(),
-        bytes: data.len() as u64,
-        sha256: data[data.len() - 32..]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
+        bytes: total,
+        sha256: tail.iter().map(|b| format!("{b:02x}")).collect(),
     };
     print(out, &saved, || {
         format!("Snapshot saved at {}\n", saved.path)

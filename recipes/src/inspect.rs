@@ -23,15 +23,19 @@
 
 use std::collections::BTreeMap;
 
-use kv_client::{Client, GetOptions, KeyValue, prefix_end};
+use kv_client::{Client, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse, prefix_end};
 use serde::Serialize;
 
 use crate::error::Result;
 use crate::queue::Envelope;
 
-/// Keys read per request by [`Inspection::read`]; every page is read at the first page's
+/// Keys listed per request by [`Inspection::read`]; every page is read at the first page's
 /// revision.
 const PAGE: i64 = 1000;
+
+/// Values read per transaction by [`Inspection::read`]: under etcd's default
+/// `--max-txn-ops` (128).
+const VALUES_PER_TXN: usize = 100;
 
 /// One key that holds or waits for something: its name, the lease it lives on and its create
 /// revision (the fencing token of a holder).
@@ -168,12 +172,18 @@ impl Inspection {
         } else {
             prefix.to_vec()
         };
+        // Keys first, without values: most of a keyspace is application data, whose values
+        // are of no use here and may be large. Then the values wanted, in batched reads.
         let mut revision = 0;
-        let mut kvs = Vec::new();
+        let mut listed = 0;
+        let mut wanted = Vec::new();
         let mut truncated = false;
         loop {
-            let page = (limit - kvs.len()).clamp(1, PAGE as usize) as i64;
-            let mut options = GetOptions::new().range_end(end.clone()).limit(page);
+            let page = (limit - listed).clamp(1, PAGE as usize) as i64;
+            let mut options = GetOptions::new()
+                .range_end(end.clone())
+                .limit(page)
+                .keys_only();
             if revision > 0 {
                 options = options.revision(revision);
             }
@@ -181,17 +191,35 @@ impl Inspection {
             if revision == 0 {
                 revision = got.revision;
             }
-            let more = got.more;
-            kvs.extend(got.kvs);
-            if !more {
+            listed += got.kvs.len();
+            let last = got.kvs.last().map(|kv| kv.key.to_vec());
+            wanted.extend(
+                got.kvs
+                    .into_iter()
+                    .filter(|kv| Inspection::wants_value(&kv.key, kv.lease))
+                    .map(|kv| kv.key.to_vec()),
+            );
+            if !got.more {
                 break;
             }
-            if kvs.len() >= limit {
+            if listed >= limit {
                 truncated = true;
                 break;
             }
-            let Some(last) = kvs.last() else { break };
-            from = [&last.key[..], &[0]].concat();
+            let Some(last) = last else { break };
+            from = [&last[..], &[0]].concat();
+        }
+        let mut kvs = Vec::with_capacity(wanted.len());
+        for batch in wanted.chunks(VALUES_PER_TXN) {
+            let reads = batch
+                .iter()
+                .map(|key| TxnOp::get(key.clone(), GetOptions::new().revision(revision)));
+            let answer = client.kv().txn(Txn::new().and_then(reads)).await?;
+            for response in answer.responses {
+                if let TxnOpResponse::Get(got) = response {
+                    kvs.extend(got.kvs);
+                }
+            }
         }
         let mut inspection = Inspection::from_kvs(revision, &kvs, now_ms());
         inspection.truncated = truncated;

@@ -76,6 +76,23 @@ fn text_of<'a>(dom: &'a str, id: &str) -> Option<&'a str> {
     Some(&rest[start..end])
 }
 
+/// Waits (at most 15 s) until the member at `endpoint` has applied `revision`.
+fn wait_applied(endpoint: &str, revision: i64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = http_get(endpoint, "/ui/api/status", Duration::from_secs(5)).expect("status");
+        let seen: serde_json::Value = serde_json::from_str(&status.body).expect("JSON");
+        if seen["revision"].as_i64().unwrap_or(0) >= revision {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{endpoint} did not apply {revision}: {seen}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_leader_and_the_live_lock_holder_in_chromium() {
     if which("chromium").is_none() {
@@ -117,6 +134,14 @@ async fn the_dashboard_shows_the_leader_and_the_live_lock_holder_in_chromium() {
         .expect("register");
 
     // Loaded from a follower: it still names the leader, and reads every member's own figures.
+    // The follower serves its own applied state, so first it has to have applied the writes.
+    let written = client
+        .kv()
+        .get("services/dashboard/api-1", Default::default())
+        .await
+        .expect("get")
+        .revision;
+    wait_applied(&endpoints[follower], written);
     let profile = tempfile::tempdir().expect("chromium profile");
     let url = format!("http://{}/ui", endpoints[follower]);
     let dom = chromium(&url, "--dump-dom", profile.path());
@@ -149,7 +174,13 @@ async fn the_dashboard_shows_the_leader_and_the_live_lock_holder_in_chromium() {
     }
     let holder = format!("locks/dashboard/{:x}", alice.lease());
     assert!(dom.contains(&holder), "the lock holder {holder} is shown");
-    assert!(dom.contains(&held.fence().revision.to_string()));
+    assert!(
+        dom.contains(&format!(
+            "{holder}</td><td class=\"num\">{}</td>",
+            held.fence().revision
+        )),
+        "the holder's fencing token is shown beside it"
+    );
     assert!(
         dom.contains("indexer-on-host-a"),
         "the election's leader is shown"
@@ -179,6 +210,7 @@ async fn the_dashboard_shows_the_leader_and_the_live_lock_holder_in_chromium() {
         .lock()
         .await
         .expect("lock");
+    wait_applied(&endpoints[follower], bobs.fence().revision);
     let dom = chromium(&url, "--dump-dom", profile.path());
     let new_holder = format!("locks/dashboard/{:x}", bob.lease());
     assert!(
@@ -240,7 +272,7 @@ async fn with_auth_on_the_dashboard_data_needs_a_root_user() {
     let granted = state(&root);
     assert_eq!(granted.status, 200, "{granted:?}");
     assert!(granted.body.contains("\"recipes\""));
-    // Remembered: the second look needs no second password hash, and still works.
+    // Again (from the remembered verdict), still granted.
     assert_eq!(state(&root).status, 200);
     // /metrics stays open, as etcd's, but no longer names queues or services (key names).
     let metrics = http_get(ep, "/metrics", Duration::from_secs(5)).expect("metrics");

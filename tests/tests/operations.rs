@@ -343,3 +343,43 @@ fn json_logs_are_one_object_per_line() {
     }
     assert!(ready, "{log}");
 }
+
+/// A call the client gives up on while it waits (a Lock behind a holder) counts as handled,
+/// code Canceled, as go-grpc-prometheus counts it: started minus handled stays the calls in
+/// flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_given_up_on_counts_as_canceled() {
+    use kv_core::proto::v3lockpb::{LockRequest, lock_client::LockClient};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = start_kv_server(dir.path(), &[]);
+    let ep = server.endpoint.as_str();
+    let client = Client::connect([ep], ClientOptions::default())
+        .await
+        .expect("connect");
+    let holder = client.lease().grant(30, None).await.expect("grant").id;
+    let waiter = client.lease().grant(30, None).await.expect("grant").id;
+    let mut lock = LockClient::new(kv_tests::connect_channel(ep).await);
+    lock.lock(LockRequest {
+        name: b"locks/held".to_vec(),
+        lease: holder,
+    })
+    .await
+    .expect("first lock");
+    let waiting = tokio::time::timeout(
+        Duration::from_millis(300),
+        lock.lock(LockRequest {
+            name: b"locks/held".to_vec(),
+            lease: waiter,
+        }),
+    )
+    .await;
+    assert!(waiting.is_err(), "the second lock waits for the first");
+    let canceled = "grpc_server_handled_total{grpc_code=\"Canceled\",grpc_method=\"Lock\",grpc_service=\"v3lockpb.Lock\",grpc_type=\"unary\"}";
+    let started = "grpc_server_started_total{grpc_method=\"Lock\",grpc_service=\"v3lockpb.Lock\",grpc_type=\"unary\"}";
+    let ok = "grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"Lock\",grpc_service=\"v3lockpb.Lock\",grpc_type=\"unary\"}";
+    wait_metrics(ep, Duration::from_secs(10), "the canceled lock", |text| {
+        metric(text, canceled) == Some(1.0)
+            && metric(text, ok) == Some(1.0)
+            && metric(text, started) == Some(2.0)
+    });
+}

@@ -4,7 +4,8 @@
 //!
 //! A tower layer around the client router times each call from its arrival to its status:
 //! the response headers of a trailers-only answer, else the trailers at the body's end. A
-//! body dropped before its end (the client went away mid-stream) counts as `Canceled`.
+//! call dropped before its status (the client went away or gave up, while the handler waited
+//! or mid-stream) counts as `Canceled`, so `started - handled` is the calls in flight.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -285,18 +286,24 @@ where
             );
         };
         stats.started.inc();
-        let started = Instant::now();
+        // Dropped with the future if the call goes before its response: counted Canceled.
+        let tally = Tally {
+            stats,
+            started: Instant::now(),
+            done: false,
+        };
         let finish: Finish<ResBody, S::Error> = Box::new(move |result| {
             result.map(|resp: http::Response<ResBody>| {
                 let code = status_code(resp.headers());
                 let (parts, body) = resp.into_parts();
-                let mut tally = Some(Tally { stats, started });
-                if let Some(code) = code {
+                let tally = match code {
                     // Trailers-only: the status is in the headers and the body is empty.
-                    if let Some(t) = tally.take() {
-                        t.stats.finish(code, t.started);
+                    Some(code) => {
+                        tally.finish(code);
+                        None
                     }
-                }
+                    None => Some(tally),
+                };
                 http::Response::from_parts(parts, MeteredBody { inner: body, tally })
             })
         });
@@ -320,11 +327,27 @@ fn status_code(headers: &http::HeaderMap) -> Option<usize> {
     Some(code)
 }
 
-/// A call being timed.
+/// A call being timed; dropped before [`Tally::finish`], it counts as `Canceled`.
 #[derive(Debug)]
 struct Tally {
     stats: Arc<MethodStats>,
     started: Instant,
+    done: bool,
+}
+
+impl Tally {
+    fn finish(mut self, code: usize) {
+        self.stats.finish(code, self.started);
+        self.done = true;
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        if !self.done {
+            self.stats.finish(CANCELED, self.started);
+        }
+    }
 }
 
 /// A response body that records its call's status when its trailers pass.
@@ -332,14 +355,6 @@ struct Tally {
 pub struct MeteredBody<B> {
     inner: B,
     tally: Option<Tally>,
-}
-
-impl<B> Drop for MeteredBody<B> {
-    fn drop(&mut self) {
-        if let Some(t) = self.tally.take() {
-            t.stats.finish(CANCELED, t.started);
-        }
-    }
 }
 
 impl<B> http_body::Body for MeteredBody<B>
@@ -360,20 +375,19 @@ where
                 if let Some(trailers) = frame.trailers_ref()
                     && let Some(t) = this.tally.take()
                 {
-                    t.stats
-                        .finish(status_code(trailers).unwrap_or(0), t.started);
+                    t.finish(status_code(trailers).unwrap_or(0));
                 }
             }
             Poll::Ready(Some(Err(_))) => {
                 if let Some(t) = this.tally.take() {
-                    t.stats.finish(UNKNOWN, t.started);
+                    t.finish(UNKNOWN);
                 }
             }
             Poll::Ready(None) => {
                 // Ended without trailers: tonic always sends them, so this is an OK that lost
                 // its status on the way; count it as grpc-go would read it (no status, OK).
                 if let Some(t) = this.tally.take() {
-                    t.stats.finish(0, t.started);
+                    t.finish(0);
                 }
             }
             Poll::Pending => {}

@@ -142,17 +142,35 @@ pub struct Metrics {
     pub health_failures: Counter,
 }
 
-/// Counters of the MVCC store.
+/// Counters of the MVCC store, as etcd counts them: every range, put and delete, those inside
+/// transactions too, and every transaction (read-only ones included).
 #[derive(Debug, Default)]
 pub struct MvccCounters {
-    /// Ranges served (including those inside transactions).
+    /// Ranges served by this member.
     pub range: Counter,
     /// Puts applied.
     pub put: Counter,
     /// Delete-ranges applied.
     pub delete: Counter,
-    /// Transactions applied.
+    /// Transactions applied or served as reads by this member.
     pub txn: Counter,
+}
+
+impl MvccCounters {
+    /// Counts a transaction and the operations of the branch that ran, nested ones too.
+    pub fn count_txn(&self, txn: &kv_core::proto::etcdserverpb::TxnResponse) {
+        use kv_core::proto::etcdserverpb::response_op::Response;
+        self.txn.inc();
+        for op in &txn.responses {
+            match &op.response {
+                Some(Response::ResponseRange(_)) => self.range.inc(),
+                Some(Response::ResponsePut(_)) => self.put.inc(),
+                Some(Response::ResponseDeleteRange(_)) => self.delete.inc(),
+                Some(Response::ResponseTxn(nested)) => self.count_txn(nested),
+                None => {}
+            }
+        }
+    }
 }
 
 /// Counters of leases.
@@ -223,6 +241,34 @@ mod tests {
         assert!(buckets[2].0.is_infinite());
         assert!((sum - 3.006).abs() < 1e-9, "{sum}");
         assert_eq!(h.count(), 3);
+    }
+
+    #[test]
+    fn a_transaction_counts_its_operations_nested_ones_too() {
+        use kv_core::proto::etcdserverpb::{
+            DeleteRangeResponse, PutResponse, RangeResponse, ResponseOp, TxnResponse,
+            response_op::Response,
+        };
+        let op = |r| ResponseOp { response: Some(r) };
+        let nested = TxnResponse {
+            responses: vec![op(Response::ResponsePut(PutResponse::default()))],
+            ..Default::default()
+        };
+        let txn = TxnResponse {
+            responses: vec![
+                op(Response::ResponseRange(RangeResponse::default())),
+                op(Response::ResponsePut(PutResponse::default())),
+                op(Response::ResponseDeleteRange(DeleteRangeResponse::default())),
+                op(Response::ResponseTxn(nested)),
+            ],
+            ..Default::default()
+        };
+        let m = MvccCounters::default();
+        m.count_txn(&txn);
+        assert_eq!(
+            (m.txn.get(), m.range.get(), m.put.get(), m.delete.get()),
+            (2, 1, 2, 1)
+        );
     }
 
     #[test]

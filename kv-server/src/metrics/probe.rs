@@ -52,6 +52,13 @@ pub async fn count_leader_changes(node: Arc<Node>, stop: CancellationToken) {
         };
         if now.is_some() && now != seen {
             node.metrics.leader_changes.inc();
+        } else if now == seen {
+            // Nothing changed within the wait: Raft stopped publishing (its core is gone), or
+            // a long quiet spell. Either way, do not spin.
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
         }
         seen = now;
     }

@@ -84,13 +84,16 @@ impl<A: Applier> Peer for PeerService<A> {
         request: Request<PeerRequest>,
     ) -> Result<Response<PeerResponse>, Status> {
         let rpc = self.open(request)?;
-        self.node.leader_contacted();
         let resp = self
             .node
             .raft()
             .append_entries(rpc)
             .await
             .map_err(stopped)?;
+        // A leader of this cluster reached us, unless it was refused as stale.
+        if !matches!(resp, openraft::raft::AppendEntriesResponse::HigherVote(_)) {
+            self.node.leader_contacted();
+        }
         answer(&resp)
     }
 
@@ -107,7 +110,6 @@ impl<A: Applier> Peer for PeerService<A> {
         let refusal = refused.clone();
         let node = self.node.clone();
         let requests = request.into_inner().scan((), move |_, message| {
-            node.leader_contacted();
             let opened = message.and_then(|m| {
                 check_cluster(cluster_id, &m)?;
                 decode::<AppendEntriesRequest<TypeConfig>>(&m.data)
@@ -120,8 +122,17 @@ impl<A: Applier> Peer for PeerService<A> {
                 }
             })
         });
-        let answers = self.node.raft().stream_append(requests).map(|result| {
-            let data = encode(&result.map_err(stopped)?)?;
+        let answers = self.node.raft().stream_append(requests).map(move |result| {
+            let result = result.map_err(stopped)?;
+            // Accepted (or a log conflict, which a live leader resolves): a leader of this
+            // cluster reached us. A refusal for a higher vote is a stale leader.
+            if !matches!(
+                result,
+                Err(openraft::raft::StreamAppendError::HigherVote(_))
+            ) {
+                node.leader_contacted();
+            }
+            let data = encode(&result)?;
             Ok(PeerResponse { data })
         });
         let last = futures::stream::once(async move {

@@ -35,7 +35,6 @@ impl Kv for KvService {
         let caller = self.node.caller(&Credentials::of(&request)).await?;
         let req = request.into_inner();
         validation::check_range(&req).map_err(|e| kv_status(&e))?;
-        self.node.metrics.mvcc.range.inc();
         if !req.serializable {
             self.node.linearize().await?;
         }
@@ -48,6 +47,7 @@ impl Kv for KvService {
                 store.range(&req).map_err(|e| error_status(&e))
             })
             .await?;
+        self.node.metrics.mvcc.range.inc();
         self.node.fill(&mut resp.header);
         Ok(GrpcResponse::new(resp))
     }
@@ -120,6 +120,7 @@ impl Kv for KvService {
                     self.node, Txn, req, &caller
                 )?));
             };
+            self.node.metrics.mvcc.count_txn(&resp);
             self.node.fill(&mut resp.header);
             return Ok(GrpcResponse::new(resp));
         }
@@ -131,6 +132,7 @@ impl Kv for KvService {
                 store.read_txn(&req).map_err(|e| error_status(&e))
             })
             .await?;
+        self.node.metrics.mvcc.count_txn(&resp);
         self.node.fill(&mut resp.header);
         Ok(GrpcResponse::new(resp))
     }

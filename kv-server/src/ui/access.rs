@@ -23,11 +23,22 @@ use crate::node::Node;
 /// How long verified credentials are trusted without hashing the password again.
 pub const REMEMBERED_FOR: Duration = Duration::from_secs(60);
 
+/// How long refused credentials are refused without hashing again (a page left open with a
+/// wrong password asks every second).
+pub const REFUSED_FOR: Duration = Duration::from_secs(5);
+
+/// Credentials remembered at most, either way (beyond this the oldest are forgotten).
+const REMEMBERED_MAX: usize = 1024;
+
 /// The dashboard's gate.
 pub struct Access {
     node: Arc<Node>,
-    /// SHA-256 of `user NUL password` → (auth revision, when verified).
-    verified: Mutex<HashMap<[u8; 32], (u64, Instant)>>,
+    /// SHA-256 of `user NUL password` → (auth revision, when checked, whether it passed).
+    checked: Mutex<HashMap<[u8; 32], (u64, Instant, bool)>>,
+    /// One password hash at a time.
+    hashing: tokio::sync::Semaphore,
+    /// What an unknown user's password is checked against, so refusing one takes as long.
+    decoy: std::sync::OnceLock<Option<String>>,
 }
 
 impl Access {
@@ -35,7 +46,9 @@ impl Access {
     pub fn new(node: Arc<Node>) -> Self {
         Access {
             node,
-            verified: Mutex::new(HashMap::new()),
+            checked: Mutex::new(HashMap::new()),
+            hashing: tokio::sync::Semaphore::new(1),
+            decoy: std::sync::OnceLock::new(),
         }
     }
 
@@ -52,24 +65,15 @@ impl Access {
             ));
         };
         let digest: [u8; 32] = sha2::Sha256::digest(format!("{user}\0{password}")).into();
-        {
-            let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-            verified.retain(|_, (rev, at)| *rev == revision && at.elapsed() < REMEMBERED_FOR);
-            if verified.contains_key(&digest) {
-                return Ok(());
+        let passed = match self.remembered(&digest, revision) {
+            Some(passed) => passed,
+            None => {
+                let passed = self.password_matches(&user, password).await;
+                self.remember(digest, revision, passed);
+                passed
             }
-        }
-        let hash = self
-            .node
-            .store
-            .auth(|a| a.user(&user).and_then(|u| u.password.clone()));
-        let Some(hash) = hash else {
-            return Err(refuse(StatusCode::UNAUTHORIZED, "authentication failed"));
         };
-        let matches = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
-            .await
-            .unwrap_or(false);
-        if !matches {
+        if !passed {
             return Err(refuse(StatusCode::UNAUTHORIZED, "authentication failed"));
         }
         let caller = Caller {
@@ -82,9 +86,60 @@ impl Access {
                 "the dashboard needs the root role",
             ));
         }
-        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-        verified.insert(digest, (revision, Instant::now()));
         Ok(())
+    }
+
+    /// A remembered verdict on `digest` at auth `revision`, forgetting stale ones.
+    fn remembered(&self, digest: &[u8; 32], revision: u64) -> Option<bool> {
+        let mut checked = self.checked.lock().unwrap_or_else(|e| e.into_inner());
+        checked.retain(|_, (rev, at, passed)| {
+            let keep = if *passed { REMEMBERED_FOR } else { REFUSED_FOR };
+            *rev == revision && at.elapsed() < keep
+        });
+        checked.get(digest).map(|(_, _, passed)| *passed)
+    }
+
+    fn remember(&self, digest: [u8; 32], revision: u64, passed: bool) {
+        let mut checked = self.checked.lock().unwrap_or_else(|e| e.into_inner());
+        if checked.len() >= REMEMBERED_MAX
+            && let Some(oldest) = checked.iter().min_by_key(|(_, v)| v.1).map(|(k, _)| *k)
+        {
+            checked.remove(&oldest);
+        }
+        checked.insert(digest, (revision, Instant::now(), passed));
+    }
+
+    /// Whether `password` is `user`'s, by one Argon2 check (against a decoy hash for an
+    /// unknown user or one without a password).
+    async fn password_matches(&self, user: &str, password: String) -> bool {
+        let Ok(_turn) = self.hashing.acquire().await else {
+            return false;
+        };
+        let hash = self
+            .node
+            .store
+            .auth(|a| a.user(user).and_then(|u| u.password.clone()));
+        let known = hash.is_some();
+        let hash = match (hash, self.decoy.get()) {
+            (Some(hash), _) => hash,
+            (None, Some(Some(decoy))) => decoy.clone(),
+            (None, _) => {
+                // Made once, on the blocking pool like every hash.
+                let made = tokio::task::spawn_blocking(|| crate::auth::hash_password("decoy").ok())
+                    .await
+                    .ok()
+                    .flatten();
+                let _ = self.decoy.set(made.clone());
+                match made {
+                    Some(decoy) => decoy,
+                    None => return false,
+                }
+            }
+        };
+        let matches = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+            .await
+            .unwrap_or(false);
+        known && matches
     }
 }
 

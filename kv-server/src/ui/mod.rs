@@ -7,7 +7,7 @@
 //!   auth on it needs a root user's HTTP Basic credentials ([`access`]).
 //! - `/ui/api/status`: this member's figures alone (numbers, like `/metrics`, and as open).
 //!   The page asks every member for it at its advertised client URL, so the members table
-//!   shows each one's own view (CORS allows it).
+//!   shows each one's own view (CORS allows it, for this route only).
 //! - `/ui/api/history`: the last ten minutes of revision, db size, leases and watchers.
 
 pub mod access;
@@ -70,7 +70,8 @@ impl Dashboard {
                 "/ui/api/status",
                 get(move || {
                     let ui = status.clone();
-                    async move { json(&status_of(&ui.node)) }
+                    // Other members' pages read this (numbers only, open like /metrics).
+                    async move { allow_any_origin(json(&status_of(&ui.node))) }
                 }),
             )
             .route(
@@ -219,20 +220,24 @@ fn json<T: Serialize>(value: &T) -> Response<Body> {
     match serde_json::to_string(value) {
         Ok(body) => {
             let mut resp = Response::new(Body::from(body));
-            let headers = resp.headers_mut();
-            headers.insert(
+            resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("application/json"),
-            );
-            // Other members' pages read this member's status (etcd allows any origin too).
-            headers.insert(
-                header::ACCESS_CONTROL_ALLOW_ORIGIN,
-                header::HeaderValue::from_static("*"),
             );
             resp
         }
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
+}
+
+/// Lets pages of any origin read `resp`. Only the member status carries this: the recipes'
+/// state names keys and holds values, which another site's page must not read.
+fn allow_any_origin(mut resp: Response<Body>) -> Response<Body> {
+    resp.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        header::HeaderValue::from_static("*"),
+    );
+    resp
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Body> {
