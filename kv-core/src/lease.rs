@@ -56,6 +56,11 @@ impl LeaseTable {
         self.leases.get(&id)
     }
 
+    /// Every key attached to a lease, with its lease, in no particular order.
+    pub fn attached(&self) -> impl Iterator<Item = (&[u8], i64)> + '_ {
+        self.attached.iter().map(|(key, lease)| (&key[..], *lease))
+    }
+
     /// The lease `key` is attached to (`NO_LEASE`: none).
     pub fn lease_of(&self, key: &[u8]) -> i64 {
         self.attached.get(key).copied().unwrap_or(NO_LEASE)

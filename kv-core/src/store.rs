@@ -375,6 +375,22 @@ impl Store {
         (at, kept, more)
     }
 
+    /// Up to `limit` of the keys attached to a lease, with their leases, at the current
+    /// revision (the revision is returned too), whatever their place in the keyspace: locks,
+    /// elections and registrations live on leases, and are found here even when a large
+    /// keyspace puts them past a [`Store::list_keys`] limit.
+    pub fn leased_keys(&self, limit: usize) -> (i64, Vec<(Vec<u8>, i64)>) {
+        let state = self.read_state();
+        let keys = state
+            .mvcc
+            .leases
+            .attached()
+            .take(limit)
+            .map(|(key, lease)| (key.to_vec(), lease))
+            .collect();
+        (state.mvcc.current, keys)
+    }
+
     /// Runs `f` over the auth state as applied so far (for checks made before serving a read,
     /// and for the Auth service's reads).
     pub fn auth<T>(&self, f: impl FnOnce(&AuthState) -> T) -> T {
@@ -1556,6 +1572,13 @@ mod lease_tests {
         assert!(!more);
         let (_, leased, _) = s.list_keys(10, |_, lease| lease != 0);
         assert_eq!(leased.len(), 2);
+        let (at, mut attached) = s.leased_keys(10);
+        attached.sort();
+        assert_eq!(
+            (at, attached),
+            (rev, vec![(b"b".to_vec(), 7), (b"d".to_vec(), 7)])
+        );
+        assert_eq!(s.leased_keys(1).1.len(), 1);
         let (_, first, more) = s.list_keys(2, |_, _| true);
         assert_eq!(first.len(), 2);
         assert!(more, "a key remains past the limit");

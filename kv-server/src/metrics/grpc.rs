@@ -7,7 +7,6 @@
 //! call dropped before its status (the client went away or gave up, while the handler waited
 //! or mid-stream) counts as `Canceled`, so `started - handled` is the calls in flight.
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -123,7 +122,8 @@ impl MethodStats {
 /// Counts of every method, by request path (`/service/method`).
 #[derive(Debug)]
 pub struct GrpcMetrics {
-    methods: HashMap<String, Arc<MethodStats>>,
+    /// Looked up on every call: foldhash, not SipHash (the keys are our own paths).
+    methods: foldhash::HashMap<String, Arc<MethodStats>>,
 }
 
 impl Default for GrpcMetrics {
