@@ -13,7 +13,7 @@ pub fn scrape(node: &Node) -> String {
     let m: &Metrics = &node.metrics;
     let mut out = Exposition::default();
     let raft = node.raft.status();
-    let store = node.store.status();
+    let store = node.store.status_recent(crate::ui::IN_USE_MAX_AGE);
     let me = node.identity.member_id;
     let learner = node
         .raft

@@ -84,6 +84,10 @@ impl Dashboard {
     }
 }
 
+/// How old the database's bytes-in-use figure may be on the dashboard and `/metrics`: it is
+/// costly to measure (see `Store::status_recent`), and both ask often.
+pub const IN_USE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -134,7 +138,7 @@ pub struct MemberStatus {
 
 fn status_of(node: &Node) -> MemberStatus {
     let raft = node.raft.status();
-    let store = node.store.status();
+    let store = node.store.status_recent(IN_USE_MAX_AGE);
     let (leases, lease_keys) = node.store.lease_counts();
     let hub = node.store.watch_hub().stats();
     MemberStatus {
