@@ -282,15 +282,26 @@ impl Store {
         &self.config
     }
 
-    /// Revision, compaction, applied index and sizes.
+    /// Revision, compaction, applied index and sizes, the bytes in use measured now.
     pub fn status(&self) -> StoreStatus {
+        self.status_with(self.measure_in_use())
+    }
+
+    /// Measures the bytes in use, and remembers the figure for [`Store::status_recent`].
+    fn measure_in_use(&self) -> i64 {
+        let bytes = self.backend.size_in_use() as i64;
+        *self.in_use.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), bytes));
+        bytes
+    }
+
+    fn status_with(&self, in_use: i64) -> StoreStatus {
         let s = self.read_state();
         StoreStatus {
             revision: s.mvcc.current,
             compact_revision: s.mvcc.compacted,
             applied_index: s.applied_index,
             db_size: self.backend.size() as i64,
-            db_size_in_use: self.backend.size_in_use() as i64,
+            db_size_in_use: in_use,
             keys: s.mvcc.index.len(),
         }
     }
@@ -302,22 +313,9 @@ impl Store {
         let cached = *self.in_use.lock().unwrap_or_else(|e| e.into_inner());
         let in_use = match cached {
             Some((at, bytes)) if at.elapsed() <= max_age => bytes,
-            _ => {
-                let bytes = self.backend.size_in_use() as i64;
-                *self.in_use.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some((Instant::now(), bytes));
-                bytes
-            }
+            _ => self.measure_in_use(),
         };
-        let s = self.read_state();
-        StoreStatus {
-            revision: s.mvcc.current,
-            compact_revision: s.mvcc.compacted,
-            applied_index: s.applied_index,
-            db_size: self.backend.size() as i64,
-            db_size_in_use: in_use,
-            keys: s.mvcc.index.len(),
-        }
+        self.status_with(in_use)
     }
 
     /// The backend's size in bytes (cheap, unlike the bytes in use).

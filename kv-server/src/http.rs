@@ -11,7 +11,7 @@ use axum::routing::get;
 use tonic::codegen::http::{Response, StatusCode, header};
 
 use crate::node::Node;
-use crate::service::maintenance::API_VERSION;
+use crate::service::maintenance::{API_VERSION, alarm_name};
 
 /// How long `/health`'s read may take before the member counts as unhealthy.
 pub const HEALTH_READ_TIMEOUT: Duration = Duration::from_secs(3);
@@ -125,10 +125,7 @@ async fn health(node: &Node, query: Option<&str>) -> Response<Body> {
 
 async fn unhealthy_because(node: &Node, serializable: bool) -> Option<String> {
     if let Some(alarm) = node.store.alarms().first() {
-        let name = kv_core::proto::etcdserverpb::AlarmType::try_from(alarm.alarm)
-            .map(|t| t.as_str_name())
-            .unwrap_or("UNKNOWN");
-        return Some(format!("ALARM {name}"));
+        return Some(format!("ALARM {}", alarm_name(alarm.alarm)));
     }
     if !node.raft.has_leader() {
         return Some("RAFT NO LEADER".into());

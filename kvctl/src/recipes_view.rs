@@ -22,6 +22,11 @@ async fn inspect(client: &Client, prefix: &str, max_keys: usize) -> Result<Inspe
     Ok(found)
 }
 
+/// What to read: one recipe's keys when named, else everything under `prefix`.
+fn scope(name: Option<&str>, prefix: &str) -> String {
+    name.map_or(prefix.to_string(), |n| format!("{n}/"))
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -158,8 +163,7 @@ pub async fn queue_stats(
     max_keys: usize,
     out: Output,
 ) -> Result<(), CtlError> {
-    // One queue: read only its keys.
-    let scope = name.map_or(prefix.to_string(), |n| format!("{n}/"));
+    let scope = scope(name, prefix);
     let found = inspect(client, &scope, max_keys).await?;
     let queues: Vec<_> = match name {
         Some(n) => vec![found.queue_or_empty(n)],
@@ -243,7 +247,7 @@ pub async fn services(
     max_keys: usize,
     out: Output,
 ) -> Result<(), CtlError> {
-    let scope = name.map_or(prefix.to_string(), |n| format!("{n}/"));
+    let scope = scope(name, prefix);
     let found = inspect(client, &scope, max_keys).await?;
     let services: Vec<_> = found
         .services

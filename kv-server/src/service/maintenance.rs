@@ -81,12 +81,7 @@ impl Maintenance for MaintenanceService {
             .store
             .alarms()
             .iter()
-            .map(|a| {
-                let name = kv_core::proto::etcdserverpb::AlarmType::try_from(a.alarm)
-                    .map(|t| t.as_str_name())
-                    .unwrap_or("UNKNOWN");
-                format!("memberID:{} alarm:{} ", a.member_id, name)
-            })
+            .map(|a| format!("memberID:{} alarm:{} ", a.member_id, alarm_name(a.alarm)))
             .collect();
         Ok(Response::new(StatusResponse {
             header: self.node.header(store.revision),
@@ -202,6 +197,13 @@ impl Maintenance for MaintenanceService {
             "kv-server: cluster downgrade is not supported",
         ))
     }
+}
+
+/// An alarm's name as etcd spells it (`NOSPACE`, `CORRUPT`).
+pub fn alarm_name(alarm: i32) -> &'static str {
+    kv_core::proto::etcdserverpb::AlarmType::try_from(alarm)
+        .map(|t| t.as_str_name())
+        .unwrap_or("UNKNOWN")
 }
 
 /// Frames a store snapshot for the Snapshot stream the way etcd clients check it: the body is

@@ -22,7 +22,7 @@ use tonic::codegen::http::{HeaderMap, Response, StatusCode, header};
 
 use crate::node::Node;
 use crate::service::cluster::ClusterService;
-use crate::service::maintenance::API_VERSION;
+use crate::service::maintenance::{API_VERSION, alarm_name};
 
 /// The page.
 const PAGE: &str = include_str!("dashboard.html");
@@ -163,12 +163,7 @@ fn status_of(node: &Node) -> MemberStatus {
             .store
             .alarms()
             .iter()
-            .map(|a| {
-                let name = kv_core::proto::etcdserverpb::AlarmType::try_from(a.alarm)
-                    .map(|t| t.as_str_name())
-                    .unwrap_or("UNKNOWN");
-                format!("{:x}: {name}", a.member_id)
-            })
+            .map(|a| format!("{:x}: {}", a.member_id, alarm_name(a.alarm)))
             .collect(),
     }
 }
