@@ -33,7 +33,7 @@ fn artifacts_dir() -> PathBuf {
 /// Runs headless Chromium on `url` with `what` (`--dump-dom` or `--screenshot=...`), giving
 /// the page's timers and fetches a few seconds of virtual time; returns its stdout.
 fn chromium(url: &str, what: &str, profile: &std::path::Path) -> String {
-    let mut child = Command::new("chromium")
+    let child = Command::new("chromium")
         .args([
             "--headless",
             // Root in a container has no user namespace for the sandbox.
@@ -53,16 +53,21 @@ fn chromium(url: &str, what: &str, profile: &std::path::Path) -> String {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn chromium");
-    let deadline = Instant::now() + CHROMIUM_LIMIT;
-    while child.try_wait().expect("chromium status").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // The DOM is read while chromium runs, so a large page never blocks it on a full pipe.
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(CHROMIUM_LIMIT) {
+        Ok(out) => out.expect("chromium output"),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
             panic!("chromium did not finish in {CHROMIUM_LIMIT:?}");
         }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().expect("chromium output");
+    };
     assert!(out.status.success(), "chromium: {}", out.status);
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -15,26 +15,37 @@ use serde_json::Value;
 
 const RUN_LIMIT: Duration = Duration::from_secs(30);
 
-/// Runs kvctl against `endpoints` with `args`, bounded by [`RUN_LIMIT`].
-fn kvctl(endpoints: &[String], args: &[&str]) -> Output {
-    let mut child = Command::new(kvctl_bin())
-        .arg("--endpoints")
-        .arg(endpoints.join(","))
-        .args(args)
+/// Runs `cmd` to its end with its output collected, bounded by [`RUN_LIMIT`]: past it the
+/// process is killed (by PID) and the test fails.
+fn run_bounded(cmd: &mut Command, what: &str) -> Output {
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn kvctl");
-    let deadline = Instant::now() + RUN_LIMIT;
-    while child.try_wait().expect("kvctl status").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("kvctl {args:?} did not finish in {RUN_LIMIT:?}");
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Reading the pipes to the end while waiting: a chatty process never blocks on a full one.
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(RUN_LIMIT) {
+        Ok(out) => out.unwrap_or_else(|e| panic!("{what}: {e}")),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("{what} did not finish in {RUN_LIMIT:?}");
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
-    child.wait_with_output().expect("kvctl output")
+}
+
+/// Runs kvctl against `endpoints` with `args`, bounded by [`RUN_LIMIT`].
+fn kvctl(endpoints: &[String], args: &[&str]) -> Output {
+    let mut cmd = Command::new(kvctl_bin());
+    cmd.arg("--endpoints").arg(endpoints.join(",")).args(args);
+    run_bounded(&mut cmd, &format!("kvctl {args:?}"))
 }
 
 /// kvctl's stdout, which must come with exit code 0.
@@ -593,15 +604,16 @@ async fn snapshot_save_then_restore_seeds_a_new_cluster_with_identical_history()
     let locks = json(&new.endpoints(), &["lock", "list"]);
     assert_eq!(locks[0]["name"], "locks/backup", "{locks}");
 
-    // Restoring over existing data, or into an existing cluster, is refused.
-    let refused = Command::new(kv_tests::kv_server_bin())
-        .args([
-            "--data-dir",
-            new.members[0].data_dir.to_str().expect("UTF-8"),
-        ])
-        .args(["--restore-from", file_arg])
-        .output()
-        .expect("run kv-server");
+    // Restoring over existing data, or from a damaged file, is refused.
+    let refused = run_bounded(
+        Command::new(kv_tests::kv_server_bin())
+            .args([
+                "--data-dir",
+                new.members[0].data_dir.to_str().expect("UTF-8"),
+            ])
+            .args(["--restore-from", file_arg]),
+        "kv-server --restore-from",
+    );
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("already exists"));
     let corrupt = dir.path().join("corrupt.db");
@@ -609,14 +621,15 @@ async fn snapshot_save_then_restore_seeds_a_new_cluster_with_identical_history()
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
     std::fs::write(&corrupt, bytes).expect("write");
-    let out = Command::new(kv_tests::kv_server_bin())
-        .args([
-            "--data-dir",
-            dir.path().join("fresh").to_str().expect("UTF-8"),
-        ])
-        .args(["--restore-from", corrupt.to_str().expect("UTF-8")])
-        .output()
-        .expect("run kv-server");
+    let out = run_bounded(
+        Command::new(kv_tests::kv_server_bin())
+            .args([
+                "--data-dir",
+                dir.path().join("fresh").to_str().expect("UTF-8"),
+            ])
+            .args(["--restore-from", corrupt.to_str().expect("UTF-8")]),
+        "kv-server --restore-from",
+    );
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("SHA-256"),
