@@ -71,7 +71,8 @@ pub async fn not_found(request: axum::extract::Request) -> Response<Body> {
     )
 }
 
-fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+/// A response with `status`, a content type and `body` (every HTTP route's answers).
+pub fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
     let mut resp = Response::new(Body::from(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(

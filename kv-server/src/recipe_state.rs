@@ -49,10 +49,7 @@ fn read(store: &Store) -> Result<Inspection, kv_core::Error> {
         };
         kvs.extend(one.kvs);
     }
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let mut found = Inspection::from_kvs(revision, &kvs, now_ms);
+    let mut found = Inspection::from_kvs(revision, &kvs, crate::ui::now_ms());
     found.truncated = truncated;
     Ok(found)
 }

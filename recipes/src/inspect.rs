@@ -27,7 +27,7 @@ use kv_client::{Client, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse, prefix_
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::queue::Envelope;
+use crate::queue::{Envelope, now_ms};
 
 /// Keys listed per request by [`Inspection::read`]; every page is read at the first page's
 /// revision.
@@ -481,12 +481,6 @@ fn instance(value: &[u8]) -> Option<crate::discovery::InstanceInfo> {
         return None;
     }
     serde_json::from_slice(value).ok()
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

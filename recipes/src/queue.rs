@@ -119,7 +119,7 @@ fn codec(e: serde_json::Error) -> Error {
     Error::Codec(e.to_string())
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

@@ -48,6 +48,32 @@ fn workspace_bin(name: &str, env: &str) -> PathBuf {
     bin
 }
 
+/// Runs `cmd` to its end with its output collected, bounded by `limit`: past it the process
+/// is killed (by PID) and the test fails. The pipes are read while it runs, so a chatty
+/// process never blocks on a full one.
+pub fn run_bounded(cmd: &mut Command, limit: Duration, what: &str) -> Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.unwrap_or_else(|e| panic!("{what}: {e}")),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("{what} did not finish in {limit:?}");
+        }
+    }
+}
+
 /// A connected channel to a server's client endpoint (`host:port`); panics if it cannot
 /// connect within 5 s.
 pub async fn connect_channel(endpoint: &str) -> tonic::transport::Channel {

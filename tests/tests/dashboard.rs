@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use kv_client::{Client, ClientOptions};
 use kv_tests::scrape::{http_get, http_request_with};
-use kv_tests::{Cluster, start_kv_server, wait_leader_among, which};
+use kv_tests::{Cluster, run_bounded, start_kv_server, wait_leader_among, which};
 use recipes::discovery::{InstanceInfo, Service};
 use recipes::{Election, Mutex, Queue, Session};
 
@@ -33,41 +33,22 @@ fn artifacts_dir() -> PathBuf {
 /// Runs headless Chromium on `url` with `what` (`--dump-dom` or `--screenshot=...`), giving
 /// the page's timers and fetches a few seconds of virtual time; returns its stdout.
 fn chromium(url: &str, what: &str, profile: &std::path::Path) -> String {
-    let child = Command::new("chromium")
-        .args([
-            "--headless",
-            // Root in a container has no user namespace for the sandbox.
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--hide-scrollbars",
-            "--no-first-run",
-            "--window-size=1400,1300",
-            "--virtual-time-budget=5000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(what)
-        .arg(url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn chromium");
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    // The DOM is read while chromium runs, so a large page never blocks it on a full pipe.
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(CHROMIUM_LIMIT) {
-        Ok(out) => out.expect("chromium output"),
-        Err(_) => {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            panic!("chromium did not finish in {CHROMIUM_LIMIT:?}");
-        }
-    };
+    let mut cmd = Command::new("chromium");
+    cmd.args([
+        "--headless",
+        // Root in a container has no user namespace for the sandbox.
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        "--no-first-run",
+        "--window-size=1400,1300",
+        "--virtual-time-budget=5000",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()))
+    .arg(what)
+    .arg(url);
+    let out = run_bounded(&mut cmd, CHROMIUM_LIMIT, "chromium");
     assert!(out.status.success(), "chromium: {}", out.status);
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

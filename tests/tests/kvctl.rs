@@ -8,44 +8,20 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use kv_client::{Client, ClientOptions};
-use kv_tests::{Cluster, etcdctl, kvctl_bin, start_kv_server, wait_leader_among, which};
+use kv_tests::{
+    Cluster, etcdctl, kvctl_bin, run_bounded, start_kv_server, wait_leader_among, which,
+};
 use recipes::discovery::{InstanceInfo, Service};
 use recipes::{Election, EnqueueOptions, Mutex, Queue, QueueOptions, Session};
 use serde_json::Value;
 
 const RUN_LIMIT: Duration = Duration::from_secs(30);
 
-/// Runs `cmd` to its end with its output collected, bounded by [`RUN_LIMIT`]: past it the
-/// process is killed (by PID) and the test fails.
-fn run_bounded(cmd: &mut Command, what: &str) -> Output {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    // Reading the pipes to the end while waiting: a chatty process never blocks on a full one.
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(RUN_LIMIT) {
-        Ok(out) => out.unwrap_or_else(|e| panic!("{what}: {e}")),
-        Err(_) => {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            panic!("{what} did not finish in {RUN_LIMIT:?}");
-        }
-    }
-}
-
 /// Runs kvctl against `endpoints` with `args`, bounded by [`RUN_LIMIT`].
 fn kvctl(endpoints: &[String], args: &[&str]) -> Output {
     let mut cmd = Command::new(kvctl_bin());
     cmd.arg("--endpoints").arg(endpoints.join(",")).args(args);
-    run_bounded(&mut cmd, &format!("kvctl {args:?}"))
+    run_bounded(&mut cmd, RUN_LIMIT, &format!("kvctl {args:?}"))
 }
 
 /// kvctl's stdout, which must come with exit code 0.
@@ -612,6 +588,7 @@ async fn snapshot_save_then_restore_seeds_a_new_cluster_with_identical_history()
                 new.members[0].data_dir.to_str().expect("UTF-8"),
             ])
             .args(["--restore-from", file_arg]),
+        RUN_LIMIT,
         "kv-server --restore-from",
     );
     assert!(!refused.status.success());
@@ -628,6 +605,7 @@ async fn snapshot_save_then_restore_seeds_a_new_cluster_with_identical_history()
                 dir.path().join("fresh").to_str().expect("UTF-8"),
             ])
             .args(["--restore-from", corrupt.to_str().expect("UTF-8")]),
+        RUN_LIMIT,
         "kv-server --restore-from",
     );
     assert!(!out.status.success());

@@ -180,10 +180,7 @@ impl GrpcMetrics {
         out.counters(
             "grpc_server_started_total",
             "Total number of RPCs started on the server.",
-            &started
-                .iter()
-                .map(|(l, n)| (&l[..], *n))
-                .collect::<Vec<_>>(),
+            &started,
         );
         let mut handled = Vec::new();
         for m in &methods {
@@ -198,10 +195,7 @@ impl GrpcMetrics {
         out.counters(
             "grpc_server_handled_total",
             "Total number of RPCs completed on the server, regardless of success or failure.",
-            &handled
-                .iter()
-                .map(|(l, n)| (&l[..], *n))
-                .collect::<Vec<_>>(),
+            &handled,
         );
         let timed: Vec<_> = methods
             .iter()
@@ -212,7 +206,7 @@ impl GrpcMetrics {
             "grpc_server_handling_seconds",
             "Histogram of response latency (seconds) of gRPC that had been application-level \
              handled by the server.",
-            &timed.iter().map(|(l, h)| (&l[..], *h)).collect::<Vec<_>>(),
+            &timed,
         );
     }
 }

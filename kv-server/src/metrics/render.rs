@@ -32,20 +32,27 @@ impl Exposition {
 
     /// A gauge with one unlabelled sample.
     pub fn gauge(&mut self, name: &str, help: &str, value: f64) {
-        self.gauges(name, help, &[(&[], value)]);
+        let none: Labels<'_> = &[];
+        self.gauges(name, help, &[(none, value)]);
     }
 
-    /// A gauge family.
-    pub fn gauges(&mut self, name: &str, help: &str, samples: &[(Labels<'_>, f64)]) {
+    /// A gauge family; each sample's labels are any list of pairs (an array, a slice).
+    pub fn gauges<'l, L: AsRef<[(&'l str, &'l str)]>>(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: &[(L, f64)],
+    ) {
         self.head(name, help, "gauge");
         for (labels, value) in samples {
-            self.sample(name, labels, *value);
+            self.sample(name, labels.as_ref(), *value);
         }
     }
 
     /// A counter with one unlabelled sample.
     pub fn counter(&mut self, name: &str, help: &str, value: u64) {
-        self.counters(name, help, &[(&[], value)]);
+        let none: Labels<'_> = &[];
+        self.counters(name, help, &[(none, value)]);
     }
 
     /// A counter with one unlabelled sample that is not a whole number (CPU seconds).
@@ -55,17 +62,34 @@ impl Exposition {
     }
 
     /// A counter family.
-    pub fn counters(&mut self, name: &str, help: &str, samples: &[(Labels<'_>, u64)]) {
+    pub fn counters<'l, L: AsRef<[(&'l str, &'l str)]>>(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: &[(L, u64)],
+    ) {
         self.head(name, help, "counter");
         for (labels, value) in samples {
-            self.sample(name, labels, *value as f64);
+            self.sample(name, labels.as_ref(), *value as f64);
         }
     }
 
+    /// A histogram with one unlabelled series.
+    pub fn histogram(&mut self, name: &str, help: &str, histogram: &Histogram) {
+        let none: Labels<'_> = &[];
+        self.histograms(name, help, &[(none, histogram)]);
+    }
+
     /// A histogram family: per sample the `_bucket` series, `_sum` and `_count`.
-    pub fn histograms(&mut self, name: &str, help: &str, samples: &[(Labels<'_>, &Histogram)]) {
+    pub fn histograms<'l, L: AsRef<[(&'l str, &'l str)]>>(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: &[(L, &Histogram)],
+    ) {
         self.head(name, help, "histogram");
         for (labels, histogram) in samples {
+            let labels = labels.as_ref();
             let (buckets, sum) = histogram.cumulative();
             let count = buckets.last().map(|b| b.1).unwrap_or(0);
             for (le, n) in buckets {

@@ -26,7 +26,7 @@ pub fn scrape(node: &Node) -> String {
     out.gauges(
         "etcd_server_id",
         "Server or member ID in hexadecimal format. 1 for 'server_id' label with current ID.",
-        &[(&[("server_id", &server_id)], 1.0)],
+        &[(&[("server_id", server_id.as_str())], 1.0)],
     );
     out.gauges(
         "etcd_server_version",
@@ -98,15 +98,15 @@ pub fn scrape(node: &Node) -> String {
     );
 
     // Disk and network.
-    out.histograms(
+    out.histogram(
         "etcd_disk_wal_fsync_duration_seconds",
         "The latency distributions of fsync called by WAL.",
-        &[(&[], &node.raft.wal_fsyncs())],
+        &node.raft.wal_fsyncs(),
     );
-    out.histograms(
+    out.histogram(
         "etcd_disk_backend_commit_duration_seconds",
         "The latency distributions of commit called by backend.",
-        &[(&[], &m.backend_commit)],
+        &m.backend_commit,
     );
     let peers: Vec<(String, std::sync::Arc<super::Histogram>)> = m
         .peer_rtt
@@ -115,16 +115,14 @@ pub fn scrape(node: &Node) -> String {
         .iter()
         .map(|(id, h)| (format!("{id:x}"), h.clone()))
         .collect();
-    let labels: Vec<[(&str, &str); 1]> =
-        peers.iter().map(|(id, _)| [("To", id.as_str())]).collect();
+    let rtts: Vec<_> = peers
+        .iter()
+        .map(|(id, h)| ([("To", id.as_str())], &**h))
+        .collect();
     out.histograms(
         "etcd_network_peer_round_trip_time_seconds",
         "Round-Trip-Time histogram between peers",
-        &labels
-            .iter()
-            .zip(&peers)
-            .map(|(l, (_, h))| (&l[..], &**h))
-            .collect::<Vec<_>>(),
+        &rtts,
     );
 
     // MVCC.
@@ -317,7 +315,7 @@ fn recipes(out: &mut Exposition, found: &recipes::inspect::Inspection, named: bo
     out.gauges(
         "kv_recipe_queue_items",
         "Items in a queue, by state.",
-        &depths.iter().map(|(l, n)| (&l[..], *n)).collect::<Vec<_>>(),
+        &depths,
     );
     let instances: Vec<_> = found
         .services
@@ -327,9 +325,6 @@ fn recipes(out: &mut Exposition, found: &recipes::inspect::Inspection, named: bo
     out.gauges(
         "kv_recipe_service_instances",
         "Registered instances of a service.",
-        &instances
-            .iter()
-            .map(|(l, n)| (&l[..], *n))
-            .collect::<Vec<_>>(),
+        &instances,
     );
 }

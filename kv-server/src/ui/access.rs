@@ -158,15 +158,9 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
 }
 
 fn refuse(status: StatusCode, why: &str) -> Response<Body> {
-    let mut resp = Response::new(Body::from(format!("{why}\n")));
-    *resp.status_mut() = status;
-    let headers = resp.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    let mut resp = crate::http::respond(status, "text/plain; charset=utf-8", format!("{why}\n"));
     if status == StatusCode::UNAUTHORIZED {
-        headers.insert(
+        resp.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             header::HeaderValue::from_static("Basic realm=\"kv-server dashboard\""),
         );

@@ -20,6 +20,7 @@ use axum::routing::get;
 use serde::Serialize;
 use tonic::codegen::http::{HeaderMap, Response, StatusCode, header};
 
+use crate::http::respond;
 use crate::node::Node;
 use crate::service::cluster::ClusterService;
 use crate::service::maintenance::{API_VERSION, alarm_name};
@@ -207,24 +208,12 @@ fn state_of(node: &Node) -> State {
 }
 
 fn page() -> Response<Body> {
-    let mut resp = Response::new(Body::from(PAGE));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    resp
+    respond(StatusCode::OK, "text/html; charset=utf-8", PAGE.to_string())
 }
 
 fn json<T: Serialize>(value: &T) -> Response<Body> {
     match serde_json::to_string(value) {
-        Ok(body) => {
-            let mut resp = Response::new(Body::from(body));
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/json"),
-            );
-            resp
-        }
+        Ok(body) => respond(StatusCode::OK, "application/json", body),
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }
@@ -240,7 +229,5 @@ fn allow_any_origin(mut resp: Response<Body>) -> Response<Body> {
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Body> {
-    let mut resp = Response::new(Body::from(format!("{body}\n")));
-    *resp.status_mut() = status;
-    resp
+    respond(status, "text/plain; charset=utf-8", format!("{body}\n"))
 }
