@@ -179,7 +179,23 @@ pub struct Node {
     pub callers: Callers,
     /// What this member counts (served on `/metrics`).
     pub metrics: Arc<Metrics>,
+    /// Ids for proposals, counting up from a random start: a forwarded write whose answer is
+    /// lost is recognized in the log by its bytes, so no two proposals may be equal (see
+    /// `raft::resolve`), not even across members and restarts.
     next_request_id: AtomicU64,
+}
+
+/// A random start for [`Node`]'s proposal ids; the clock's nanoseconds if the OS has no
+/// randomness to give.
+fn request_id_start() -> u64 {
+    use rand_core::{OsRng, RngCore};
+    let mut bytes = [0u8; 8];
+    match OsRng.try_fill_bytes(&mut bytes) {
+        Ok(()) => u64::from_le_bytes(bytes),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64),
+    }
 }
 
 /// How long a request whose token was issued at a log index this member has not applied yet
@@ -206,7 +222,7 @@ impl Node {
             client_urls,
             limits,
             lessor,
-            next_request_id: AtomicU64::new(1),
+            next_request_id: AtomicU64::new(request_id_start()),
         }
     }
 

@@ -657,3 +657,105 @@ async fn failed_compare_is_a_read_without_a_log_entry() {
     .await
     .expect("test timed out");
 }
+
+/// Writes sent to the followers while the leader is killed all succeed, each applied once. A
+/// write a follower had forwarded when the leader died has no answer coming: the follower
+/// learns its fate from the log (applied under the old term, or provably never, once an entry
+/// of a later term is applied) and proposes it again only in the second case, instead of
+/// answering "request timed out" with the outcome unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_forwarded_when_the_leader_dies_are_resolved_not_left_unknown() {
+    let _serial = ONE_CLUSTER_AT_A_TIME.lock().await;
+    tokio::time::timeout(Duration::from_secs(200), async {
+        let mut cluster = Cluster::start(3);
+        for round in 0..2 {
+            let leader = wait_leader(&cluster, Duration::from_secs(20)).await;
+            let followers: Vec<String> = (0..3)
+                .filter(|i| *i != leader)
+                .map(|i| cluster.endpoint(i))
+                .collect();
+            let acked: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
+            let failed: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let mut writers = Vec::new();
+            for w in 0..16usize {
+                let endpoint = followers[w % followers.len()].clone();
+                let (acked, failed, stop) = (acked.clone(), failed.clone(), stop.clone());
+                writers.push(tokio::spawn(async move {
+                    let mut i = 0u32;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let key = format!("fwd/{round}/w{w:02}/{i:06}");
+                        match put(&endpoint, &key, "v").await {
+                            Ok(rev) => acked.lock().unwrap().push((key, rev)),
+                            Err(s) => failed
+                                .lock()
+                                .unwrap()
+                                .push((key, format!("{:?}: {}", s.code(), s.message()))),
+                        }
+                        i += 1;
+                    }
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let before_kill = acked.lock().unwrap().len();
+            cluster.kill(leader);
+            let others: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+            wait_leader_among(&cluster, &others, Duration::from_secs(20)).await;
+            // Writes go on under the new leader for a while.
+            let resumed = Instant::now() + Duration::from_secs(20);
+            while acked.lock().unwrap().len() < before_kill + 200 {
+                assert!(Instant::now() < resumed, "writes did not resume");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            for w in writers {
+                w.await.unwrap();
+            }
+            let failed = failed.lock().unwrap().clone();
+            assert!(
+                failed.is_empty(),
+                "round {round}: {} of the writes through live followers failed, first {:?}",
+                failed.len(),
+                &failed[..failed.len().min(5)]
+            );
+            cluster.start_member(leader);
+            wait_converged(&cluster, Duration::from_secs(30)).await;
+            // Each acknowledged write is there once: version 1, at the revision it was given.
+            let mut kv = KvClient::new(channel(&cluster.endpoint(leader)).await);
+            let got = kv
+                .range(RangeRequest {
+                    key: format!("fwd/{round}/").into_bytes(),
+                    range_end: format!("fwd/{round}0").into_bytes(),
+                    serializable: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let have: std::collections::HashMap<String, (i64, i64)> = got
+                .kvs
+                .iter()
+                .map(|kv| {
+                    let key = String::from_utf8_lossy(&kv.key).into_owned();
+                    (key, (kv.mod_revision, kv.version))
+                })
+                .collect();
+            let acked = acked.lock().unwrap().clone();
+            assert_eq!(
+                have.len(),
+                acked.len(),
+                "round {round}: keys beyond the acked"
+            );
+            for (key, rev) in &acked {
+                assert_eq!(have.get(key), Some(&(*rev, 1)), "round {round}: {key}");
+            }
+            eprintln!(
+                "round {round}: {} writes through followers across the leader's death, all \
+                 acknowledged once",
+                acked.len()
+            );
+        }
+    })
+    .await
+    .expect("test timed out");
+}

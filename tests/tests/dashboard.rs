@@ -5,7 +5,7 @@
 //! Also: the dashboard's data needs a root user's credentials once auth is on.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kv_client::{Client, ClientOptions};

@@ -2,6 +2,10 @@
 //! many writes in flight at once, each tagged with an id and answered in any order. A unary
 //! call per write cost the follower and the leader an HTTP/2 stream each; with clients spread
 //! over all members of a 3-member cluster, two writes in three take this path.
+//!
+//! A stream is opened for one leader of one term ([`MEANT_LEADER`]): the leader appends its
+//! writes only while it is that leader, and says so in its answer's opening. A write whose
+//! answer is then lost can be resolved from the log (see `resolve`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -13,12 +17,32 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::network::{PeerCall, PeerConnection, PeerError};
+use super::types::LeaderId;
 
 /// Bytes of the id in front of every forwarded write and every answer.
 const ID_BYTES: usize = 8;
 
 /// Time for the leader to accept a new stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Metadata on a forwarding stream's opening: the leader (`term.node`) its writes are meant
+/// for. A leader that appends them only as that leader sends it back on its answer's opening;
+/// one of an older version ignores it and appends them whatever happened since.
+pub(crate) const MEANT_LEADER: &str = "kv-meant-leader";
+
+/// `leader` as [`MEANT_LEADER`] carries it.
+pub(crate) fn leader_text(leader: LeaderId) -> String {
+    format!("{}.{}", leader.term, leader.node_id)
+}
+
+/// The leader in a [`MEANT_LEADER`] value.
+pub(crate) fn parse_leader(text: &str) -> Option<LeaderId> {
+    let (term, node_id) = text.split_once('.')?;
+    Some(LeaderId {
+        term: term.parse().ok()?,
+        node_id: node_id.parse().ok()?,
+    })
+}
 
 /// A message body behind its id.
 pub(crate) fn frame(id: u64, body: &[u8]) -> Vec<u8> {
@@ -57,6 +81,8 @@ struct Waiter {
 /// The writes in flight on one stream.
 struct Book {
     state: State,
+    /// The leader confirmed it appends these writes only as the meant leader.
+    conditional: bool,
     next_id: u64,
     waiting: HashMap<u64, Waiter>,
 }
@@ -64,6 +90,7 @@ struct Book {
 /// One follower's stream of forwarded writes to one leader.
 pub(crate) struct Forwarder {
     addr: String,
+    meant: Option<LeaderId>,
     queue: mpsc::UnboundedSender<(u64, Vec<u8>)>,
     book: Arc<Mutex<Book>>,
 }
@@ -73,23 +100,41 @@ fn lock(book: &Mutex<Book>) -> MutexGuard<'_, Book> {
 }
 
 impl Forwarder {
-    /// Opens a stream to the leader at `conn` (in the background; writes queue meanwhile).
-    /// Dropping the forwarder ends the stream once the writes on it are answered.
-    pub(crate) fn open(conn: PeerConnection) -> Self {
+    /// Opens a stream to the leader at `conn`, for its writes to be appended only by `meant`
+    /// if given (in the background; writes queue meanwhile). Dropping the forwarder ends the
+    /// stream once the writes on it are answered.
+    pub(crate) fn open(conn: PeerConnection, meant: Option<LeaderId>) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
         let book = Arc::new(Mutex::new(Book {
             state: State::Open,
+            conditional: false,
             next_id: 0,
             waiting: HashMap::new(),
         }));
         let addr = conn.addr().to_string();
-        tokio::spawn(drive(conn, rx, book.clone()));
-        Self { addr, queue, book }
+        tokio::spawn(drive(conn, meant, rx, book.clone()));
+        Self {
+            addr,
+            meant,
+            queue,
+            book,
+        }
     }
 
     /// The leader's peer URL.
     pub(crate) fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// The leader the writes are meant for.
+    pub(crate) fn meant(&self) -> Option<LeaderId> {
+        self.meant
+    }
+
+    /// True once the leader confirmed that it appends the writes only as the meant leader,
+    /// so that a write whose answer is lost is in an entry of that leader or nowhere.
+    pub(crate) fn conditional(&self) -> bool {
+        lock(&self.book).conditional
     }
 
     /// False once the stream has ended and a new one is needed.
@@ -169,6 +214,7 @@ impl Forwarder {
 /// the stream ends answers every waiter left with what is known of its write.
 async fn drive(
     conn: PeerConnection,
+    meant: Option<LeaderId>,
     queue: mpsc::UnboundedReceiver<(u64, Vec<u8>)>,
     book: Arc<Mutex<Book>>,
 ) {
@@ -185,8 +231,13 @@ async fn drive(
     // Whether the leader may have taken writes off this stream: not when it refused the
     // stream before handling it, even though the sending half may already have taken some.
     let mut delivered = true;
+    let meant = meant.map(leader_text);
+    let mut opening = tonic::metadata::MetadataMap::new();
+    if let Some(value) = meant.as_deref().and_then(|m| m.parse().ok()) {
+        opening.insert(MEANT_LEADER, value);
+    }
     let end = match conn
-        .open_stream(PeerCall::ProposeStream, requests, OPEN_TIMEOUT)
+        .open_stream(PeerCall::ProposeStream, requests, opening, OPEN_TIMEOUT)
         .await
     {
         Err(PeerError::Unsupported { .. }) => {
@@ -198,7 +249,14 @@ async fn drive(
             delivered = !matches!(e, PeerError::NotDelivered { .. });
             State::Closed
         }
-        Ok(mut answers) => {
+        Ok(opened) => {
+            let echoed = opened
+                .metadata()
+                .get(MEANT_LEADER)
+                .and_then(|v| v.to_str().ok());
+            // Set before any answer is read, so before any waiter can hear of a lost answer.
+            lock(&book).conditional = meant.is_some() && echoed == meant.as_deref();
+            let mut answers = opened.into_inner();
             loop {
                 let message = match answers.message().await {
                     Ok(Some(message)) => message,
@@ -262,5 +320,17 @@ mod tests {
         );
         assert_eq!(unframe(frame(7, b"")), Some((7, Vec::new())));
         assert_eq!(unframe(vec![1, 2, 3]), None);
+    }
+
+    #[test]
+    fn the_meant_leader_round_trips_as_text() {
+        let leader = LeaderId {
+            term: 12,
+            node_id: u64::MAX,
+        };
+        assert_eq!(parse_leader(&leader_text(leader)), Some(leader));
+        assert_eq!(parse_leader("12"), None);
+        assert_eq!(parse_leader("x.1"), None);
+        assert_eq!(parse_leader("1.-1"), None);
     }
 }

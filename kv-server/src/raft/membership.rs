@@ -196,6 +196,21 @@ impl<A: Applier> RaftNode<A> {
         Some((leader, node.addr.clone()))
     }
 
+    /// The leader, when it is another member: its peer URL, and which leader it is once this
+    /// member has seen the term's vote committed.
+    pub(crate) fn leader_elsewhere(&self) -> Option<super::LeaderAt> {
+        let rx = self.inner.raft.server_metrics();
+        let m = rx.borrow_watched();
+        let leader = m.current_leader.filter(|l| *l != self.inner.node_id)?;
+        let node = m.membership_config.membership().get_node(&leader)?;
+        let id =
+            (m.vote.committed && m.vote.leader_id.node_id == leader).then_some(m.vote.leader_id);
+        Some(super::LeaderAt {
+            addr: node.addr.clone(),
+            id,
+        })
+    }
+
     /// Executes a membership change, on the leader only.
     pub async fn change_members_here(&self, change: MemberChange) -> Result<(), MemberChangeError> {
         if !self.inner.raft.is_leader() {

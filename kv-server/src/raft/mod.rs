@@ -17,6 +17,7 @@ pub mod log_store;
 pub mod membership;
 pub mod network;
 pub mod peer;
+mod resolve;
 pub mod state_machine;
 pub mod types;
 pub mod wal;
@@ -223,8 +224,29 @@ pub struct Leadership {
 enum WrittenHere {
     /// This member leads: the applier's response.
     Applied(Vec<u8>),
-    /// Another member leads (its peer URL), or no member does (`None`).
-    LeaderIs(Option<String>),
+    /// Another member leads, or no member does (`None`).
+    LeaderIs(Option<LeaderAt>),
+}
+
+/// Another member that leads: where to forward writes, and which leader (term and node) it
+/// is, when this member knows the term's vote committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LeaderAt {
+    /// Its peer URL.
+    pub addr: String,
+    /// The leader it is.
+    pub id: Option<types::LeaderId>,
+}
+
+/// What became of a forwarded write whose answer was lost, as this member's log tells.
+#[derive(Debug)]
+enum Settled {
+    /// Applied: the response this member's own apply produced.
+    Applied(Vec<u8>),
+    /// Never applied, and now never will be: it may be proposed again.
+    Lost,
+    /// Not known in time.
+    Unknown,
 }
 
 /// How a proposal or read-index request forwarded to the leader failed, as sent back to the
@@ -308,6 +330,8 @@ struct Inner<A: Applier> {
     leader_calls: std::sync::OnceLock<Arc<dyn LeaderCalls>>,
     /// Linearizable reads waiting for the next shared read barrier.
     reads: Mutex<ReadBatch>,
+    /// Forwarded writes waiting to be seen applied, shared with the state machine.
+    outstanding: Arc<resolve::Outstanding>,
     /// The log's fsync latencies.
     wal_fsyncs: Arc<crate::metrics::Histogram>,
     /// When a leader's replication last reached this member, in nanoseconds after `epoch`
@@ -386,15 +410,17 @@ impl<A: Applier> RaftNode<A> {
     pub async fn start(cfg: RaftConfig, applier: Arc<A>) -> Result<Self, RaftError> {
         let config = Arc::new(raft_config(cfg.timing)?);
 
+        let outstanding = Arc::new(resolve::Outstanding::default());
         let (log_store, sm, pristine, last_log_index) = {
             let cfg = cfg.clone();
             let applier = applier.clone();
+            let outstanding = outstanding.clone();
             tokio::task::spawn_blocking(move || -> io::Result<_> {
                 std::fs::create_dir_all(&cfg.data_dir)?;
                 let log_store = LogStore::open(&cfg.data_dir)?;
                 let pristine = log_store.is_pristine();
                 let last_log_index = log_store.last_log_index();
-                let sm = StateMachine::new(applier)?;
+                let sm = StateMachine::new(applier, outstanding)?;
                 Ok((log_store, sm, pristine, last_log_index))
             })
             .await
@@ -416,6 +442,7 @@ impl<A: Applier> RaftNode<A> {
                 forwarder: Mutex::new(None),
                 leader_calls: std::sync::OnceLock::new(),
                 reads: Mutex::new(ReadBatch::default()),
+                outstanding,
                 wal_fsyncs,
                 leader_contact: std::sync::atomic::AtomicU64::new(0),
                 epoch: std::time::Instant::now(),
@@ -482,18 +509,19 @@ impl<A: Applier> RaftNode<A> {
         Ok(())
     }
 
-    /// Forwards a write to the leader at `addr` on the shared stream (or, to a leader of a
-    /// version without it, in a call of its own) and returns its encoded answer.
+    /// Forwards `cmd` to the leader `to` (waiting at most `timeout`) and returns its answer,
+    /// and whether the leader confirmed it appends the write only as `to.id`, so that a lost
+    /// answer can be resolved from the log.
     async fn forward(
         &self,
-        addr: &str,
+        to: &LeaderAt,
         cmd: &[u8],
         timeout: Duration,
-    ) -> Result<Vec<u8>, network::PeerError> {
+    ) -> (Result<Vec<u8>, network::PeerError>, bool) {
         let connect = || {
-            self.peer(addr)
+            self.peer(&to.addr)
                 .map_err(|e| network::PeerError::NotDelivered {
-                    addr: addr.to_string(),
+                    addr: to.addr.clone(),
                     reason: e.to_string(),
                 })
         };
@@ -504,22 +532,28 @@ impl<A: Applier> RaftNode<A> {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             match slot.as_ref() {
-                Some(f) if f.addr() == addr && f.usable() => f.clone(),
-                _ => {
-                    let f = Arc::new(forward::Forwarder::open(connect()?));
-                    *slot = Some(f.clone());
-                    f
-                }
+                Some(f) if f.addr() == to.addr && f.meant() == to.id && f.usable() => f.clone(),
+                _ => match connect() {
+                    Ok(conn) => {
+                        let f = Arc::new(forward::Forwarder::open(conn, to.id));
+                        *slot = Some(f.clone());
+                        f
+                    }
+                    Err(e) => return (Err(e), false),
+                },
             }
         };
-        match forwarder.forward(cmd, timeout).await {
-            Err(network::PeerError::Unsupported { .. }) => {
-                connect()?
-                    .call_raw(network::PeerCall::Propose, cmd.to_vec(), timeout)
-                    .await
-            }
+        let answer = match forwarder.forward(cmd, timeout).await {
+            Err(network::PeerError::Unsupported { .. }) => match connect() {
+                Ok(conn) => {
+                    conn.call_raw(network::PeerCall::Propose, cmd.to_vec(), timeout)
+                        .await
+                }
+                Err(e) => Err(e),
+            },
             answer => answer,
-        }
+        };
+        (answer, forwarder.conditional())
     }
 
     /// A connection to the member at `addr`, reused across calls.
@@ -534,9 +568,33 @@ impl<A: Applier> RaftNode<A> {
         Ok(conn)
     }
 
-    /// Proposes on this node only (the receiving end of a forwarded proposal).
-    pub async fn propose_here(&self, cmd: Vec<u8>) -> Result<Vec<u8>, ForwardError> {
-        match self.inner.raft.client_write(Command(cmd)).await {
+    /// Proposes on this node only (the receiving end of a forwarded proposal); with `meant`,
+    /// only while this node is that leader, so that the follower that forwarded it can tell
+    /// from the log whether it was applied if the answer is lost (see `resolve`).
+    pub async fn propose_here(
+        &self,
+        cmd: Vec<u8>,
+        meant: Option<types::LeaderId>,
+    ) -> Result<Vec<u8>, ForwardError> {
+        let written = match meant {
+            None => self.inner.raft.client_write(Command(cmd)).await,
+            Some(leader) => {
+                let (responder, answer) = openraft::impls::ProgressResponder::<
+                    TypeConfig,
+                    openraft::raft::ClientWriteResult<TypeConfig>,
+                >::complete_only();
+                let write = self.inner.raft.write(Command(cmd));
+                if let Err(e) = write.with_leader(leader).responder(responder).await {
+                    return Err(ForwardError::Fatal(e.to_string()));
+                }
+                match answer.await {
+                    Ok(result) => result.map_err(openraft::errors::RaftError::APIError),
+                    // The core stopped holding it: appended or not.
+                    Err(_) => return Err(ForwardError::LeaderChanged),
+                }
+            }
+        };
+        match written {
             Ok(resp) => Ok(resp.data.0),
             Err(openraft::errors::RaftError::APIError(e)) => Err(match e {
                 ClientWriteError::ForwardToLeader(_) => ForwardError::NotLeader,
@@ -557,25 +615,19 @@ impl<A: Applier> RaftNode<A> {
         let Ok(written) = tokio::time::timeout(timeout, write).await else {
             return Err(RaftError::Timeout("proposal not committed in time".into()));
         };
-        let leader = match written {
-            Ok(resp) => return Ok(WrittenHere::Applied(resp.data.0)),
+        match written {
+            Ok(resp) => Ok(WrittenHere::Applied(resp.data.0)),
             Err(openraft::errors::RaftError::APIError(e)) => match e {
-                ClientWriteError::ForwardToLeader(f) => f,
-                ClientWriteError::LogEntryDiscarded(f) => {
-                    return Err(RaftError::LeaderChanged {
-                        leader: f.leader_id,
-                    });
+                ClientWriteError::ForwardToLeader(_) => {
+                    Ok(WrittenHere::LeaderIs(self.leader_elsewhere()))
                 }
-                other => return Err(RaftError::Fatal(other.to_string())),
+                ClientWriteError::LogEntryDiscarded(f) => Err(RaftError::LeaderChanged {
+                    leader: f.leader_id,
+                }),
+                other => Err(RaftError::Fatal(other.to_string())),
             },
-            Err(openraft::errors::RaftError::Fatal(e)) => return Err(e.into()),
-        };
-        Ok(WrittenHere::LeaderIs(
-            match (leader.leader_id, leader.leader_node) {
-                (Some(id), Some(node)) if id != self.inner.node_id => Some(node.addr),
-                _ => None,
-            },
-        ))
+            Err(openraft::errors::RaftError::Fatal(e)) => Err(e.into()),
+        }
     }
 
     /// Proposes a command, waits until it is committed and applied, returns the applier's
@@ -585,38 +637,21 @@ impl<A: Applier> RaftNode<A> {
         let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
         // A follower that knows the leader forwards at once; asking its own Raft core first
         // only to hear "forward to the leader" cost a round through the core per write.
-        let mut known = self
-            .leader()
-            .and_then(|(id, addr)| (id != self.inner.node_id).then_some(addr));
+        let mut known = self.leader_elsewhere();
         loop {
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             let target = match known.take() {
-                Some(addr) => Some(addr),
+                Some(leader) => Some(leader),
                 None => match self.write_here(&cmd, remaining).await? {
                     WrittenHere::Applied(out) => return Ok(out),
-                    WrittenHere::LeaderIs(addr) => addr,
+                    WrittenHere::LeaderIs(leader) => leader,
                 },
             };
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             match target {
-                Some(addr) if !remaining.is_zero() => {
-                    match self.forward(&addr, &cmd, remaining).await {
-                        Ok(bytes) => {
-                            let answer: Result<Vec<u8>, ForwardError> =
-                                postcard::from_bytes(&bytes).map_err(|e| {
-                                    RaftError::Fatal(format!("bad forward answer: {e}"))
-                                })?;
-                            match answer {
-                                Ok(out) => return Ok(out),
-                                // The leader moved before appending it: safe to retry.
-                                Err(ForwardError::NotLeader) => {}
-                                Err(e) => return Err(e.into_raft_error()),
-                            }
-                        }
-                        // Never reached the leader (it is down, say): wait for a new one.
-                        Err(network::PeerError::NotDelivered { .. }) => {}
-                        // It may have been proposed: never retry blindly.
-                        Err(e) => return Err(RaftError::Timeout(e.to_string())),
+                Some(leader) if !remaining.is_zero() => {
+                    if let Some(out) = self.forward_once(&leader, &cmd, deadline).await? {
+                        return Ok(out);
                     }
                 }
                 _ if remaining.is_zero() => {
@@ -628,6 +663,80 @@ impl<A: Applier> RaftNode<A> {
                 _ => {}
             }
             tokio::time::sleep(NO_LEADER_RETRY.min(remaining)).await;
+        }
+    }
+
+    /// Forwards `cmd` to the leader `to`: its outcome, or `None` when it was not applied and
+    /// may be proposed again (the leader moved before appending it, or it never got there, or
+    /// its answer was lost and this member's log shows it never took effect).
+    async fn forward_once(
+        &self,
+        to: &LeaderAt,
+        cmd: &[u8],
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<Vec<u8>>, RaftError> {
+        // Registered before it is sent, so before its entry can exist.
+        let watch = to.id.map(|id| self.inner.outstanding.watch(cmd, id));
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let (answer, conditional) = self.forward(to, cmd, remaining).await;
+        let unknown = match answer {
+            Ok(bytes) => {
+                let answer: Result<Vec<u8>, ForwardError> = postcard::from_bytes(&bytes)
+                    .map_err(|e| RaftError::Fatal(format!("bad forward answer: {e}")))?;
+                match answer {
+                    Ok(out) => return Ok(Some(out)),
+                    // The leader moved before appending it, or is not the leader it was
+                    // meant for: safe to retry.
+                    Err(ForwardError::NotLeader) => return Ok(None),
+                    Err(e) => e.into_raft_error(),
+                }
+            }
+            // Never reached the leader (it is down, say): wait for a new one.
+            Err(network::PeerError::NotDelivered { .. }) => return Ok(None),
+            // It may have been proposed: never retry blindly.
+            Err(e) => RaftError::Timeout(e.to_string()),
+        };
+        let Some(watch) = watch.filter(|_| conditional) else {
+            return Err(unknown);
+        };
+        match self.settle(watch, deadline).await {
+            Settled::Applied(out) => Ok(Some(out)),
+            Settled::Lost => {
+                tracing::debug!(
+                    "raft: a forwarded write was lost with its leader; proposing again"
+                );
+                Ok(None)
+            }
+            Settled::Unknown => Err(unknown),
+        }
+    }
+
+    /// Waits (until `deadline`) for this member's log to tell what became of the forwarded
+    /// write `watch` stands for: applied, or lost for good once an entry of a later leader is
+    /// applied without it (see `resolve`).
+    async fn settle(
+        &self,
+        mut watch: resolve::Watch<'_>,
+        deadline: tokio::time::Instant,
+    ) -> Settled {
+        let meant = watch.leader;
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let waiter = self.inner.raft.wait(Some(remaining));
+        let later = waiter.metrics(
+            move |m| m.last_applied.as_ref().is_some_and(|l| l.leader_id > meant),
+            "an entry of a later leader applied",
+        );
+        tokio::select! {
+            applied = &mut watch.applied => match applied {
+                Ok(out) => Settled::Applied(out),
+                Err(_) => Settled::Unknown,
+            },
+            later = later => match (later, watch.applied.try_recv()) {
+                // Reported before the entries after it were, so seen by now if applied.
+                (_, Ok(out)) => Settled::Applied(out),
+                (Ok(_), Err(_)) if !watch.missed_any() => Settled::Lost,
+                _ => Settled::Unknown,
+            },
         }
     }
 

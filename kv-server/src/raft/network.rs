@@ -29,6 +29,7 @@ use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tonic::metadata::MetadataMap;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::types::Snapshot;
@@ -288,8 +289,9 @@ impl PeerConnection {
         let pump = tokio_util::task::AbortOnDropHandle::new(pump);
         let requests = tokio_stream::wrappers::ReceiverStream::new(rx);
         let answers = self
-            .open_stream(PeerCall::StreamAppend, requests, ttl)
-            .await?;
+            .open_stream(PeerCall::StreamAppend, requests, MetadataMap::new(), ttl)
+            .await?
+            .into_inner();
         let addr = self.addr.clone();
         // The pump lives in the stream's state: it stops when the stream ends or is dropped.
         Ok(futures::stream::unfold(
@@ -341,13 +343,15 @@ impl PeerConnection {
     }
 
     /// Opens a bidirectional stream (`StreamAppend` or `ProposeStream`) with `requests` as its
-    /// sending half, waiting at most `timeout` for the peer to accept it.
+    /// sending half and `metadata` on its opening, waiting at most `timeout` for the peer to
+    /// accept it. The answer's metadata is the peer's opening.
     pub async fn open_stream<S>(
         &self,
         call: PeerCall,
         requests: S,
+        metadata: MetadataMap,
         timeout: Duration,
-    ) -> Result<tonic::Streaming<PeerResponse>, PeerError>
+    ) -> Result<tonic::Response<tonic::Streaming<PeerResponse>>, PeerError>
     where
         S: Stream<Item = PeerRequest> + Send + 'static,
     {
@@ -358,17 +362,19 @@ impl PeerConnection {
             });
         }
         let mut c = self.client.clone();
+        let mut request = tonic::Request::new(requests);
+        *request.metadata_mut() = metadata;
         let opened = async move {
             match call {
-                PeerCall::StreamAppend => c.stream_append(requests).await,
-                PeerCall::ProposeStream => c.propose_stream(requests).await,
+                PeerCall::StreamAppend => c.stream_append(request).await,
+                PeerCall::ProposeStream => c.propose_stream(request).await,
                 other => Err(tonic::Status::invalid_argument(format!(
                     "{other:?} is not a stream call"
                 ))),
             }
         };
         match tokio::time::timeout(timeout, opened).await {
-            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Ok(resp)) => Ok(resp),
             Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
                 Err(PeerError::Unsupported {
                     addr: self.addr.clone(),

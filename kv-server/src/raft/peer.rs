@@ -207,7 +207,7 @@ impl<A: Applier> Peer for PeerService<A> {
     ) -> Result<Response<PeerResponse>, Status> {
         let req = request.into_inner();
         self.check_cluster(&req)?;
-        let result: Result<Vec<u8>, ForwardError> = self.node.propose_here(req.data).await;
+        let result: Result<Vec<u8>, ForwardError> = self.node.propose_here(req.data, None).await;
         answer(&result)
     }
 
@@ -217,6 +217,11 @@ impl<A: Applier> Peer for PeerService<A> {
         &self,
         request: Request<Streaming<PeerRequest>>,
     ) -> Result<Response<Self::ProposeStreamStream>, Status> {
+        let meant = request
+            .metadata()
+            .get(forward::MEANT_LEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(forward::parse_leader);
         let mut inbound = request.into_inner();
         let (answers, rx) = tokio::sync::mpsc::channel(FORWARDED_ANSWERS);
         let (node, cluster_id) = (self.node.clone(), self.cluster_id);
@@ -243,7 +248,7 @@ impl<A: Applier> Peer for PeerService<A> {
                 };
                 let (node, answers) = (node.clone(), answers.clone());
                 tokio::spawn(async move {
-                    let result: Result<Vec<u8>, ForwardError> = node.propose_here(cmd).await;
+                    let result: Result<Vec<u8>, ForwardError> = node.propose_here(cmd, meant).await;
                     let answer = encode(&result).map(|body| PeerResponse {
                         data: forward::frame(id, &body),
                     });
@@ -251,9 +256,14 @@ impl<A: Applier> Peer for PeerService<A> {
                 });
             }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        let mut response =
+            Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+                as Self::ProposeStreamStream);
+        // Tells the follower its writes are appended only by the leader they were meant for.
+        if let Some(value) = meant.and_then(|m| forward::leader_text(m).parse().ok()) {
+            response.metadata_mut().insert(forward::MEANT_LEADER, value);
+        }
+        Ok(response)
     }
 
     async fn read_index(

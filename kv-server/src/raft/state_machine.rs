@@ -5,6 +5,9 @@
 //!   [`Applier::apply_batch`] ONCE for the batch on a blocking thread, so data and meta are
 //!   stored atomically in one engine transaction. Responses are sent in log order; blank and
 //!   membership entries get an empty [`Response`] (never seen by a client).
+//! * While this member waits on writes it forwarded, `apply()` also reports each applied
+//!   entry to [`Outstanding`], so that a write whose answer was lost is recognized in the
+//!   log (see `resolve`).
 //! * `applied_state()` decodes [`Applier::meta`].
 //! * Snapshots: the builder calls [`Applier::sync`] (so that every log entry openraft may purge
 //!   after the snapshot is covered by durable engine state) and records the meta of the state
@@ -38,6 +41,7 @@ use serde::Deserialize;
 use serde::Serialize;
 
 use super::Applier;
+use super::resolve::{self, Outstanding};
 use super::types::LogId;
 use super::types::Response;
 use super::types::Snapshot;
@@ -135,17 +139,20 @@ pub struct StateMachine<A: Applier> {
     /// Cached copy of the applier's meta (the adapter is the only writer).
     state: SmMeta,
     current_snapshot: SharedSnapshot,
+    /// Forwarded writes this member waits to see applied.
+    outstanding: Arc<Outstanding>,
 }
 
 impl<A: Applier> StateMachine<A> {
     /// Creates the adapter, reading the applier's current meta. Blocking.
-    pub fn new(applier: Arc<A>) -> io::Result<Self> {
+    pub(crate) fn new(applier: Arc<A>, outstanding: Arc<Outstanding>) -> io::Result<Self> {
         let state = SmMeta::load(&*applier)?;
         Ok(Self {
             applier,
             apply_lock: Arc::new(Mutex::new(())),
             state,
             current_snapshot: Arc::new(Mutex::new(None)),
+            outstanding,
         })
     }
 }
@@ -203,12 +210,22 @@ impl<A: Applier> RaftStateMachine<TypeConfig> for StateMachine<A> {
         let mut items: Vec<(u64, Option<Vec<u8>>)> = Vec::new();
         let mut responders: Vec<Option<ApplyResponder<TypeConfig>>> = Vec::new();
         let mut next = self.state.clone();
+        // Entries a forwarded write of this member may be: (position, fingerprint, length,
+        // leader). Only fingerprinted while such a write is outstanding.
+        let watching = self.outstanding.any();
+        let mut watched = Vec::new();
 
         while let Some((entry, responder)) = entries.try_next().await? {
             let log_id = entry.log_id;
             let data = match entry.payload {
                 EntryPayload::Blank => None,
-                EntryPayload::Normal(cmd) => Some(cmd.0),
+                EntryPayload::Normal(cmd) => {
+                    if watching {
+                        let print = resolve::fingerprint(&cmd.0);
+                        watched.push((items.len(), print, cmd.0.len(), log_id.leader_id));
+                    }
+                    Some(cmd.0)
+                }
                 EntryPayload::Membership(m) => {
                     next.last_membership = StoredMembership::new(Some(log_id), m);
                     None
@@ -255,6 +272,13 @@ impl<A: Applier> RaftStateMachine<TypeConfig> for StateMachine<A> {
             )));
         }
         self.state = next;
+        if !watched.is_empty() {
+            self.outstanding.applied(
+                watched.iter().map(|&(at, print, len, leader)| {
+                    (print, len, leader, responses[at].as_slice())
+                }),
+            );
+        }
 
         for (responder, resp) in responders.into_iter().zip(responses) {
             if let Some(r) = responder {
@@ -279,6 +303,9 @@ impl<A: Applier> RaftStateMachine<TypeConfig> for StateMachine<A> {
     ) -> Result<(), io::Error> {
         let data = snapshot.into_inner();
         tracing::info!("raft: installing snapshot {} ({} bytes)", meta, data.len());
+        // Entries inside it are not applied one by one: a forwarded write waiting to be seen
+        // may be among them.
+        self.outstanding.snapshot_installed();
         let applier = self.applier.clone();
         let apply_lock = self.apply_lock.clone();
         blocking(move || {

@@ -428,7 +428,8 @@ mod suite {
         {
             let dir = TempDir::new().map_err(sto_err)?;
             let ls = LogStore::open(dir.path()).map_err(sto_err)?;
-            let sm = StateMachine::new(Arc::new(MemApplier::default())).map_err(sto_err)?;
+            let sm = StateMachine::new(Arc::new(MemApplier::default()), Arc::default())
+                .map_err(sto_err)?;
             Ok((dir, ls, sm))
         }
     }
@@ -621,5 +622,119 @@ mod three_members {
             forwarder.usable(),
             "and is kept, so later writes go unary at once"
         );
+    }
+
+    // Forwarded writes meant for one leader, and what a follower learns of them from its log.
+
+    /// A follower, the leader and the follower's view of it, once the leader takes writes
+    /// (a new leader refuses them until a quorum acknowledged it): one forwarded from the
+    /// follower has been applied.
+    async fn leader_of(
+        cluster: &Cluster,
+    ) -> (&RaftNode<MemApplier>, &RaftNode<MemApplier>, LeaderAt) {
+        let follower = cluster.follower().await;
+        follower.propose(b"first".to_vec()).await.unwrap();
+        let at = follower.leader_elsewhere().expect("a leader elsewhere");
+        let id = at.id.expect("the leader's term");
+        let leader = cluster
+            .nodes
+            .iter()
+            .map(|(n, _)| n)
+            .find(|n| n.status().node_id == id.node_id)
+            .expect("the leader is a member");
+        (follower, leader, at)
+    }
+
+    /// A leader appends a forwarded write only as the leader it was meant for: one meant for
+    /// another term is refused before it reaches the log.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_meant_for_another_leader_is_refused_unapplied() {
+        tokio::time::timeout(TEST_TIMEOUT, async {
+            let cluster = Cluster::start(true).await;
+            let (_, leader, at) = leader_of(&cluster).await;
+            let id = at.id.unwrap();
+            let other = types::LeaderId {
+                term: id.term + 1,
+                ..id
+            };
+            assert_eq!(
+                leader
+                    .propose_here(b"meant-for-another".to_vec(), Some(other))
+                    .await,
+                Err(ForwardError::NotLeader)
+            );
+            let out = leader
+                .propose_here(b"meant-for-this-one".to_vec(), Some(id))
+                .await
+                .expect("meant for this leader");
+            let index = u64::from_be_bytes(out[..8].try_into().unwrap());
+            for (node, applier) in &cluster.nodes {
+                wait_status_applied(node, index).await;
+                let cmds: Vec<Vec<u8>> = applier.state().cmds.into_iter().map(|(_, c)| c).collect();
+                assert!(cmds.contains(&b"meant-for-this-one".to_vec()));
+                assert!(!cmds.contains(&b"meant-for-another".to_vec()));
+            }
+            cluster.stop().await;
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    /// A follower that lost a forwarded write's answer learns its fate from its own log: the
+    /// outcome of its own apply when the write is there, and "lost" once a later leader's
+    /// entry is applied without it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_answer_is_settled_from_the_log() {
+        tokio::time::timeout(TEST_TIMEOUT, async {
+            let cluster = Cluster::start(true).await;
+            let (follower, leader, at) = leader_of(&cluster).await;
+            let id = at.id.unwrap();
+            let soon = || tokio::time::Instant::now() + Duration::from_secs(20);
+
+            // Appended and applied, its answer never heard by the follower.
+            let watch = follower.inner.outstanding.watch(b"answer-lost", id);
+            let answer = leader
+                .propose_here(b"answer-lost".to_vec(), Some(id))
+                .await
+                .unwrap();
+            match follower.settle(watch, soon()).await {
+                Settled::Applied(out) => assert_eq!(out, answer),
+                other => panic!("expected the write applied, got {other:?}"),
+            }
+
+            // Sent to a leader that died before appending it.
+            let watch = follower.inner.outstanding.watch(b"never-appended", id);
+            leader.shutdown().await.unwrap();
+            match follower.settle(watch, soon()).await {
+                Settled::Lost => {}
+                other => panic!("expected the write lost, got {other:?}"),
+            }
+            let later = follower.status().leader.expect("a new leader");
+            assert_ne!(later, id.node_id);
+
+            // Within its deadline and without a later leader, nothing is known.
+            let now = follower.leader_elsewhere().and_then(|l| l.id);
+            let meant = now.unwrap_or(types::LeaderId {
+                term: u64::MAX,
+                node_id: 0,
+            });
+            let watch = follower.inner.outstanding.watch(b"still-unknown", meant);
+            let brief = tokio::time::Instant::now() + Duration::from_millis(300);
+            assert!(matches!(
+                follower.settle(watch, brief).await,
+                Settled::Unknown
+            ));
+
+            for (node, _) in &cluster.nodes {
+                if node.status().node_id != id.node_id {
+                    node.shutdown().await.unwrap();
+                }
+            }
+            for server in &cluster.servers {
+                server.abort();
+            }
+        })
+        .await
+        .expect("test timed out");
     }
 }

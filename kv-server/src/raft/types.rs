@@ -28,6 +28,8 @@ pub type Entry = openraft::type_config::alias::EntryOf<TypeConfig>;
 pub type LogId = openraft::type_config::alias::LogIdOf<TypeConfig>;
 /// Vote type.
 pub type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
+/// The leader of a term (term and node id); log entries carry the one that appended them.
+pub type LeaderId = openraft::type_config::alias::CommittedLeaderIdOf<TypeConfig>;
 /// Membership as stored in the state machine.
 pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
 /// Snapshot metadata.
