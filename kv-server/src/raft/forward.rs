@@ -221,16 +221,20 @@ async fn drive(
     let cluster_id = conn.cluster_id();
     let marks = book.clone();
     let peer = conn.addr().to_string();
-    let requests = UnboundedReceiverStream::new(queue)
+    // Nothing is sent before the leader's answer opens: a leader starts taking writes before
+    // its opening is out, so a write sent on a stream whose opening then failed might have
+    // been appended, though the failure says the leader was never reached.
+    let (opened, gate) = oneshot::channel::<()>();
+    let mut opened = Some(opened);
+    let requests = futures::stream::once(gate)
+        .filter_map(|_| std::future::ready(None))
+        .chain(UnboundedReceiverStream::new(queue))
         .take_while(move |_| std::future::ready(!crate::failpoint::cut_off(&peer)))
         .filter_map(move |(id, data)| {
             // A write whose caller gave up before it was taken is not sent at all.
             let taken = lock(&marks).waiting.get_mut(&id).map(|w| w.sent = true);
             std::future::ready(taken.map(|()| PeerRequest { cluster_id, data }))
         });
-    // Whether the leader may have taken writes off this stream: not when it refused the
-    // stream before handling it, even though the sending half may already have taken some.
-    let mut delivered = true;
     let meant = meant.map(leader_text);
     let mut opening = tonic::metadata::MetadataMap::new();
     if let Some(value) = meant.as_deref().and_then(|m| m.parse().ok()) {
@@ -240,23 +244,22 @@ async fn drive(
         .open_stream(PeerCall::ProposeStream, requests, opening, OPEN_TIMEOUT)
         .await
     {
-        Err(PeerError::Unsupported { .. }) => {
-            delivered = false;
-            State::Unsupported
-        }
+        Err(PeerError::Unsupported { .. }) => State::Unsupported,
         Err(e) => {
             tracing::debug!("forwarding stream not opened: {e}");
-            delivered = !matches!(e, PeerError::NotDelivered { .. });
             State::Closed
         }
-        Ok(opened) => {
-            let echoed = opened
+        Ok(answers) => {
+            let echoed = answers
                 .metadata()
                 .get(MEANT_LEADER)
                 .and_then(|v| v.to_str().ok());
-            // Set before any answer is read, so before any waiter can hear of a lost answer.
+            // Set before any write is sent, so before any waiter can hear of a lost answer.
             lock(&book).conditional = meant.is_some() && echoed == meant.as_deref();
-            let mut answers = opened.into_inner();
+            if let Some(opened) = opened.take() {
+                let _ = opened.send(());
+            }
+            let mut answers = answers.into_inner();
             loop {
                 let message = match answers.message().await {
                     Ok(Some(message)) => message,
@@ -291,7 +294,7 @@ async fn drive(
     let addr = conn.addr().to_string();
     for waiter in left.into_values() {
         let reason = "forwarding stream ended".to_string();
-        let error = if waiter.sent && delivered {
+        let error = if waiter.sent {
             PeerError::Unreachable {
                 addr: addr.clone(),
                 reason,

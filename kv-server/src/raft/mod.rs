@@ -618,8 +618,17 @@ impl<A: Applier> RaftNode<A> {
         match written {
             Ok(resp) => Ok(WrittenHere::Applied(resp.data.0)),
             Err(openraft::errors::RaftError::APIError(e)) => match e {
-                ClientWriteError::ForwardToLeader(_) => {
-                    Ok(WrittenHere::LeaderIs(self.leader_elsewhere()))
+                ClientWriteError::ForwardToLeader(f) => {
+                    Ok(WrittenHere::LeaderIs(match (f.leader_id, f.leader_node) {
+                        (Some(id), Some(node)) if id != self.inner.node_id => Some(LeaderAt {
+                            addr: node.addr,
+                            id: self
+                                .leader_elsewhere()
+                                .and_then(|l| l.id)
+                                .filter(|l| l.node_id == id),
+                        }),
+                        _ => None,
+                    }))
                 }
                 ClientWriteError::LogEntryDiscarded(f) => Err(RaftError::LeaderChanged {
                     leader: f.leader_id,
@@ -640,6 +649,14 @@ impl<A: Applier> RaftNode<A> {
         let mut known = self.leader_elsewhere();
         loop {
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            // Every attempt so far is known not to have taken effect: say so, rather than
+            // start one more that could not finish.
+            if remaining.is_zero() {
+                return Err(RaftError::NotLeader {
+                    leader: None,
+                    leader_addr: None,
+                });
+            }
             let target = match known.take() {
                 Some(leader) => Some(leader),
                 None => match self.write_here(&cmd, remaining).await? {
@@ -653,12 +670,6 @@ impl<A: Applier> RaftNode<A> {
                     if let Some(out) = self.forward_once(&leader, &cmd, deadline).await? {
                         return Ok(out);
                     }
-                }
-                _ if remaining.is_zero() => {
-                    return Err(RaftError::NotLeader {
-                        leader: None,
-                        leader_addr: None,
-                    });
                 }
                 _ => {}
             }

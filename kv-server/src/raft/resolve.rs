@@ -13,10 +13,10 @@
 //!   already.
 //! * The follower registers the write before sending it ([`Outstanding::watch`]); its state
 //!   machine reports every applied entry of the meant leader with the same bytes (the
-//!   command carries an id unique to this member's process, so equal bytes are this very
-//!   write). So the follower either sees its write applied, with the outcome its own apply
-//!   produced, or sees a later leader's entry applied without it: then the write is lost for
-//!   good and is proposed again.
+//!   command carries an id drawn from a random start per process, so equal bytes are this
+//!   very write). So the follower either sees its write applied, with the outcome its own
+//!   apply produced, or sees a later leader's entry applied without it: then the write is
+//!   lost for good and is proposed again.
 //! * A snapshot installed meanwhile applies entries wholesale, unseen: the outcome then stays
 //!   unknown, as before.
 
@@ -29,20 +29,25 @@ use tokio::sync::oneshot;
 
 use super::types::LeaderId;
 
-/// A command's fingerprint: a hash of its bytes (any fixed seed; members need not agree).
-pub(crate) fn fingerprint(command: &[u8]) -> u64 {
+/// A command's fingerprint, to find its registration by: a hash of its bytes (any fixed
+/// seed; members need not agree). A match is then checked byte for byte.
+fn fingerprint(command: &[u8]) -> u64 {
     foldhash::quality::FixedState::with_seed(0x6b76_7265_736f_6c76).hash_one(command)
 }
 
 /// One registered write.
 struct Waiter {
-    /// Tells registrations with the same fingerprint apart when one ends.
+    /// Tells registrations with the same fingerprint apart.
     serial: u64,
     leader: LeaderId,
-    len: usize,
+    command: Vec<u8>,
     /// The applier's response, once an entry of `leader` with these bytes is applied.
     applied: oneshot::Sender<Vec<u8>>,
 }
+
+/// An applied entry that is a registered write: its position in the batch, and the
+/// registration (fingerprint, serial).
+pub(crate) type Found = (usize, u64, u64);
 
 /// The forwarded writes this member waits on, by fingerprint.
 #[derive(Default)]
@@ -67,7 +72,7 @@ impl Outstanding {
         waiting.entry(print).or_default().push(Waiter {
             serial,
             leader,
-            len: command.len(),
+            command: command.to_vec(),
             applied: tx,
         });
         self.any.store(true, Ordering::SeqCst);
@@ -87,19 +92,35 @@ impl Outstanding {
         self.any.load(Ordering::SeqCst)
     }
 
-    /// Reports applied entries: (fingerprint, length, leader that appended it, response).
-    pub(crate) fn applied<'a>(
-        &self,
-        entries: impl IntoIterator<Item = (u64, usize, LeaderId, &'a [u8])>,
-    ) {
+    /// Which of a batch's entries, (position, leader that appended it, command), are
+    /// registered writes: the same leader and the same bytes.
+    pub(crate) fn find(&self, entries: &[(usize, LeaderId, &[u8])]) -> Vec<Found> {
+        let prints: Vec<u64> = entries.iter().map(|(_, _, c)| fingerprint(c)).collect();
+        let waiting = self.lock();
+        entries
+            .iter()
+            .zip(prints)
+            .filter_map(|(&(at, leader, command), print)| {
+                let list = waiting.get(&print)?;
+                let waiter = list
+                    .iter()
+                    .find(|w| w.leader == leader && w.command == command)?;
+                Some((at, print, waiter.serial))
+            })
+            .collect()
+    }
+
+    /// Hands the registrations [`find`](Self::find) found their responses (`response_at`
+    /// of each position).
+    pub(crate) fn applied<'a>(&self, found: &[Found], response_at: impl Fn(usize) -> &'a [u8]) {
         let mut waiting = self.lock();
-        for (print, len, leader, response) in entries {
+        for &(at, print, serial) in found {
             let Some(list) = waiting.get_mut(&print) else {
                 continue;
             };
-            if let Some(at) = list.iter().position(|w| w.leader == leader && w.len == len) {
-                let waiter = list.swap_remove(at);
-                let _ = waiter.applied.send(response.to_vec());
+            if let Some(i) = list.iter().position(|w| w.serial == serial) {
+                let waiter = list.swap_remove(i);
+                let _ = waiter.applied.send(response_at(at).to_vec());
             }
             if list.is_empty() {
                 waiting.remove(&print);
@@ -162,21 +183,37 @@ mod tests {
         LeaderId { term, node_id }
     }
 
+    /// Runs one applied batch through the registry as the state machine does; each entry's
+    /// response is its position.
+    fn apply(registry: &Outstanding, batch: &[(LeaderId, &[u8])]) {
+        let entries: Vec<_> = batch
+            .iter()
+            .enumerate()
+            .map(|(at, &(leader, command))| (at, leader, command))
+            .collect();
+        let found = registry.find(&entries);
+        let responses: Vec<Vec<u8>> = (0..batch.len()).map(|at| vec![at as u8]).collect();
+        registry.applied(&found, |at| &responses[at]);
+    }
+
     #[test]
     fn a_write_hears_of_its_own_entry_only() {
         let registry = Outstanding::default();
         assert!(!registry.any());
         let mut watch = registry.watch(b"put a", leader(3, 1));
         assert!(registry.any());
-        let print = fingerprint(b"put a");
-        // Same bytes appended by another leader: not this write (the leader refuses a write
-        // meant for another, so it cannot be there).
-        registry.applied([(print, 5, leader(4, 2), &b"other"[..])]);
+        // The same bytes appended by another leader cannot be this write (the leader refuses
+        // a write meant for another); other bytes of the meant leader are other writes.
+        apply(
+            &registry,
+            &[(leader(4, 2), b"put a"), (leader(3, 1), b"put b")],
+        );
         assert!(watch.applied.try_recv().is_err());
-        registry.applied([(fingerprint(b"put b"), 5, leader(3, 1), &b"other"[..])]);
-        assert!(watch.applied.try_recv().is_err());
-        registry.applied([(print, 5, leader(3, 1), &b"ok"[..])]);
-        assert_eq!(watch.applied.try_recv(), Ok(b"ok".to_vec()));
+        apply(
+            &registry,
+            &[(leader(3, 1), b"put c"), (leader(3, 1), b"put a")],
+        );
+        assert_eq!(watch.applied.try_recv(), Ok(vec![1]));
         assert!(!registry.any());
         drop(watch);
         assert!(!registry.any());
@@ -189,8 +226,8 @@ mod tests {
         let mut second = registry.watch(b"put a", leader(3, 1));
         drop(first);
         assert!(registry.any());
-        registry.applied([(fingerprint(b"put a"), 5, leader(3, 1), &b"ok"[..])]);
-        assert_eq!(second.applied.try_recv(), Ok(b"ok".to_vec()));
+        apply(&registry, &[(leader(3, 1), b"put a")]);
+        assert_eq!(second.applied.try_recv(), Ok(vec![0]));
     }
 
     #[test]

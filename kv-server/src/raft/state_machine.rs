@@ -41,7 +41,7 @@ use serde::Deserialize;
 use serde::Serialize;
 
 use super::Applier;
-use super::resolve::{self, Outstanding};
+use super::resolve::Outstanding;
 use super::types::LogId;
 use super::types::Response;
 use super::types::Snapshot;
@@ -210,10 +210,10 @@ impl<A: Applier> RaftStateMachine<TypeConfig> for StateMachine<A> {
         let mut items: Vec<(u64, Option<Vec<u8>>)> = Vec::new();
         let mut responders: Vec<Option<ApplyResponder<TypeConfig>>> = Vec::new();
         let mut next = self.state.clone();
-        // Entries a forwarded write of this member may be: (position, fingerprint, length,
-        // leader). Only fingerprinted while such a write is outstanding.
+        // Entries that may be writes this member forwarded (position, leader), looked up
+        // only while some such write is outstanding.
         let watching = self.outstanding.any();
-        let mut watched = Vec::new();
+        let mut candidates = Vec::new();
 
         while let Some((entry, responder)) = entries.try_next().await? {
             let log_id = entry.log_id;
@@ -221,8 +221,7 @@ impl<A: Applier> RaftStateMachine<TypeConfig> for StateMachine<A> {
                 EntryPayload::Blank => None,
                 EntryPayload::Normal(cmd) => {
                     if watching {
-                        let print = resolve::fingerprint(&cmd.0);
-                        watched.push((items.len(), print, cmd.0.len(), log_id.leader_id));
+                        candidates.push((items.len(), log_id.leader_id));
                     }
                     Some(cmd.0)
                 }
@@ -238,6 +237,16 @@ impl<A: Applier> RaftStateMachine<TypeConfig> for StateMachine<A> {
         if items.is_empty() {
             return Ok(());
         }
+
+        let found = if candidates.is_empty() {
+            Vec::new()
+        } else {
+            let entries: Vec<_> = candidates
+                .iter()
+                .filter_map(|&(at, leader)| Some((at, leader, items[at].1.as_deref()?)))
+                .collect();
+            self.outstanding.find(&entries)
+        };
 
         failpoint::crash(CrashPoint::ApplyStart);
         let meta = next.encode()?;
@@ -272,12 +281,9 @@ impl<A: Applier> RaftStateMachine<TypeConfig> for StateMachine<A> {
             )));
         }
         self.state = next;
-        if !watched.is_empty() {
-            self.outstanding.applied(
-                watched.iter().map(|&(at, print, len, leader)| {
-                    (print, len, leader, responses[at].as_slice())
-                }),
-            );
+        if !found.is_empty() {
+            self.outstanding
+                .applied(&found, |at| responses[at].as_slice());
         }
 
         for (responder, resp) in responders.into_iter().zip(responses) {
