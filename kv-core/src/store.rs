@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use prost::Message;
 use prost::bytes::Bytes;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -62,9 +63,11 @@ const SNAPSHOT_MAGIC: &[u8; 8] = b"KVSNAP01";
 /// Settings of the state machine.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
-    /// This member's id, recorded in alarms it raises.
+    /// This member's id.
     pub member_id: u64,
-    /// Backend size past which writes are refused and the NOSPACE alarm raised; 0 = no limit.
+    /// Backend size past which this member proposes no more writes and raises the NOSPACE
+    /// alarm; 0 = no limit. The server checks it before proposing (each member's file has a
+    /// size of its own); apply refuses writes only while the alarm, replicated state, is up.
     pub quota_bytes: u64,
 }
 
@@ -107,6 +110,9 @@ pub struct StoreStatus {
 /// apply, and for snapshots), outside the state lock, so reads go on during a sync.
 pub struct Store {
     backend: Box<dyn Backend>,
+    /// The backend's size as of the last apply batch, defragment or restore: the quota is
+    /// checked before every write, and a `stat` of the file each time cost a system call.
+    size_seen: AtomicU64,
     state: RwLock<State>,
     config: StoreConfig,
     last_sync: Mutex<Instant>,
@@ -143,6 +149,7 @@ impl Store {
         let state = Self::load(backend.as_ref())?;
         let hub = WatchHub::new(state.mvcc.current);
         Ok(Self {
+            size_seen: AtomicU64::new(backend.size()),
             backend,
             state: RwLock::new(state),
             config,
@@ -321,6 +328,12 @@ impl Store {
     /// The backend's size in bytes (cheap, unlike the bytes in use).
     pub fn db_size(&self) -> i64 {
         self.backend.size() as i64
+    }
+
+    /// The backend's size as of the last apply batch, defragment or restore (cheaper than
+    /// [`Store::db_size`], which asks the file system).
+    pub fn db_size_seen(&self) -> u64 {
+        self.size_seen.load(Ordering::Relaxed)
     }
 
     /// The current store revision.
@@ -520,7 +533,7 @@ impl Store {
         let mut state = self.write_state();
         let read = self.backend.read()?;
         let mut overlay = Overlay::default();
-        let size = self.backend.size();
+        self.size_seen.store(self.backend.size(), Ordering::Relaxed);
         let start_compacted = state.mvcc.compacted;
         let start_alarms = state.alarms.clone();
         let start_members = state.members.clone();
@@ -536,7 +549,7 @@ impl Store {
             let outcome = match cmd {
                 Some(cmd) => {
                     let applied =
-                        self.apply_one(&mut state, read.as_ref(), &mut overlay, *index, cmd, size);
+                        self.apply_one(&mut state, read.as_ref(), &mut overlay, *index, cmd);
                     match applied {
                         Ok(resp) => Ok(resp),
                         Err(Error::Request(e)) => Err(e),
@@ -755,7 +768,6 @@ impl Store {
         overlay: &mut Overlay,
         index: u64,
         cmd: &InternalRequest,
-        size: u64,
     ) -> Result<InternalResponse, Error> {
         let Some(request) = &cmd.request else {
             return Ok(InternalResponse::default());
@@ -773,8 +785,11 @@ impl Store {
             Request::Txn(t) => !apply::txn_is_read_only(t),
             _ => false,
         };
-        if writes {
-            self.check_space(state, size)?;
+        // etcd's capped apply: while a NOSPACE alarm is up, no member applies a write. The
+        // alarm is replicated state, so every member refuses the same writes.
+        let nospace = AlarmType::Nospace as i32;
+        if writes && state.alarms.iter().any(|&(_, a)| a == nospace) {
+            return Err(KvError::NoSpace.into());
         }
         let response = match request {
             Request::Range(r) => {
@@ -844,18 +859,6 @@ impl Store {
         })
     }
 
-    fn check_space(&self, state: &mut State, size: u64) -> Result<(), Error> {
-        let nospace = AlarmType::Nospace as i32;
-        if state.alarms.iter().any(|&(_, a)| a == nospace) {
-            return Err(KvError::NoSpace.into());
-        }
-        if self.config.quota_bytes > 0 && size > self.config.quota_bytes {
-            state.alarms.insert((self.config.member_id, nospace));
-            return Err(KvError::NoSpace.into());
-        }
-        Ok(())
-    }
-
     fn compact(
         &self,
         state: &mut State,
@@ -887,7 +890,9 @@ impl Store {
     /// Gives back free backend space (Maintenance.Defragment).
     pub fn defragment(&self) -> Result<(), EngineError> {
         let _state = self.write_state();
-        Ok(self.backend.defragment()?)
+        let done = self.backend.defragment();
+        self.size_seen.store(self.backend.size(), Ordering::Relaxed);
+        Ok(done?)
     }
 
     /// CRC-32C over the whole replicated state (Maintenance.Hash).
@@ -1031,6 +1036,7 @@ impl Store {
         }
         self.backend.commit(batch, Durability::Immediate)?;
         *state = Self::load(self.backend.as_ref())?;
+        self.size_seen.store(self.backend.size(), Ordering::Relaxed);
         let revision = state.mvcc.current;
         drop(state);
         if self
@@ -1396,6 +1402,51 @@ mod tests {
             .unwrap()
             .pop()
             .unwrap()
+    }
+
+    /// Whether a write applies depends on replicated state only, never on the member's own
+    /// file size: a store far past its quota applies writes until the NOSPACE alarm (raised
+    /// through the log by a member past its quota) is up, then refuses writes, not reads.
+    #[test]
+    fn writes_are_refused_by_the_replicated_alarm_not_the_local_size() {
+        use crate::proto::etcdserverpb::{AlarmRequest, AlarmType, alarm_request::AlarmAction};
+        let tiny = Store::open(
+            Box::new(MemoryBackend::new()),
+            StoreConfig {
+                member_id: 1,
+                quota_bytes: 1,
+            },
+        )
+        .unwrap();
+        let put = |value: &[u8]| {
+            Request::Put(PutRequest {
+                key: b"k".to_vec(),
+                value: value.to_vec(),
+                ..Default::default()
+            })
+        };
+        assert!(apply(&tiny, 1, put(b"a")).is_ok());
+        assert!(apply(&tiny, 2, put(b"b")).is_ok());
+        let raise = AlarmRequest {
+            action: AlarmAction::Activate as i32,
+            member_id: 9,
+            alarm: AlarmType::Nospace as i32,
+        };
+        apply(&tiny, 3, Request::Alarm(raise)).unwrap();
+        assert_eq!(apply(&tiny, 4, put(b"c")).err(), Some(KvError::NoSpace));
+        let range = crate::proto::etcdserverpb::RangeRequest {
+            key: b"k".to_vec(),
+            ..Default::default()
+        };
+        assert!(apply(&tiny, 5, Request::Range(range)).is_ok());
+        let disarm = AlarmRequest {
+            action: AlarmAction::Deactivate as i32,
+            member_id: 9,
+            alarm: AlarmType::Nospace as i32,
+        };
+        apply(&tiny, 6, Request::Alarm(disarm)).unwrap();
+        assert!(apply(&tiny, 7, put(b"d")).is_ok());
+        assert_eq!(tiny.revision(), 4);
     }
 
     /// etcd's `HashByRev` refuses an explicit revision equal to the compaction revision

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use kv_core::auth::{AuthError, Caller};
 use kv_core::command::{decode_command, decode_outcome, encode_command, encode_outcome};
-use kv_core::proto::etcdserverpb::ResponseHeader;
+use kv_core::proto::etcdserverpb::{
+    AlarmRequest, AlarmType, ResponseHeader, alarm_request::AlarmAction,
+};
 use kv_core::proto::kvserverpb::{
     InternalRequest, InternalResponse, RequestHeader, internal_request::Request,
     internal_response::Response,
@@ -325,6 +327,7 @@ impl Node {
         request: Request,
         header: Option<RequestHeader>,
     ) -> Result<InternalResponse, Status> {
+        self.check_quota(&request).await?;
         let req = InternalRequest {
             header,
             id: self.next_request_id.fetch_add(1, Ordering::Relaxed),
@@ -345,6 +348,47 @@ impl Node {
             Ok(Err(e)) => Err(kv_status(&e)),
             Err(e) => Err(engine_status(&e)),
         }
+    }
+
+    /// etcd's quota: a member whose database would pass `--quota-backend-bytes` with
+    /// `request` proposes no write, and raises the NOSPACE alarm through Raft, after which
+    /// every member refuses writes until it is disarmed. It is checked here, before
+    /// proposing, because each member's file has a size of its own: checked when applying,
+    /// members disagreed about which writes took effect.
+    async fn check_quota(&self, request: &Request) -> Result<(), Status> {
+        let quota = self.store.config().quota_bytes;
+        let writes = match request {
+            Request::Put(_) | Request::LeaseGrant(_) => true,
+            Request::Txn(t) => !kv_core::txn_is_read_only(t),
+            _ => false,
+        };
+        let size = self.store.db_size_seen();
+        if quota == 0 || !writes || size.saturating_add(request.encoded_len() as u64) <= quota {
+            return Ok(());
+        }
+        let member_id = self.identity.member_id;
+        let nospace = AlarmType::Nospace as i32;
+        let raised = self
+            .store
+            .alarms()
+            .iter()
+            .any(|a| a.member_id == member_id && a.alarm == nospace);
+        if !raised {
+            let alarm = AlarmRequest {
+                action: AlarmAction::Activate as i32,
+                member_id,
+                alarm: nospace,
+            };
+            tracing::warn!(
+                size,
+                quota,
+                "database space exceeded: raising the NOSPACE alarm"
+            );
+            if let Err(e) = Box::pin(self.propose(Request::Alarm(alarm))).await {
+                tracing::warn!("the NOSPACE alarm was not raised: {}", e.message());
+            }
+        }
+        Err(kv_status(&KvError::NoSpace))
     }
 
     /// Runs a read of the store: right here when `single_key` (one key costs microseconds,

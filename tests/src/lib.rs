@@ -390,6 +390,8 @@ pub struct Member {
     pub disk_full_file: PathBuf,
     /// The crash points this file names are armed (`KV_FAILPOINT_CRASH_FILE`).
     pub crash_file: PathBuf,
+    /// Flags for this member alone, after the cluster's, from its next start on.
+    pub extra: Vec<String>,
     /// `--initial-cluster` it was first started with.
     initial_cluster: String,
     /// `--initial-cluster-state`.
@@ -460,6 +462,7 @@ impl Cluster {
             sync_delay_file: self.dir.path().join(format!("{name}.sync-delay")),
             disk_full_file: self.dir.path().join(format!("{name}.disk-full")),
             crash_file: self.dir.path().join(format!("{name}.crash")),
+            extra: Vec::new(),
             initial_cluster: initial_cluster.to_string(),
             state,
             proc: None,
@@ -512,6 +515,7 @@ impl Cluster {
             &m.client_url,
         ];
         args.extend(self.extra.iter().map(String::as_str));
+        args.extend(m.extra.iter().map(String::as_str));
         let envs = [
             ("KV_FAILPOINT_ISOLATE_FILE", m.isolate_file.as_os_str()),
             (

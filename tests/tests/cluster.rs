@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kv_core::proto::etcdserverpb::{
-    HashKvRequest, PutRequest, RangeRequest, StatusRequest, kv_client::KvClient,
-    maintenance_client::MaintenanceClient,
+    AlarmRequest, AlarmType, HashKvRequest, PutRequest, RangeRequest, StatusRequest,
+    alarm_request::AlarmAction, kv_client::KvClient, maintenance_client::MaintenanceClient,
 };
 use kv_tests::{Cluster, wait_leader_among};
 use tonic::transport::Channel;
@@ -755,6 +755,68 @@ async fn writes_forwarded_when_the_leader_dies_are_resolved_not_left_unknown() {
                 acked.len()
             );
         }
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Each member's database file has a size of its own, so the quota is checked where a write
+/// is proposed and the NOSPACE alarm raised through Raft, as etcd does. Checked when applying,
+/// a member past its quota refused writes the others applied, and their data parted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_past_its_quota_refuses_writes_without_parting_from_the_others() {
+    let _serial = ONE_CLUSTER_AT_A_TIME.lock().await;
+    tokio::time::timeout(Duration::from_secs(150), async {
+        let mut cluster = Cluster::start(3);
+        wait_leader(&cluster, Duration::from_secs(20)).await;
+        // Member 2 alone gets a quota far below an empty store's size.
+        cluster.kill(2);
+        cluster.members[2].extra = vec!["--quota-backend-bytes".into(), "4096".into()];
+        cluster.start_member(2);
+        let (under, over) = (cluster.endpoint(0), cluster.endpoint(2));
+
+        // Proposed by a member within its quota: applied by every member alike.
+        put(&under, "within", "v")
+            .await
+            .expect("member 0 is within its quota");
+        let converged = wait_converged(&cluster, Duration::from_secs(30)).await;
+        assert_eq!(count(&over, "within", true).await.unwrap(), 1);
+
+        // Through the member past its quota: refused, and the alarm raised for all.
+        let refused = put(&over, "past", "v").await.unwrap_err();
+        assert_eq!(
+            refused.message(),
+            "etcdserver: mvcc: database space exceeded"
+        );
+        let status = MaintenanceClient::new(channel(&over).await)
+            .status(StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let past_id = status.header.unwrap().member_id;
+        let alarms = MaintenanceClient::new(channel(&under).await)
+            .alarm(AlarmRequest {
+                action: AlarmAction::Get as i32,
+                member_id: 0,
+                alarm: AlarmType::None as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .alarms;
+        assert_eq!(alarms.len(), 1, "{alarms:?}");
+        assert_eq!(
+            (alarms[0].member_id, alarms[0].alarm),
+            (past_id, AlarmType::Nospace as i32)
+        );
+        // Then every member refuses writes, and all still agree.
+        let refused = put(&under, "after", "v").await.unwrap_err();
+        assert_eq!(
+            refused.message(),
+            "etcdserver: mvcc: database space exceeded"
+        );
+        let now = wait_converged(&cluster, Duration::from_secs(30)).await;
+        assert_eq!(now, converged, "no write took effect after the alarm");
     })
     .await
     .expect("test timed out");
