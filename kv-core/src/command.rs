@@ -5,11 +5,23 @@ use prost::Message;
 
 use crate::auth::AuthError;
 use crate::error::{EngineError, KvError};
+use crate::proto::kvserverpb::internal_request::Request;
 use crate::proto::kvserverpb::{InternalRequest, InternalResponse};
 
 /// Encodes a command for the log.
 pub fn encode_command(req: &InternalRequest) -> Vec<u8> {
     req.encode_to_vec()
+}
+
+/// Whether `request` is a write the quota governs (etcd's capped set: puts, lease grants and
+/// txns that write): refused before proposing by a member past its quota, and at apply while
+/// the NOSPACE alarm is up.
+pub fn uses_space(request: &Request) -> bool {
+    match request {
+        Request::Put(_) | Request::LeaseGrant(_) => true,
+        Request::Txn(t) => !crate::apply::txn_is_read_only(t),
+        _ => false,
+    }
 }
 
 /// Decodes a command read from the log.

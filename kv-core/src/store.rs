@@ -780,15 +780,10 @@ impl Store {
             };
             authorize(state, &caller, request).map_err(KvError::from)?;
         }
-        let writes = match request {
-            Request::Put(_) | Request::LeaseGrant(_) => true,
-            Request::Txn(t) => !apply::txn_is_read_only(t),
-            _ => false,
-        };
         // etcd's capped apply: while a NOSPACE alarm is up, no member applies a write. The
         // alarm is replicated state, so every member refuses the same writes.
         let nospace = AlarmType::Nospace as i32;
-        if writes && state.alarms.iter().any(|&(_, a)| a == nospace) {
+        if crate::command::uses_space(request) && state.alarms.iter().any(|&(_, a)| a == nospace) {
             return Err(KvError::NoSpace.into());
         }
         let response = match request {

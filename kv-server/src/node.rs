@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use kv_core::auth::{AuthError, Caller};
-use kv_core::command::{decode_command, decode_outcome, encode_command, encode_outcome};
+use kv_core::command::{
+    decode_command, decode_outcome, encode_command, encode_outcome, uses_space,
+};
 use kv_core::proto::etcdserverpb::{
     AlarmRequest, AlarmType, ResponseHeader, alarm_request::AlarmAction,
 };
@@ -327,13 +329,16 @@ impl Node {
         request: Request,
         header: Option<RequestHeader>,
     ) -> Result<InternalResponse, Status> {
-        self.check_quota(&request).await?;
         let req = InternalRequest {
             header,
             id: self.next_request_id.fetch_add(1, Ordering::Relaxed),
             request: Some(request),
         };
-        if req.encoded_len() > self.limits.max_request_bytes {
+        let len = req.encoded_len();
+        if let Some(request) = &req.request {
+            self.check_quota(request, len).await?;
+        }
+        if len > self.limits.max_request_bytes {
             return Err(kv_status(&KvError::RequestTooLarge));
         }
         let pending = Pending::new(&self.metrics.proposals_pending);
@@ -351,19 +356,14 @@ impl Node {
     }
 
     /// etcd's quota: a member whose database would pass `--quota-backend-bytes` with
-    /// `request` proposes no write, and raises the NOSPACE alarm through Raft, after which
+    /// `request` (`len` bytes encoded) proposes no write, and raises the NOSPACE alarm through Raft, after which
     /// every member refuses writes until it is disarmed. It is checked here, before
     /// proposing, because each member's file has a size of its own: checked when applying,
     /// members disagreed about which writes took effect.
-    async fn check_quota(&self, request: &Request) -> Result<(), Status> {
+    async fn check_quota(&self, request: &Request, len: usize) -> Result<(), Status> {
         let quota = self.store.config().quota_bytes;
-        let writes = match request {
-            Request::Put(_) | Request::LeaseGrant(_) => true,
-            Request::Txn(t) => !kv_core::txn_is_read_only(t),
-            _ => false,
-        };
         let size = self.store.db_size_seen();
-        if quota == 0 || !writes || size.saturating_add(request.encoded_len() as u64) <= quota {
+        if quota == 0 || !uses_space(request) || size.saturating_add(len as u64) <= quota {
             return Ok(());
         }
         let member_id = self.identity.member_id;

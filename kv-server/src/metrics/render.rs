@@ -43,9 +43,25 @@ impl Exposition {
         help: &str,
         samples: &[(L, f64)],
     ) {
-        self.head(name, help, "gauge");
+        self.family(
+            name,
+            help,
+            "gauge",
+            samples.iter().map(|(l, v)| (l.as_ref(), *v)),
+        );
+    }
+
+    /// A family of plain samples of one `kind`.
+    fn family<'s>(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: &str,
+        samples: impl Iterator<Item = (Labels<'s>, f64)>,
+    ) {
+        self.head(name, help, kind);
         for (labels, value) in samples {
-            self.sample(name, labels.as_ref(), *value);
+            self.sample(name, labels, value);
         }
     }
 
@@ -57,8 +73,8 @@ impl Exposition {
 
     /// A counter with one unlabelled sample that is not a whole number (CPU seconds).
     pub fn counter_f(&mut self, name: &str, help: &str, value: f64) {
-        self.head(name, help, "counter");
-        self.sample(name, &[], value);
+        let none: Labels<'_> = &[];
+        self.family(name, help, "counter", std::iter::once((none, value)));
     }
 
     /// A counter family.
@@ -68,10 +84,8 @@ impl Exposition {
         help: &str,
         samples: &[(L, u64)],
     ) {
-        self.head(name, help, "counter");
-        for (labels, value) in samples {
-            self.sample(name, labels.as_ref(), *value as f64);
-        }
+        let samples = samples.iter().map(|(l, v)| (l.as_ref(), *v as f64));
+        self.family(name, help, "counter", samples);
     }
 
     /// A histogram with one unlabelled series.
